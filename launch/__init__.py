@@ -1,0 +1,1 @@
+"""shardforge's launcher: CLI, recipes, engine-config builders, local and Slurm launch."""

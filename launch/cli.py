@@ -1,0 +1,84 @@
+"""``shardforge``: run | plan | prepare (and more as they land). Bad input exits 2 with one message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from launch.recipe import RecipeError, load_recipe, recipe_yaml
+
+EXIT_BAD_INPUT = 2
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _load(args) -> "object":
+    return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus())
+
+
+def cmd_plan(args) -> int:
+    from launch.engine_config import describe, engine_configs
+    from train.recipe import grad_accum_steps, world_size
+
+    recipe = _load(args)
+    print("# recipe (resolved)")
+    print(recipe_yaml(recipe), end="")
+    print(f"# world size {world_size(recipe)}, gradient accumulation {grad_accum_steps(recipe)}")
+    text = describe(engine_configs(recipe))
+    print(text or f"# engine {recipe.parallel.engine}: no engine config file")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from launch.engine_config import engine_configs
+    from launch.local import launch_local, write_run_dir
+
+    recipe = _load(args)
+    run_dir = write_run_dir(recipe, engine_configs(recipe))
+    print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
+          f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
+    return launch_local(run_dir, recipe.parallel.nproc, cpu=_local_gpus() == 0)
+
+
+def cmd_prepare(args) -> int:
+    from train.data import prepare_data
+
+    recipe = _load(args)
+    data = prepare_data(recipe)
+    state = "reused" if data.stats.get("cache_hit") else "written"
+    print(f"shardforge: data cache {state}: {recipe.data.cache_dir}/{data.key} "
+          f"({data.stats['train_samples']} train, {data.stats['val_samples']} val samples)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardforge", description="Multi-GPU training for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("run", cmd_run, "train locally through torchrun"),
+                             ("plan", cmd_plan, "print the resolved recipe and engine config; write nothing"),
+                             ("prepare", cmd_prepare, "tokenize and pack the data into the cache")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("recipe", help="recipe YAML path or shipped name (tiny-cpu)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"shardforge: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (OSError, ValueError) as err:  # data and run-dir problems carry their own one-line fix
+        print(f"shardforge: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,68 @@
+"""Write the run directory and launch the per-rank program locally through torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.recipe import recipe_yaml
+from train.recipe import Recipe
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
+    """Create ``run.dir`` with the resolved recipe and engine configs; nothing half-written on error."""
+    run_dir = Path(recipe.run.dir)
+    created = not run_dir.exists()
+    try:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        _write(run_dir / "recipe.yaml", recipe_yaml(recipe))
+        for stale in ("deepspeed.json", "fsdp.json"):
+            if stale not in configs:
+                (run_dir / stale).unlink(missing_ok=True)
+        for name, cfg in configs.items():
+            _write(run_dir / name, json.dumps(cfg, indent=2) + "\n")
+    except OSError as err:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise OSError(f"run.dir: cannot write {run_dir}: {err.strerror}; choose a writable run.dir") from None
+    return run_dir
+
+
+def torchrun_command(run_dir: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc_per_node={nproc}", "-m", "train", str(run_dir)]
+
+
+def launch_local(run_dir: Path, nproc: int, cpu: bool) -> int:
+    """Run torchrun in the foreground, copying its output to ``logs/launch.log``; return its exit code."""
+    env = dict(os.environ)
+    if cpu and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log_path = run_dir / "logs" / "launch.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(torchrun_command(run_dir, nproc), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def forward(signum, frame):  # pass Ctrl-C / TERM / USR1 on to the whole job
+            os.killpg(proc.pid, signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, forward)
+        assert proc.stdout is not None
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            log.write(chunk)
+        return proc.wait()

@@ -1,0 +1,258 @@
+"""Load a YAML recipe, apply dotted ``key=value`` overrides, check it, and resolve it.
+
+Every problem is collected and reported together in one :class:`RecipeError`
+(the CLI exits 2 with it); nothing is written before the recipe is known good.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from train.data import _local_files
+from train.recipe import Recipe, RecipeProblems, recipe_from_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class RecipeError(ValueError):
+    """Bad user input; ``str()`` is the whole message, one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        if len(problems) == 1:
+            text = f"{source}: {problems[0]}"
+        else:
+            text = f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(text)
+
+
+def find_recipe(name: str) -> Path:
+    """A path, or the name of a shipped recipe in ``configs/`` (``tiny-cpu``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise RecipeError(name, [f"no such recipe file; give a path or a shipped recipe ({names})"])
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[tuple[list[str], Any]], list[str]]:
+    """``a.b=1`` → ([(["a", "b"], 1)], problems); values are parsed as YAML scalars."""
+    parsed, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected dotted key=value, e.g. train.max_steps=50")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed, problems
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> Optional[str]:
+    """Set ``data[path] = value`` in place (list items by index); a problem line or ``None``."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        key = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"{key}: no list item {part} (the list has {len(node)})"
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            return f"{key}: is not a mapping, cannot set {'.'.join(path)}"
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return f"{'.'.join(path)}: no list item {last} (the list has {len(node)})"
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        return f"{'.'.join(path[:-1])}: is not a mapping, cannot set {'.'.join(path)}"
+    return None
+
+
+def _defaults_as_dict() -> dict:
+    return dataclasses.asdict(Recipe())
+
+
+def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None) -> Recipe:
+    """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem."""
+    path = find_recipe(name)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError(str(path), [f"cannot read the recipe: {err.strerror}; check the path"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(str(path), [f"not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), ["the top level must be a mapping of sections (run, model, ...)"])
+    data = copy.deepcopy(data)
+    parsed, problems = parse_overrides(list(overrides))
+    for keys, value in parsed:
+        problem = apply_override(data, keys, value)
+        if problem:
+            problems.append(problem)
+    try:
+        recipe = recipe_from_dict(data)
+    except RecipeProblems as err:
+        raise RecipeError(str(path), problems + err.problems) from None
+    if recipe.parallel.nproc is None:
+        recipe.parallel.nproc = local_gpus or 1
+    problems += check_recipe(recipe, local_gpus)
+    if problems:
+        raise RecipeError(str(path), problems)
+    if recipe.run.dir is None:
+        recipe.run.dir = str(Path("runs") / recipe.run.name)
+    return recipe
+
+
+def _divisors_near(n: int, unit: int) -> str:
+    lower = (n // unit) * unit
+    options = [v for v in (lower, lower + unit) if v > 0]
+    return " or ".join(str(v) for v in options)
+
+
+def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
+    """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem."""
+    p: list[str] = []
+    t, par = r.train, r.parallel
+    if not SAFE_NAME.match(r.run.name):
+        p.append(f"run.name: {r.run.name!r} may hold only letters, digits, '.', '_' and '-'; rename the run")
+    for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+        if getattr(t, key) < 1:
+            p.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
+    for key in ("eval_every", "eval_batches"):
+        if getattr(t, key) < 0:
+            p.append(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
+    if par.nproc is not None and par.nproc < 1 or par.nodes < 1:
+        p.append(f"parallel: nproc and nodes must be at least 1 (nproc={par.nproc}, nodes={par.nodes})")
+    elif t.micro_batch_size >= 1 and t.global_batch_size >= 1:
+        world = par.nproc * par.nodes
+        unit = t.micro_batch_size * world
+        if t.global_batch_size % unit:
+            p.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                     f"micro_batch_size × world size = {t.micro_batch_size} × {world} "
+                     f"({par.nproc} per node × {par.nodes} nodes) = {unit}; set "
+                     f"train.global_batch_size={_divisors_near(t.global_batch_size, unit)} "
+                     f"or change train.micro_batch_size")
+    if local_gpus and par.nodes == 1 and par.nproc > local_gpus:
+        p.append(f"parallel.nproc: {par.nproc} processes but this node has {local_gpus} GPUs; "
+                 f"set parallel.nproc={local_gpus}")
+    if par.offload and par.engine == "ddp":
+        p.append("parallel.offload: DDP keeps every replica on the device; use parallel.engine=zero2, "
+                 "zero3 or fsdp to offload, or set parallel.offload=false")
+    m = r.model
+    if (m.pretrained is None) == (m.config is None):
+        p.append("model: give exactly one of model.pretrained (weights to load) or model.config "
+                 "(inline config for random init)")
+    model_config = None
+    if m.config is not None:
+        model_config, problem = _inline_config(m.config)
+        if problem:
+            p.append(problem)
+    elif m.pretrained is not None:
+        model_config, problem = _pretrained_config(m.pretrained)
+        if problem:
+            p.append(problem)
+    if model_config is not None:
+        limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+        if limit and r.data.seq_len > limit:
+            p.append(f"data.seq_len: {r.data.seq_len} is longer than the model's {limit} positions; "
+                     f"set data.seq_len={limit} or raise max_position_embeddings")
+    if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
+        p.append(f"model.attn_implementation: {m.attn_implementation!r} is not sdpa, eager, "
+                 f"flash_attention_2, flash_attention_3 or flex_attention")
+    d = r.data
+    if d.seq_len < 2:
+        p.append(f"data.seq_len: must be at least 2, got {d.seq_len}")
+    if not d.sources:
+        p.append("data.sources: no training data; add at least one {path: ...} entry")
+    for i, src in enumerate(d.sources + ([d.val_source] if d.val_source else [])):
+        where = f"data.sources[{i}]" if i < len(d.sources) else "data.val_source"
+        if not src.path:
+            p.append(f"{where}.path: empty; set it to a file, folder, glob or hub dataset name")
+        elif _local_files(src.path) == []:
+            p.append(f"{where}.path: no such file or no txt/json/jsonl/parquet files in {src.path!r}; "
+                     f"fix the path (run `make demo` once to fetch the Shakespeare corpus)")
+        if src.weight <= 0:
+            p.append(f"{where}.weight: must be positive, got {src.weight}")
+    if not 0 <= d.val_fraction < 1:
+        p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    tok = d.tokenizer
+    if tok.train is None and tok.path is None and m.pretrained is None:
+        p.append("data.tokenizer: no tokenizer; set data.tokenizer.path, model.pretrained, or "
+                 "data.tokenizer.train.vocab_size to train one")
+    if tok.train is not None and tok.train.vocab_size < 300:
+        p.append(f"data.tokenizer.train.vocab_size: {tok.train.vocab_size} is below the 256 byte "
+                 f"symbols plus merges; use at least 300")
+    o = r.optim
+    if o.lr <= 0:
+        p.append(f"optim.lr: must be positive, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        p.append("optim: warmup_steps, grad_clip and weight_decay must not be negative")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
+    c = r.checkpoint
+    if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
+        p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or an existing checkpoint "
+                 f"directory; fix the path")
+    if c.keep_last < 1:
+        p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
+    return p
+
+
+def _inline_config(cfg: dict):
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        return None, "model.config.model_type: missing; name a transformers model type such as llama or gpt2"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return None, f"model.config.model_type: {model_type!r} is not a transformers model type{hint}"
+    try:
+        return AutoConfig.for_model(**cfg), None
+    except (TypeError, ValueError) as err:
+        return None, f"model.config: transformers rejected it: {err}"
+
+
+def _pretrained_config(name: str):
+    from transformers import AutoConfig
+
+    if _local_files(name) == [] or (name.startswith((".", "/", "~")) and not Path(name).exists()):
+        return None, f"model.pretrained: no such directory {name!r}; fix the path"
+    try:
+        return AutoConfig.from_pretrained(name), None
+    except Exception as err:  # hub/network/parse errors all mean the same to the user
+        return None, f"model.pretrained: cannot read a config from {name!r}: {str(err).splitlines()[0][:160]}"
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)

@@ -1,0 +1,226 @@
+"""Atomic, verified checkpoints.
+
+Commit protocol for ``checkpoints/step-000120``:
+
+1. every rank writes into the sibling ``checkpoints/.tmp-step-000120``
+   (the engine's sharded state plus one small ``rank-XXXXX.pt`` per rank);
+2. rank 0 fsyncs every file, renames the directory to ``step-000120``;
+3. rank 0 writes ``manifest.json`` (step, tokens, world size, engine, recipe hash,
+   sha256 per file) last, atomically: the manifest *is* the commit marker.
+
+Only directories with a manifest whose checksums match count as checkpoints.
+Pruning happens only after the new checkpoint is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Counters:
+    """Progress counters saved with every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.elapsed_s = state["step"], state["tokens"], state["elapsed_s"]
+
+
+class RNGState:
+    """Python, numpy, torch CPU and CUDA generator states of this rank."""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        return {"python": random.getstate(),
+                "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        kind, keys, *rest = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(state["torch"])
+        if torch.cuda.is_available() and state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def verify(ckpt: Path) -> Optional[str]:
+    """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong."""
+    manifest = ckpt / MANIFEST
+    if not manifest.exists():
+        return f"{ckpt}: no {MANIFEST} (the save never committed)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{ckpt}: {MANIFEST} is unreadable"
+    for rel, digest in files.items():
+        f = ckpt / rel
+        if not f.exists():
+            return f"{ckpt}: {rel} is missing"
+        if sha256_file(f) != digest:
+            return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
+    return None
+
+
+def committed_checkpoints(root: Path) -> list[Path]:
+    """Directories with a manifest, oldest first (not yet checksum-verified)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid(root: Path, warn=print) -> Optional[Path]:
+    """The newest committed checkpoint whose files pass their checksums."""
+    for ckpt in reversed(committed_checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint: skipping {problem}; trying the previous one")
+    return None
+
+
+class Checkpointer:
+    """Collects the engine and every stateful part; saves and restores them atomically."""
+
+    def __init__(self, root: Path, engine, parts: dict[str, Stateful], rank: int, world: int,
+                 meta: dict, log=print):
+        self.root, self.engine, self.parts = root, engine, parts
+        self.rank, self.world, self.meta, self.log = rank, world, meta, log
+        self.last_save_s: Optional[float] = None
+
+    def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict) -> Path:
+        start = time.time()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        self.engine.save(tmp)
+        torch.save({name: part.state_dict() for name, part in self.parts.items()},
+                   tmp / f"rank-{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            for f in files:
+                _fsync(f)
+            digests = {str(f.relative_to(tmp)): sha256_file(f) for f in files}
+            if final.exists():  # an uncommitted or older copy of the same step
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.root)
+            manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
+                        "saved_at": time.time(), "files": digests}
+            _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
+            self._prune(keep_last, keep_every)
+        dist.barrier()
+        self.last_save_s = time.time() - start
+        return final
+
+    def _prune(self, keep_last: int, keep_every: int) -> None:
+        ckpts = committed_checkpoints(self.root)
+        newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
+        for ckpt in ckpts:
+            step = int(_STEP_DIR.match(ckpt.name).group(1))
+            if ckpt in newest or (keep_every and step % keep_every == 0):
+                continue
+            (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
+            shutil.rmtree(ckpt, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def find_resume_point(self, resume: str) -> Optional[Path]:
+        """Rank 0 picks the checkpoint (``auto``, ``never`` or a path); every rank gets the same answer."""
+        choice: list = [None]
+        if self.rank == 0:
+            if resume == "auto":
+                choice[0] = latest_valid(self.root, warn=self.log)
+            elif resume != "never":
+                path = Path(resume)
+                problem = verify(path)
+                if problem:
+                    raise CheckpointError(f"checkpoint.resume: {problem}")
+                choice[0] = path
+            choice[0] = str(choice[0]) if choice[0] else None
+        dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
+    def load(self, ckpt: Path) -> dict:
+        """Restore everything from ``ckpt``; return its manifest."""
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        self.engine.load(ckpt)
+        same_world = manifest["world_size"] == self.world
+        own = ckpt / f"rank-{self.rank:05d}.pt"
+        state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt",
+                           weights_only=True)
+        for name, part in self.parts.items():
+            if name == "rng" and not same_world:
+                continue  # per-rank RNG streams cannot map onto another world size; reseeded instead
+            part.load_state_dict(state[name])
+        return manifest

@@ -1,0 +1,289 @@
+"""Data-parallel engines behind one small interface, so the training loop never branches on them.
+
+* DDP: ``no_sync`` on every micro-batch but the last; autocast for bf16/fp16, a
+  GradScaler for fp16.
+* FSDP2: ``fully_shard`` on each transformer block, then the root, with the
+  MixedPrecisionPolicy from ``fsdp.json``; ``set_requires_gradient_sync`` for accumulation.
+* DeepSpeed ZeRO 1/2/3: ``deepspeed.initialize`` with ``deepspeed.json``;
+  ``engine.backward`` / ``engine.step`` on every micro-batch (DeepSpeed accumulates).
+
+Each engine saves and loads model + optimizer + LR schedule (+ loss scale) itself;
+the checkpointer adds the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from train.optim import build_adamw, build_scheduler, lr_factor, param_groups
+from train.recipe import Recipe, grad_accum_steps
+
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Engine:
+    """What the loop needs: a micro-step, an optimizer step, eval forward, save and load."""
+
+    name = "engine"
+    model: torch.nn.Module
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, last_micro: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; return the (detached) unscaled loss."""
+        raise NotImplementedError
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and the LR schedule, zero grads; return the grad norm."""
+        raise NotImplementedError
+
+    def eval_loss(self, batch: dict, loss_fn: LossFn) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            return loss_fn(self.model, batch).detach().float()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped by the fp16 loss scaler."""
+        return 0
+
+    def save(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def full_model_state(self) -> Optional[dict]:
+        """The unsharded model state dict on rank 0 (``None`` elsewhere); a collective."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+
+class _TorchEngine(Engine):
+    """Shared by DDP and FSDP2: torch AdamW, LambdaLR, DCP checkpoints."""
+
+    def __init__(self, recipe: Recipe, device: torch.device):
+        self.recipe, self.device = recipe, device
+        self.accum = grad_accum_steps(recipe)
+        self.clip = recipe.optim.grad_clip
+        self._skipped = 0
+        self._scale_before: Optional[float] = None
+
+    def _setup_optim(self, params_model: torch.nn.Module) -> None:
+        self.optimizer = build_adamw(params_model, self.recipe.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.recipe.optim, self.recipe.train.max_steps)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaled = loss / self.accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def optimizer_step(self) -> torch.Tensor:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf,
+                                              foreach=self.device.type == "cuda" or None)
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._skipped += int(self.scaler.get_scale() < scale)  # a skipped step lowers the scale
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+    def _extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "skipped": self._skipped,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+        if dist.get_rank() == 0:
+            torch.save(self._extra_state(), path / "engine_extra.pt")
+
+    def load(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        extra = torch.load(path / "engine_extra.pt", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self._skipped = extra["skipped"]
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+
+    def full_model_state(self) -> Optional[dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+        return sd if dist.get_rank() == 0 else None
+
+
+class DDPEngine(_TorchEngine):
+    name = "ddp"
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device):
+        super().__init__(recipe, device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(device)
+        self.precision = recipe.parallel.precision
+        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self._setup_optim(self.model)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        sync = contextlib.nullcontext() if last_micro else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                loss = loss_fn(self.model, batch)
+            self._backward(loss)
+        return loss.detach().float()
+
+
+class FSDPEngine(_TorchEngine):
+    name = "fsdp"
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+        super().__init__(recipe, device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg["param_dtype"]],
+                                  reduce_dtype=DTYPES[cfg["reduce_dtype"]])
+        kwargs = {"mesh": mesh, "mp_policy": mp}
+        if cfg.get("cpu_offload"):
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        else:
+            model.to(device)
+        blocks = [m for m in model.modules() if type(m).__name__ in set(cfg["shard_modules"])]
+        if not blocks:
+            raise RuntimeError(f"fsdp.json shard_modules {cfg['shard_modules']} match no module of "
+                               f"{type(model).__name__}; regenerate fsdp.json with `shardforge plan`")
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
+        fully_shard(model, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
+        self.model = model
+        self._setup_optim(model)
+        self.scaler = None
+        if recipe.parallel.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device.type)
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        self.model.set_requires_gradient_sync(last_micro)
+        loss = loss_fn(self.model, batch)
+        self._backward(loss)
+        return loss.detach().float()
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+        import deepspeed
+
+        self.name = recipe.parallel.engine
+        self.recipe, self.device = recipe, device
+        # With offload the config names DeepSpeed's CPU AdamW; otherwise torch's AdamW is the client.
+        client_optimizer, params = None, param_groups(model, recipe.optim.weight_decay)
+        if "optimizer" not in cfg:
+            client_optimizer, params = build_adamw(model, recipe.optim, device), None
+        factor = lr_factor(recipe.optim, recipe.train.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=params, config=cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.model = self.engine
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        loss = loss_fn(self.engine, batch)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        return loss.detach().float()
+
+    def optimizer_step(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(getattr(self.engine, "skipped_steps", 0))
+
+    def save(self, path: Path) -> None:
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state",
+                                                   load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path / 'deepspeed'}")
+
+    def full_model_state(self) -> Optional[dict]:
+        if self.engine.zero_optimization_stage() == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict()
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().float().cpu() for k, v in sd.items()}
+
+
+def read_engine_config(run_dir: Path, engine: str) -> dict:
+    name = "fsdp.json" if engine == "fsdp" else "deepspeed.json" if engine.startswith("zero") else None
+    return json.loads((run_dir / name).read_text()) if name else {}
+
+
+def build_engine(recipe: Recipe, model: torch.nn.Module, device: torch.device, run_dir: Path) -> Engine:
+    engine = recipe.parallel.engine
+    cfg = read_engine_config(run_dir, engine)
+    if engine == "ddp":
+        return DDPEngine(recipe, model, device)
+    if engine == "fsdp":
+        return FSDPEngine(recipe, model, device, cfg)
+    return DeepSpeedEngine(recipe, model, device, cfg)

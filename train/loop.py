@@ -1,0 +1,256 @@
+"""The per-rank program: ``python -m train RUN_DIR`` (started by torchrun or Slurm)."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from train.checkpoint import Checkpointer, CheckpointError, Counters, RNGState
+from train.data import DataError, TrainBatches, eval_batches, prepare_data
+from train.distributed import DistInfo, init_distributed
+from train.engines import Engine, build_engine
+from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
+from train.model import build_model, causal_lm_loss
+from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on a signal after a committed checkpoint; run again to resume
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM; acted on at the next step boundary that all ranks agree on."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+class StepAgreement:
+    """Agree across ranks on 'stop' and 'save now' without a host sync in the step.
+
+    Each step launches a non-blocking all-reduce (MAX) of this rank's flags and reads the
+    previous step's result, so every rank acts on the same step, one step late.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self._pending = device, None
+
+    def exchange(self, stop: bool, save: bool, wait_now: bool = False) -> tuple[bool, bool]:
+        agreed = [False, False]
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()
+            agreed = [bool(flags[0] > 0), bool(flags[1] > 0)]
+            self._pending = None
+        flags = torch.tensor([float(stop), float(save)], device=self.device)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        if wait_now:  # the last step: settle everything now
+            work.wait()
+            return agreed[0] or bool(flags[0] > 0), agreed[1] or bool(flags[1] > 0)
+        self._pending = (work, flags)
+        return agreed[0], agreed[1]
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    return recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log):
+    """Rank 0 tokenizes (when the cache is cold); the others wait, then read the cache."""
+    data = prepare_data(recipe, log=log) if d.is_main else None
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        raise RuntimeError(f"rank {d.rank}: timed out waiting for rank 0 to prepare the data "
+                           f"({err}); run `shardforge prepare` before launching") from None
+    if data is None:
+        data = prepare_data(recipe, log=lambda *_: None)
+    if d.is_main:
+        data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+    return data
+
+
+def evaluate(engine: Engine, batches: list[torch.Tensor], device: torch.device) -> float:
+    engine.eval()
+    total = torch.zeros(2, device=device)
+    for ids in batches:
+        total[0] += engine.eval_loss({"input_ids": ids.to(device)}, causal_lm_loss)
+        total[1] += 1
+    dist.all_reduce(total)
+    engine.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+
+def train(run_dir: Path) -> int:
+    recipe = read_recipe(run_dir)
+    d = init_distributed(recipe.parallel.engine)
+    log = print if d.is_main else (lambda *a, **k: None)
+    t, seq_len = recipe.train, recipe.data.seq_len
+    accum = grad_accum_steps(recipe)
+
+    data = prepare_on_rank0(recipe, d, run_dir, log)
+    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed)
+    flops_token = flops_per_token(model, seq_len)
+    engine = build_engine(recipe, model, d.device, run_dir)
+    batches = TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
+                           d.rank, d.world_size, num_workers=recipe.data.num_workers,
+                           pin_memory=d.device.type == "cuda")
+    val = eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size, t.eval_batches)
+    counters = Counters()
+    ckpt_cfg = recipe.checkpoint
+    checkpointer = Checkpointer(run_dir / "checkpoints", engine,
+                                {"data": batches, "counters": counters, "rng": RNGState()},
+                                d.rank, d.world_size, meta={"engine": recipe.parallel.engine,
+                                                            "data_key": data.key}, log=log)
+    seed_rank(recipe.run.seed, d.rank)
+    resume_from = checkpointer.find_resume_point(ckpt_cfg.resume)
+    if resume_from is not None:
+        manifest = checkpointer.load(resume_from)
+        if manifest["world_size"] != d.world_size:
+            seed_rank(recipe.run.seed + counters.step, d.rank)
+        check_fingerprint(manifest, batches, recipe, data.key)
+        log(f"resumed from {resume_from} at step {counters.step} "
+            f"({manifest['world_size']} → {d.world_size} ranks)")
+
+    device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
+    peak = recipe.logging.peak_tflops or peak_tflops(device_name, recipe.parallel.precision)
+    if peak is None:
+        log(f"metrics: no peak TFLOP/s known for {device_name!r} in {recipe.parallel.precision}; "
+            f"MFU is omitted (set logging.peak_tflops to report it)")
+    writer = MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console, t.max_steps,
+                           counters.step) if d.is_main else None
+    telemetry = Telemetry(d.local_rank if d.device.type == "cuda" else None,
+                          recipe.logging.telemetry_interval_s, warn=log)
+    stop, agreement = StopRequest(), StepAgreement(d.device)
+    last_save_time = time.time()
+
+    def save(reason: str) -> None:
+        nonlocal last_save_time
+        path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
+                                 {"tokens": counters.tokens, "reason": reason,
+                                  "next_batch_fingerprint": batches.fingerprint(),
+                                  "seed": recipe.run.seed, "global_batch_size": t.global_batch_size})
+        last_save_time = time.time()
+        log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
+
+    # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
+    engine.train()
+    loss_sum, window_steps = torch.zeros((), device=d.device), 0
+    timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
+    window_start, exit_code = time.time(), 0
+    while counters.step < t.max_steps:
+        step_start = time.time()
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            ids = next(batches).to(d.device, non_blocking=True)
+            t1 = time.perf_counter()
+            loss_sum += engine.forward_backward({"input_ids": ids}, causal_lm_loss, micro == accum - 1)
+            timers["data_wait_s"] += t1 - t0
+            timers["fwd_bwd_s"] += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        grad_norm = engine.optimizer_step()
+        timers["optim_s"] += time.perf_counter() - t2
+        counters.step += 1
+        counters.tokens += t.global_batch_size * seq_len
+        counters.elapsed_s += time.time() - step_start
+        window_steps += 1
+
+        if counters.step % t.log_every == 0 or counters.step == t.max_steps:
+            stats = torch.stack([loss_sum / (accum * window_steps), grad_norm.float().to(d.device)])
+            dist.all_reduce(stats)  # the only host sync: at log steps
+            stats = (stats / d.world_size).tolist()
+            telemetry_all = [None] * d.world_size
+            dist.all_gather_object(telemetry_all, telemetry.drain())
+            seconds = time.time() - window_start
+            tps = window_steps * t.global_batch_size * seq_len / seconds
+            values = {"loss": stats[0], "grad_norm": stats[1], "lr": engine.lr,
+                      "tokens_per_s": tps, "tokens_per_s_per_device": tps / d.world_size,
+                      "samples_per_s": window_steps * t.global_batch_size / seconds,
+                      "step_time_s": seconds / window_steps,
+                      **{k: v / window_steps for k, v in timers.items()},
+                      "model_tflops": tps / d.world_size * flops_token / 1e12,
+                      "mfu": mfu(tps / d.world_size, flops_token, peak),
+                      "skipped_steps": engine.skipped_steps, "tokens": counters.tokens,
+                      **aggregate_ranks(telemetry_all)}
+            if d.device.type == "cuda":
+                values["mem_allocated_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                values["mem_reserved_gb"] = torch.cuda.max_memory_reserved(d.device) / 2**30
+            if writer:
+                writer.write(counters.step, values)
+                writer.progress(counters.step, values)
+            loss_sum.zero_()
+            window_steps, window_start = 0, time.time()
+            timers = dict.fromkeys(timers, 0.0)
+
+        last = counters.step == t.max_steps
+        if (t.eval_every and counters.step % t.eval_every == 0) or last:
+            eval_loss = evaluate(engine, val, d.device)
+            if writer:
+                writer.write(counters.step, {"eval_loss": eval_loss,
+                                             "eval_ppl": math.exp(min(eval_loss, 50))})
+            log(f"step {counters.step}: eval loss {eval_loss:.4f}")
+
+        timed_save = bool(ckpt_cfg.every_minutes) and d.is_main and \
+            time.time() - last_save_time >= 60 * ckpt_cfg.every_minutes
+        stop_now, save_now = agreement.exchange(stop.signal_name is not None, timed_save, wait_now=last)
+        if stop_now:
+            log(f"stop requested ({stop.signal_name or 'signal on another rank'}) at step "
+                f"{counters.step}: saving and exiting with code {EXIT_REQUEUE}")
+            save("signal")
+            exit_code = EXIT_REQUEUE
+            break
+        if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
+                or (last and ckpt_cfg.at_end):
+            save("end" if last else "periodic")
+
+    telemetry.close()
+    if writer:
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:
+    """Refuse to resume when the next batch is not the one the checkpoint expected."""
+    expected = manifest.get("next_batch_fingerprint")
+    if expected is None or batches.fingerprint() == expected:
+        return
+    changed = [name for name, old, new in (
+        ("data (sources, tokenizer or seq_len)", manifest.get("data_key"), data_key),
+        ("run.seed", manifest.get("seed"), recipe.run.seed),
+        ("train.global_batch_size", manifest.get("global_batch_size"), recipe.train.global_batch_size))
+        if old != new]
+    raise CheckpointError(f"resume: the next batch differs from the one saved with the checkpoint; "
+                          f"changed: {', '.join(changed) or 'unknown (data files edited in place?)'}; "
+                          f"restore the original recipe or start a new run (checkpoint.resume=never)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m train RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        return train(Path(argv[0]))
+    except (DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,367 @@
+"""The recipe schema: a tree of dataclasses, one docstring per field.
+
+This module is the contract between the launcher and every rank: the launcher
+validates user input against it and writes the resolved ``recipe.yaml``; each
+rank parses that file back with :func:`recipe_from_dict`. Validation of user
+input (all problems at once, exit code 2) lives in ``launch.recipe``; here a
+malformed tree raises :class:`RecipeProblems`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    """Run name; the default run directory is ``runs/<name>``."""
+    dir: Optional[str] = None
+    """Run directory; ``None`` means ``runs/<name>`` under the current directory."""
+    seed: int = 1234
+    """Seed for model init, data order and every RNG (each rank derives its own)."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None
+    """Local path (or hub name) of pretrained weights; exclusive with ``config``."""
+    config: Optional[dict] = None
+    """Inline config for random init, e.g. ``{model_type: llama, hidden_size: 64}``."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward to save activation memory."""
+    compile: bool = False
+    """``torch.compile`` each transformer block."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+
+
+@dataclass
+class TokenizerTrainConfig:
+    vocab_size: int = 4096
+    """Vocabulary size of the byte-level BPE trained on the training text."""
+    max_chars: int = 20_000_000
+    """Train the tokenizer on at most this many characters of training text."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None
+    """Local path or hub name of a fast tokenizer; defaults to ``model.pretrained``."""
+    train: Optional[TokenizerTrainConfig] = None
+    """Train a byte-level BPE on the training text once, saved in the run directory."""
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""
+    """Local file, folder or glob (txt, json, jsonl, parquet), or a hub dataset name."""
+    name: Optional[str] = None
+    """Hub dataset config name."""
+    split: str = "train"
+    """Split to read."""
+    text_field: str = "text"
+    """Column holding the text (ignored when ``template`` is set)."""
+    template: Optional[str] = None
+    """Python format template over the record's columns, e.g. ``"Q: {question}\\nA: {answer}"``."""
+    weight: float = 1.0
+    """Mixing weight relative to the other sources (by tokens)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Training sources, mixed by weight."""
+    seq_len: int = 128
+    """Tokens per packed training sample."""
+    val_fraction: float = 0.01
+    """Fraction of packed samples held out for validation (when no ``val_source``)."""
+    val_source: Optional[SourceConfig] = None
+    """A separate validation source (a named split, say) instead of ``val_fraction``."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Which tokenizer to use or train."""
+    cache_dir: str = "data_cache"
+    """Where packed Arrow files are cached, keyed by a fingerprint of the data recipe."""
+    num_proc: int = 1
+    """Processes for tokenization."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+    max_samples: Optional[int] = None
+    """Use at most this many packed training samples (for smoke tests)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms or biases)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to ``lr``."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR decay after warmup, down to ``lr * min_lr_ratio`` at ``train.max_steps``."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch_size: int = 2
+    """Samples per rank per forward/backward."""
+    global_batch_size: int = 8
+    """Samples per optimizer step over all ranks; accumulation = global / (micro × world)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches per rank per evaluation."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
+    """Data-parallel engine."""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Compute precision; master weights stay fp32."""
+    offload: bool = False
+    """Offload optimizer state (and ZeRO-3 / FSDP parameters) to CPU memory."""
+    nproc: Optional[int] = None
+    """Processes per node; ``None`` means all local GPUs (one process without GPUs)."""
+    nodes: int = 1
+    """Number of nodes."""
+    reduce_bucket_mb: int = 200
+    """DeepSpeed reduce / all-gather bucket size in MB."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N steps (0: off)."""
+    every_minutes: float = 0.0
+    """Save every N minutes of wall clock (0: off)."""
+    at_end: bool = True
+    """Save when training finishes."""
+    keep_last: int = 2
+    """Keep the newest N committed checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of N (0: none)."""
+    resume: str = "auto"
+    """``auto`` (latest committed checkpoint), ``never``, or a checkpoint path."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under ``<run dir>/tensorboard``."""
+    console: bool = True
+    """Show a progress line on rank 0."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak TFLOP/s for MFU; ``None`` looks the device up in a table."""
+    telemetry_interval_s: float = 1.0
+    """Seconds between NVML (or host) telemetry samples."""
+
+
+@dataclass
+class SlurmConfig:
+    gpus_per_node: int = 8
+    """GPUs (and trainer processes) per node."""
+    cpus_per_task: int = 64
+    """CPUs for the one task per node."""
+    mem: str = "0"
+    """Memory per node (``0``: all)."""
+    partition: Optional[str] = None
+    """Partition."""
+    account: Optional[str] = None
+    """Account to charge."""
+    qos: Optional[str] = None
+    """Quality of service."""
+    time: str = "24:00:00"
+    """Time limit per job (requeued jobs start the clock again)."""
+    signal_lead_s: int = 300
+    """Seconds before the time limit that Slurm signals the job to checkpoint."""
+    max_restarts: int = 10
+    """Requeue at most this many times."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` lines, without the prefix (e.g. ``--constraint=h100``)."""
+    env: dict = field(default_factory=dict)
+    """Environment variables exported in the job."""
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Name, directory and seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model to train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps and batch sizes."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Engine, precision and process counts."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When to save and whether to resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """TensorBoard, console and telemetry."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Slurm job settings for ``shardforge submit``."""
+
+
+class RecipeProblems(ValueError):
+    """All problems found in a recipe; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name → the docstring written under it in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[stmt.target.id] = str(nxt.value.value)
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(arg)}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted or record a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _convert(value, non_none[0], key, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return None
+        return _build(tp, value, key, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}; {hint}"
+                            f"set {key}={choices[0]}")
+        return value
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return None
+        return [_convert(v, arg, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{key}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{key}: expected a string, got {value!r}; quote it in YAML")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close else \
+                f"valid keys: {', '.join(names)}"
+            problems.append(f"{path}: unknown key; {hint}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, problems)
+    try:
+        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+    except TypeError as err:  # only reachable through earlier recorded problems
+        problems.append(f"{prefix or 'recipe'}: {err}")
+        return cls()
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build a :class:`Recipe` from plain data; raise :class:`RecipeProblems` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise RecipeProblems([f"recipe: expected a mapping at the top level, got {type(data).__name__}"])
+    recipe = _build(Recipe, data, "", problems)
+    if problems:
+        raise RecipeProblems(problems)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain data for YAML; the inverse of :func:`recipe_from_dict`."""
+    return dataclasses.asdict(recipe)
+
+
+def world_size(recipe: Recipe) -> int:
+    """Total ranks: processes per node × nodes (``nproc`` must be resolved)."""
+    return (recipe.parallel.nproc or 1) * recipe.parallel.nodes
+
+
+def grad_accum_steps(recipe: Recipe) -> int:
+    """Micro-batches per rank per optimizer step."""
+    t = recipe.train
+    return t.global_batch_size // (t.micro_batch_size * world_size(recipe))
