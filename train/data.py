@@ -35,6 +35,11 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- sources
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _local_files(path: str) -> Optional[list[str]]:
     """The files a local path, folder or glob names; ``None`` when it is not local."""
     p = Path(path).expanduser()
@@ -65,18 +70,20 @@ def load_source(src: SourceConfig, where: str):
         for f in files:
             if not os.access(f, os.R_OK):
                 raise DataError(f"{where}.path: cannot read {f!r}; check its permissions")
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise DataError(f"{where}: {src.path!r} is empty; point it at non-empty data")
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         except Exception as err:  # datasets wraps parser errors in many types
             raise DataError(f"{where}.path: could not read {src.path!r} as {builder}: "
-                            f"{str(err).splitlines()[0][:200]}; check the file") from None
+                            f"{_first_line(err)}; check the file") from None
     else:
         try:
             ds = datasets.load_dataset(src.path, src.name, split=src.split)
         except Exception as err:
             raise DataError(f"{where}.path: could not load hub dataset {src.path!r} "
-                            f"(split {src.split!r}): {str(err).splitlines()[0][:200]}") from None
+                            f"(split {src.split!r}): {_first_line(err)}") from None
     if len(ds) == 0:
         raise DataError(f"{where}: {src.path!r} has no records; point it at non-empty data")
     if src.template is None and src.text_field not in ds.column_names:
@@ -121,7 +128,7 @@ def load_or_train_tokenizer(recipe: Recipe, cache_root: Path):
             tok = AutoTokenizer.from_pretrained(name, use_fast=True)
         except Exception as err:
             raise DataError(f"data.tokenizer.path: cannot load tokenizer {name!r}: "
-                            f"{str(err).splitlines()[0][:200]}; fix the path") from None
+                            f"{_first_line(err)}; fix the path") from None
         if tok.eos_token_id is None:
             tok.eos_token = tok.sep_token or tok.pad_token
         if tok.pad_token_id is None:
@@ -225,8 +232,7 @@ def prepare_data(recipe: Recipe, log=print) -> PreparedData:
     if (out / "stats.json").exists():
         stats = json.loads((out / "stats.json").read_text())
         stats["cache_hit"] = True
-        return PreparedData(datasets.load_from_disk(str(out / "train")),
-                            datasets.load_from_disk(str(out / "val")), tokenizer, key, stats)
+        return PreparedData(*_load_split_pair(out), tokenizer, key, stats)
     start = time.time()
     parts, stats = [], {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
     for i, src in enumerate(d.sources):
@@ -256,7 +262,8 @@ def prepare_data(recipe: Recipe, log=print) -> PreparedData:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     train.flatten_indices().save_to_disk(str(tmp / "train"))
-    val.flatten_indices().save_to_disk(str(tmp / "val"))
+    if len(val):
+        val.flatten_indices().save_to_disk(str(tmp / "val"))
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     if out.exists():  # another process won the race; keep its copy
         shutil.rmtree(tmp)
@@ -266,8 +273,18 @@ def prepare_data(recipe: Recipe, log=print) -> PreparedData:
         f"{stats['val_samples']:,} val samples of {d.seq_len}; {stats['tokens_dropped']:,} dropped "
         f"(cache {out})")
     stats["cache_hit"] = False
-    return PreparedData(datasets.load_from_disk(str(out / "train")),
-                        datasets.load_from_disk(str(out / "val")), tokenizer, key, stats)
+    return PreparedData(*_load_split_pair(out), tokenizer, key, stats)
+
+
+def _load_split_pair(out: Path):
+    import datasets
+
+    def load(name: str):
+        if not (out / name).exists():  # an empty split is not written (datasets cannot reload one)
+            return datasets.Dataset.from_dict({"input_ids": []})
+        return datasets.load_from_disk(str(out / name))
+
+    return load("train"), load("val")
 
 
 def _mix(parts: list, seed: int):
@@ -282,7 +299,7 @@ def _mix(parts: list, seed: int):
     for i, (blocks, w) in enumerate(parts):
         want = max(1, int(round(total * w / wsum)))
         idx = np.resize(np.random.default_rng([seed, 11, i]).permutation(len(blocks)), want)
-        chosen.append(blocks.select(np.sort(idx)))
+        chosen.append(blocks.select(np.sort(idx)).flatten_indices())
     return datasets.concatenate_datasets(chosen)
 
 

@@ -155,7 +155,7 @@ def train(run_dir: Path) -> int:
     engine.train()
     loss_sum, window_steps = torch.zeros((), device=d.device), 0
     timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
-    window_start, exit_code = time.time(), 0
+    window_start, exit_code, first_step = time.time(), 0, counters.step
     while counters.step < t.max_steps:
         step_start = time.time()
         for micro in range(accum):
@@ -211,6 +211,8 @@ def train(run_dir: Path) -> int:
         timed_save = bool(ckpt_cfg.every_minutes) and d.is_main and \
             time.time() - last_save_time >= 60 * ckpt_cfg.every_minutes
         stop_now, save_now = agreement.exchange(stop.signal_name is not None, timed_save, wait_now=last)
+        if t.stop_after and counters.step - first_step >= t.stop_after and not last:
+            stop_now, stop.signal_name = True, stop.signal_name or f"train.stop_after={t.stop_after}"
         if stop_now:
             log(f"stop requested ({stop.signal_name or 'signal on another rank'}) at step "
                 f"{counters.step}: saving and exiting with code {EXIT_REQUEUE}")

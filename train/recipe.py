@@ -129,6 +129,8 @@ class TrainConfig:
     """Micro-batches per rank per evaluation."""
     log_every: int = 10
     """Log metrics every N steps."""
+    stop_after: int = 0
+    """Stop this launch after N steps with a checkpoint and exit code 75 (time-boxed jobs); 0: off."""
 
 
 @dataclass

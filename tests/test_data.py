@@ -1,0 +1,175 @@
+"""Data: exactly-once sharding, O(1) resume on any world size, packing, the cache, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+import train.data as data_mod
+from tests.helpers import make_corpus, tiny_recipe
+from train.data import DataError, TrainBatches, prepare_data, tokenize_and_pack
+from train.recipe import recipe_from_dict
+
+
+def numbered(n: int) -> datasets.Dataset:
+    """Sample i holds the tokens [i, i, i, i], so a batch names its sample ids."""
+    return datasets.Dataset.from_dict({"input_ids": [[i] * 4 for i in range(n)]})
+
+
+def take_steps(ds, world: int, micro: int, accum: int, steps: int, seed: int = 0, state=None):
+    """Run every rank's iterator for ``steps`` optimizer steps; return per-step global id lists."""
+    gb = micro * accum * world
+    ranks = [TrainBatches(ds, seed, gb, micro, r, world, num_workers=0) for r in range(world)]
+    if state is not None:
+        for it in ranks:
+            it.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        ids = []
+        for it in ranks:
+            for _ in range(accum):
+                ids += next(it)[:, 0].tolist()
+        out.append(ids)
+    states = {json.dumps(it.state_dict()) for it in ranks}
+    assert len(states) == 1, "ranks disagree on the data position"
+    return out, ranks[0].state_dict()
+
+
+@pytest.mark.parametrize("world,micro,accum", [(1, 4, 3), (2, 2, 3), (3, 2, 2), (3, 1, 4), (2, 6, 1)])
+def test_each_sample_once_per_epoch(world, micro, accum):
+    ds = numbered(48)  # 48 = 4 steps of 12
+    steps, state = take_steps(ds, world, micro, accum, steps=8)
+    epoch0, epoch1 = sum(steps[:4], []), sum(steps[4:], [])
+    assert sorted(epoch0) == list(range(48)) and sorted(epoch1) == list(range(48))
+    assert epoch0 != epoch1, "each epoch needs a fresh shuffle"
+    assert state["epoch"] == 2 and state["consumed"] == 96
+
+
+def test_no_overlap_between_ranks_and_remainder_skipped():
+    ds = numbered(50)  # 50 = 4 steps of 12, 2 left over per epoch
+    gb, world, micro = 12, 3, 2
+    ranks = [TrainBatches(ds, 0, gb, micro, r, world, num_workers=0) for r in range(world)]
+    seen = [set() for _ in range(world)]
+    for _ in range(4 * 2):  # one epoch: 4 steps × 2 micro-batches per rank
+        for r, it in enumerate(ranks):
+            seen[r] |= set(next(it)[:, 0].tolist())
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert len(set().union(*seen)) == 48
+
+
+def test_order_depends_on_seed_only():
+    ds = numbered(48)
+    a, _ = take_steps(ds, 2, 2, 3, 4, seed=5)
+    b, _ = take_steps(ds, 3, 2, 2, 4, seed=5)
+    c, _ = take_steps(ds, 2, 2, 3, 4, seed=6)
+    assert a == b, "the global sample sequence must not depend on the world size"
+    assert a != c
+
+
+@pytest.mark.parametrize("after", [(2, 2, 3), (3, 2, 2), (1, 4, 3)])
+def test_resume_mid_epoch_on_any_world_size(after):
+    ds = numbered(48)
+    straight, _ = take_steps(ds, 2, 2, 3, steps=7)
+    first, state = take_steps(ds, 2, 2, 3, steps=3)
+    assert state == {"consumed": 36, "epoch": 0, "num_samples": 48, "global_batch": 12, "seed": 0}
+    rest, _ = take_steps(ds, *after, steps=4, state=state)
+    assert first + rest == straight
+
+
+def test_prefetching_workers_do_not_move_the_position():
+    ds = numbered(48)
+    it = TrainBatches(ds, 0, 12, 2, 0, 1, num_workers=2)
+    for _ in range(6):  # one step; the workers have prefetched more
+        next(it)
+    assert it.state_dict()["consumed"] == 12
+    resumed = TrainBatches(ds, 0, 12, 2, 0, 1, num_workers=0)
+    resumed.load_state_dict(it.state_dict())
+    assert next(resumed).tolist() == next(it).tolist()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), files=4, words_per_file=800)
+
+
+def make_recipe(corpus: Path, tmp: Path, **data):
+    r = tiny_recipe(corpus, tmp / "cache", tmp / "run")
+    r["data"].update(data)
+    return recipe_from_dict(r)
+
+
+def test_packing_conserves_tokens(corpus, tmp_path):
+    recipe = make_recipe(corpus, tmp_path)
+    tok = data_mod.load_or_train_tokenizer(recipe, tmp_path / "cache")
+    src = data_mod.load_source(recipe.data.sources[0], "data.sources[0]")
+    packed, stats = tokenize_and_pack(src, tok, 32, 1, "test")
+    docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in src["text"]]
+    flat = [t for d in docs for t in d]
+    assert stats["tokens_total"] == len(flat) == stats["tokens_kept"] + stats["tokens_dropped"]
+    assert stats["tokens_dropped"] < 32 and flat.count(tok.eos_token_id) == len(docs)
+    assert np.asarray(packed["input_ids"]).ravel().tolist() == flat[: stats["tokens_kept"]]
+
+
+def test_second_prepare_reuses_the_cache(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = data_mod._tokenize_batch
+
+    def counting(batch, tokenizer, eos_id):
+        calls["n"] += 1
+        return real(batch, tokenizer, eos_id)
+
+    monkeypatch.setattr(data_mod, "_tokenize_batch", counting)
+    recipe = make_recipe(corpus, tmp_path)
+    first = prepare_data(recipe, log=lambda *_: None)
+    assert calls["n"] > 0 and not first.stats["cache_hit"]
+    calls["n"] = 0
+    second = prepare_data(recipe, log=lambda *_: None)
+    assert calls["n"] == 0 and second.stats["cache_hit"] and second.key == first.key
+    assert second.train["input_ids"] == first.train["input_ids"]
+    changed = prepare_data(make_recipe(corpus, tmp_path, seq_len=16), log=lambda *_: None)
+    assert changed.key != first.key and not changed.stats["cache_hit"]
+    assert len(changed.train) + len(changed.val) > len(first.train) + len(first.val)
+
+
+def test_jsonl_template_and_mixing(tmp_path, corpus):
+    rows = [{"q": f"question {i}", "a": f"answer {i} " * 20} for i in range(60)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = make_recipe(corpus, tmp_path, sources=[
+        {"path": str(corpus), "weight": 3.0},
+        {"path": str(tmp_path / "qa.jsonl"), "template": "Q: {q}\nA: {a}", "weight": 1.0}],
+        val_fraction=0.0)
+    mixed = prepare_data(recipe, log=lambda *_: None)
+    total = mixed.stats["tokens_kept"] // 32  # packed samples of both sources before mixing
+    assert len(mixed.train) == round(total * 3 / 4) + round(total / 4)
+    assert mixed.stats["val_samples"] == 0
+    qa = [row for row in mixed.train["input_ids"] if mixed.tokenizer.decode(row).count("answer") > 0]
+    assert abs(len(qa) - round(total / 4)) <= 1, "the QA source must fill a quarter of the samples"
+
+
+def data_error(corpus, tmp_path, **data) -> str:
+    with pytest.raises(DataError) as err:
+        prepare_data(make_recipe(corpus, tmp_path, **data), log=lambda *_: None)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_inputs_name_the_source_and_fix(corpus, tmp_path):
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "none.txt")}])
+    assert "data.sources[0].path" in msg and "no such file" in msg
+    (tmp_path / "rows.jsonl").write_text('{"body": "hello world"}\n' * 50)
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "rows.jsonl")}])
+    assert "data.sources[0].text_field: 'text' is not a column" in msg and "body" in msg
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.jsonl").write_text("")
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "empty" / "e.jsonl")}])
+    assert "data.sources[0]" in msg
+    msg = data_error(corpus, tmp_path, seq_len=10_000_000)
+    assert "fewer than one sample of data.seq_len=10000000" in msg
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file at all")
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "bad.parquet")}])
+    assert "could not read" in msg and "as parquet" in msg

@@ -1,0 +1,139 @@
+"""Recipes: parsing, overrides, all problems in one message, shipped recipes, golden engine configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.cli import main as cli_main
+from launch.engine_config import engine_configs
+from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
+from tests.helpers import REPO, shardforge
+from train.recipe import Recipe, field_docs, grad_accum_steps, recipe_from_dict
+
+GOLDEN = Path(__file__).parent / "golden"
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_every_field_has_a_docstring():
+    import dataclasses
+
+    def walk(cls):
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            tp = cls.__annotations__[f.name]
+            for sub in ("RunConfig", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig",
+                        "ParallelConfig", "CheckpointConfig", "LoggingConfig", "SlurmConfig",
+                        "TokenizerConfig", "TokenizerTrainConfig", "SourceConfig"):
+                if str(tp).startswith(sub) or str(tp) == f"Optional[{sub}]":
+                    import train.recipe as mod
+                    walk(getattr(mod, sub))
+
+    walk(Recipe)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_plans(name, capsys):
+    assert cli_main(["plan", name]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe(name)
+    assert f"gradient accumulation {grad_accum_steps(recipe)}" in out
+    assert recipe.run.dir == f"runs/{recipe.run.name}"
+
+
+def test_overrides_apply_and_round_trip():
+    r = load_recipe("tiny-cpu", ["train.max_steps=7", "parallel.engine=zero3", "optim.betas=[0.8, 0.9]",
+                                 "data.sources.0.text_field=body", "run.dir=/tmp/x"])
+    assert (r.train.max_steps, r.parallel.engine, r.optim.betas) == (7, "zero3", [0.8, 0.9])
+    assert r.data.sources[0].text_field == "body" and r.run.dir == "/tmp/x"
+    again = recipe_from_dict(yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(r))))
+    assert again == r
+
+
+def problems(*overrides: str) -> list[str]:
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny-cpu", list(overrides))
+    return err.value.problems
+
+
+def test_unknown_key_suggests_the_right_one():
+    (p,) = problems("train.max_step=3")
+    assert p.startswith("train.max_step: unknown key") and "train.max_steps" in p
+
+
+def test_wrong_type_names_key_and_value():
+    (p,) = problems("train.max_steps=lots")
+    assert p == "train.max_steps: expected an integer, got 'lots'"
+
+
+def test_engine_typo_lists_choices():
+    (p,) = problems("parallel.engine=zero4")
+    assert "parallel.engine" in p and "'zero3'" in p and "did you mean" in p
+
+
+def test_batch_arithmetic_is_shown():
+    (p,) = problems("train.global_batch_size=30")
+    assert "30 is not divisible by micro_batch_size × world size = 8 × 2" in p
+    assert "= 16" in p and "train.global_batch_size=16 or 32" in p
+
+
+def test_all_problems_reported_together():
+    found = problems("train.max_step=3", "parallel.engine=zero4", "optim.lr=fast", "oops")
+    assert len(found) == 4
+
+
+def test_cli_exits_2_with_one_message_and_no_traceback(tmp_path):
+    proc = shardforge("plan", "tiny-cpu", "train.global_batch_size=10")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "train.global_batch_size" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    proc = shardforge("run", str(bad))
+    assert proc.returncode == 2 and "not valid YAML at line" in proc.stderr and "Traceback" not in proc.stderr
+    proc = shardforge("run", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "no such recipe file" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_plan_writes_nothing(tmp_path):
+    proc = shardforge("plan", "tiny-cpu", f"run.dir={tmp_path / 'run'}", "parallel.engine=zero2")
+    assert proc.returncode == 0, proc.stderr
+    assert '"stage": 2' in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_model_and_sizes_checked_before_launch():
+    assert any("model.config.model_type" in p and "'llama'" in p
+               for p in problems("model.config.model_type=lama"))
+    assert any("data.seq_len: 512 is longer than the model's 256 positions" in p
+               for p in problems("data.seq_len=512"))
+    assert any("parallel.offload" in p for p in problems("parallel.offload=true"))
+    assert any("data.sources[0].path" in p for p in problems("data.sources.0.path=./nowhere/*.txt"))
+
+
+GOLDEN_CASES = {
+    "tiny-zero1-bf16": ("tiny-cpu", ["parallel.engine=zero1"]),
+    "tiny-zero2-fp16": ("tiny-cpu", ["parallel.engine=zero2", "parallel.precision=fp16"]),
+    "tiny-zero3-offload": ("tiny-cpu", ["parallel.engine=zero3", "parallel.offload=true"]),
+    "tiny-fsdp-fp32": ("tiny-cpu", ["parallel.engine=fsdp", "parallel.precision=fp32"]),
+    "gpt2-124m-fsdp": ("gpt2-124m", ["parallel.engine=fsdp"]),
+    "llama-1b": ("llama-1b", []),
+    "llama-7b-zero3": ("llama-7b-zero3", []),
+    "llama-7b-fsdp-offload": ("llama-7b-fsdp", ["parallel.offload=true"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
+def test_engine_config_matches_golden(case):
+    name, overrides = GOLDEN_CASES[case]
+    configs = engine_configs(load_recipe(name, overrides))
+    path = GOLDEN / f"{case}.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(configs, indent=2) + "\n")
+    assert configs == json.loads(path.read_text())
