@@ -56,6 +56,16 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from launch.report import write_report
+
+    png, page = write_report(Path(args.run_dir))
+    print(f"shardforge: wrote {png} and {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardforge", description="Multi-GPU training for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML path or shipped name (tiny-cpu)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
         p.set_defaults(func=func)
+    p = sub.add_parser("report", help="draw report.png and report.html from a run's TensorBoard files")
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

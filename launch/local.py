@@ -65,4 +65,16 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool) -> int:
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
             log.write(chunk)
-        return proc.wait()
+        code = proc.wait()
+    return code if code != 0 else exit_code_from_status(run_dir)
+
+
+def exit_code_from_status(run_dir: Path) -> int:
+    """0 when the run completed, 75 when it stopped on request with a checkpoint (run again to resume)."""
+    from train.loop import EXIT_REQUEUE, STATUS_FILE
+
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+    return EXIT_REQUEUE if status.get("state") == "stopped" else 0

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,16 @@ class RNGState:
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def fault_point(name: str, step: int, rank: int) -> None:
+    """Fault injection for the kill tests: ``SHARDFORGE_KILL_AT=name:step[:rank]`` SIGKILLs that rank here."""
+    spec = os.environ.get("SHARDFORGE_KILL_AT")
+    if not spec:
+        return
+    where, at_step, *at_rank = spec.split(":")
+    if where == name and int(at_step) == step and int(at_rank[0] if at_rank else 0) == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:
@@ -163,6 +174,7 @@ class Checkpointer:
             tmp.mkdir()
         dist.barrier()
         self.engine.save(tmp)
+        fault_point("write", step, self.rank)
         torch.save({name: part.state_dict() for name, part in self.parts.items()},
                    tmp / f"rank-{self.rank:05d}.pt")
         dist.barrier()
@@ -171,10 +183,12 @@ class Checkpointer:
             for f in files:
                 _fsync(f)
             digests = {str(f.relative_to(tmp)): sha256_file(f) for f in files}
+            fault_point("rename", step, self.rank)
             if final.exists():  # an uncommitted or older copy of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync(self.root)
+            fault_point("manifest", step, self.rank)
             manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
                         "saved_at": time.time(), "files": digests}
             _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
@@ -190,6 +204,7 @@ class Checkpointer:
             step = int(_STEP_DIR.match(ckpt.name).group(1))
             if ckpt in newest or (keep_every and step % keep_every == 0):
                 continue
+            fault_point("prune", step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
             shutil.rmtree(ckpt, ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import sys
@@ -22,7 +24,15 @@ from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_t
 from train.model import build_model, causal_lm_loss
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on a signal after a committed checkpoint; run again to resume
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request after a committed checkpoint; run again to resume
+STATUS_FILE = "status.json"  # rank 0's last word: {"state": "running|completed|stopped", ...}
+
+
+def write_status(run_dir: Path, state: str, step: int, reason: str = "") -> None:
+    """Record how this launch ended; torchrun cannot carry a custom exit code, so the launcher reads this."""
+    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps({"state": state, "step": step, "reason": reason, "time": time.time()}))
+    os.replace(tmp, run_dir / STATUS_FILE)
 
 
 class StopRequest:
@@ -140,6 +150,8 @@ def train(run_dir: Path) -> int:
     telemetry = Telemetry(d.local_rank if d.device.type == "cuda" else None,
                           recipe.logging.telemetry_interval_s, warn=log)
     stop, agreement = StopRequest(), StepAgreement(d.device)
+    if d.is_main:
+        write_status(run_dir, "running", counters.step)
     last_save_time = time.time()
 
     def save(reason: str) -> None:
@@ -155,7 +167,7 @@ def train(run_dir: Path) -> int:
     engine.train()
     loss_sum, window_steps = torch.zeros((), device=d.device), 0
     timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
-    window_start, exit_code, first_step = time.time(), 0, counters.step
+    window_start, stopped, first_step = time.time(), False, counters.step
     while counters.step < t.max_steps:
         step_start = time.time()
         for micro in range(accum):
@@ -217,7 +229,7 @@ def train(run_dir: Path) -> int:
             log(f"stop requested ({stop.signal_name or 'signal on another rank'}) at step "
                 f"{counters.step}: saving and exiting with code {EXIT_REQUEUE}")
             save("signal")
-            exit_code = EXIT_REQUEUE
+            stopped = True
             break
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
@@ -226,9 +238,12 @@ def train(run_dir: Path) -> int:
     telemetry.close()
     if writer:
         writer.close()
+    if d.is_main:
+        write_status(run_dir, "stopped" if stopped else "completed", counters.step,
+                     stop.signal_name or "" if stopped else "")
     dist.barrier()
     dist.destroy_process_group()
-    return exit_code
+    return EXIT_REQUEUE if stopped else 0
 
 
 def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:
@@ -252,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m train RUN_DIR", file=sys.stderr)
         return 2
     try:
-        return train(Path(argv[0]))
+        code = train(Path(argv[0]))
+        # under torchrun a non-zero exit kills the other ranks; status.json carries the stop instead
+        return 0 if code == EXIT_REQUEUE and "TORCHELASTIC_RUN_ID" in os.environ else code
     except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

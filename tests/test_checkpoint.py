@@ -1,0 +1,115 @@
+"""Checkpoints: kill -9 at every point of a save, corrupted files, the commit protocol, safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import make_corpus, run_recipe, shardforge, tiny_recipe, train_losses, write_recipe
+from train.checkpoint import committed_checkpoints, latest_valid, verify
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    corpus = make_corpus(tmp / "corpus")
+
+    def recipe(name: str, **train):
+        return tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": 6, **train},
+                           checkpoint={"every_steps": 2, "keep_last": 2, "at_end": True})
+
+    straight = recipe("straight")
+    run_recipe(tmp, straight)
+    return {"tmp": tmp, "recipe": recipe, "straight": train_losses(Path(straight["run"]["dir"]))}
+
+
+def steps_of(run_dir: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in committed_checkpoints(run_dir / "checkpoints")]
+
+
+@pytest.mark.parametrize("point,rank,step,expected", [
+    ("write", 1, 4, 2), ("rename", 0, 4, 2), ("manifest", 0, 4, 2),
+    ("prune", 0, 6, 6)])  # step 6 is the first save that prunes (keep_last=2); step 6 is committed
+def test_kill_during_save_keeps_previous_checkpoint(world, point, rank, step, expected):
+    r = world["recipe"](f"kill-{point}")
+    run_dir = Path(r["run"]["dir"])
+    path = write_recipe(world["tmp"] / f"kill-{point}.yaml", r)
+    killed = shardforge("run", str(path), env={"SHARDFORGE_KILL_AT": f"{point}:{step}:{rank}"})
+    assert killed.returncode != 0
+    latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
+    assert latest is not None and latest.name == f"step-{expected:06d}"
+    resumed = shardforge("run", str(path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {latest}" in resumed.stdout
+    assert train_losses(run_dir) == world["straight"]
+    assert steps_of(run_dir)[-2:] == [4, 6]
+
+
+def test_corrupted_checkpoint_falls_back_to_previous(world):
+    r = world["recipe"]("corrupt", stop_after=4)
+    run_dir = Path(r["run"]["dir"])
+    run_recipe(world["tmp"], r, expect=75)
+    assert steps_of(run_dir) == [2, 4]
+    victim = run_dir / "checkpoints" / "step-000004" / "rank-00001.pt"
+    victim.write_bytes(victim.read_bytes()[:-10])  # truncated
+    problem = verify(victim.parent)
+    assert problem and "rank-00001.pt does not match its sha256" in problem
+    out = run_recipe(world["tmp"], r, "train.stop_after=0")
+    lines = [line for line in out.stdout.splitlines() if "skipping" in line]
+    assert len(lines) == 1 and "step-000004" in lines[0] and "sha256" in lines[0]
+    assert "resumed from" in out.stdout and "step-000002" in out.stdout
+    assert train_losses(run_dir) == world["straight"]
+
+
+def test_changed_batch_size_is_refused_on_resume(world):
+    r = world["recipe"]("changed", stop_after=2)
+    run_recipe(world["tmp"], r, expect=75)
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", expect=1)
+    assert "changed: train.global_batch_size" in out.stdout + out.stderr
+
+
+def test_manifest_is_the_commit_marker(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "step-000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "a.bin").write_bytes(b"x")
+    assert committed_checkpoints(tmp_path / "checkpoints") == []
+    assert "no manifest.json" in verify(ckpt)
+    import hashlib
+
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "files": {
+        "a.bin": hashlib.sha256(b"x").hexdigest()}}))
+    assert latest_valid(tmp_path / "checkpoints") == ckpt
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/shardforge-pwned",))
+
+
+def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
+    """A planted pickle that would run code is refused by weights_only loading."""
+    r = world["recipe"]("pickle", stop_after=2)
+    run_dir = Path(r["run"]["dir"])
+    run_recipe(world["tmp"], r, expect=75)
+    victim = run_dir / "checkpoints" / "step-000002" / "rank-00000.pt"
+    with open(victim, "wb") as f:
+        pickle.dump({"counters": Exploit()}, f)
+    Path("/tmp/shardforge-pwned").unlink(missing_ok=True)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(victim, weights_only=True)
+    # and through the trainer: resume=PATH forces this checkpoint; the checksum refuses it first,
+    # and even with the manifest rewritten, weights_only refuses to unpickle
+    manifest_path = victim.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    from train.checkpoint import sha256_file
+
+    manifest["files"]["rank-00000.pt"] = sha256_file(victim)
+    manifest_path.write_text(json.dumps(manifest))
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=1)
+    assert "Weights only load failed" in out.stdout + out.stderr
+    assert not Path("/tmp/shardforge-pwned").exists()

@@ -1,0 +1,169 @@
+"""Metrics: TensorBoard tags from a real 2-process run, FLOPs by hand, MFU bounds, NVML telemetry."""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.report import read_scalars
+from tests.helpers import make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe
+from train.metrics import (TB_TAGS, MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu,
+                           peak_tflops)
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("metrics")
+    r = tiny_recipe(make_corpus(tmp / "corpus"), tmp / "cache", tmp / "run",
+                    train={"max_steps": 8, "log_every": 2, "eval_every": 4})
+    run_recipe(tmp, r)
+    return Path(r["run"]["dir"])
+
+
+def test_tensorboard_tags_steps_and_values(logged_run):
+    scalars = read_scalars(logged_run)
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s",
+                "step_time_s", "data_wait_s", "fwd_bwd_s", "optim_s", "model_tflops", "skipped_steps"):
+        assert [s for s, _ in scalars[TB_TAGS[key]]] == [2, 4, 6, 8], key
+    assert [s for s, _ in scalars["eval/loss"]] == [4, 8]
+    assert "perf/mfu" not in scalars, "MFU must be omitted on a device with no known peak"
+    losses = [v for _, v in scalars["train/loss"]]
+    assert all(0 < v < 10 for v in losses) and losses[-1] < losses[0]
+    assert all(v > 0 for _, v in scalars["perf/tokens_per_s"])
+    tps, per_dev = scalars["perf/tokens_per_s"][-1][1], scalars["perf/tokens_per_s_per_device"][-1][1]
+    assert per_dev == pytest.approx(tps / 2, rel=1e-5)
+    ppl = dict(scalars["eval/perplexity"])[8]
+    assert ppl == pytest.approx(math.exp(dict(scalars["eval/loss"])[8]), rel=1e-4)
+    # without NVML every rank reports host telemetry, per rank and aggregated
+    for tag in ("host_rss_gb/rank0", "host_rss_gb/rank1", "host_rss_gb/min", "host_rss_gb/mean",
+                "host_rss_gb/max", "host_cpu_util/mean"):
+        assert tag in scalars, tag
+    records = read_metrics(logged_run)
+    assert [m["step"] for m in records if "loss" in m] == [2, 4, 6, 8]
+
+
+def test_report_png(logged_run):
+    proc = shardforge("report", str(logged_run))
+    assert proc.returncode == 0, proc.stderr
+    png = logged_run / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
+    assert "train/loss" in (logged_run / "report.html").read_text()
+
+
+def _meta_model(model_type: str, **cfg):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+
+
+def test_flops_gpt2_124m_by_hand():
+    model = _meta_model("gpt2")  # 12 layers, 768 wide, 12 heads, vocab 50257, tied head
+    d, layers, vocab, T = 768, 12, 50257, 1024
+    per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 4 * d
+    non_embedding = layers * per_layer + 2 * d + vocab * d  # + final norm + tied LM head
+    assert non_embedding == 123_653_376
+    assert flops_per_token(model, T) == 6 * non_embedding + 12 * layers * 12 * 64 * T
+
+
+def test_flops_llama_by_hand():
+    model = _meta_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                        tie_word_embeddings=False)
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+    non_embedding = 2 * per_layer + 64 + 100 * 64
+    assert flops_per_token(model, 256) == 6 * non_embedding + 12 * 2 * 4 * 16 * 256
+
+
+def test_peak_table_and_mfu_bounds():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert peak_tflops("NVIDIA A10G", "bf16") == 70.0
+    assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on V100
+    assert peak_tflops("cpu", "bf16") is None
+    assert mfu(1000.0, 6e9, None) is None
+    assert mfu(1000.0, 6e9, 989.4) == pytest.approx(6e12 / 989.4e12)
+    assert mfu(1e9, 6e9, 989.4) is None, "an impossible MFU (> 100%) is never reported"
+
+
+class FakeNVML(types.ModuleType):
+    """The narrowest fake: the `pynvml` module, since this machine has no NVIDIA GPU or driver."""
+
+    NVML_TEMPERATURE_GPU, NVML_CLOCK_SM = 0, 1
+
+    def __init__(self, devices: int = 2):
+        super().__init__("pynvml")
+        self.devices, self.lost = devices, False
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if i >= self.devices:
+            raise RuntimeError("invalid device index")
+        return i
+
+    def _check(self):
+        if self.lost:
+            raise RuntimeError("GPU is lost")
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        self._check()
+        return types.SimpleNamespace(gpu=50 + 10 * h)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=(h + 1) * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 300_000
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 60
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return 1980
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):
+        return 0
+
+
+def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fake = FakeNVML()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    warnings: list[str] = []
+    ranks = [Telemetry(i, 0.01, warn=warnings.append) for i in range(2)]
+    try:
+        import time
+
+        time.sleep(0.1)
+        per_rank = [t.drain() for t in ranks]
+        assert per_rank[0]["gpu_util"] == 50 and per_rank[1]["gpu_util"] == 60
+        values = aggregate_ranks(per_rank)
+        assert values["gpu_util/rank1"] == 60 and values["gpu_util/mean"] == 55
+        assert values["gpu_mem_used_gb/max"] == 2
+        writer = MetricsWriter(tmp_path, tensorboard=True, console=False, max_steps=10, resume_step=0)
+        writer.write(1, {"loss": 1.0, **values})
+        writer.close()
+        acc = EventAccumulator(str(tmp_path / "tensorboard"))
+        acc.Reload()
+        tags = acc.Tags()["scalars"]
+        for tag in ("gpu_util/rank0", "gpu_util/rank1", "gpu_util/min", "gpu_util/mean", "gpu_util/max",
+                    "gpu_power_w/mean", "gpu_temp_c/max", "gpu_sm_clock_mhz/mean"):
+            assert tag in tags, tag
+        fake.lost = True  # device lost mid-run: said once, training goes on with host metrics
+        time.sleep(0.1)
+        after = ranks[0].drain()
+        assert "host_rss_gb" in after
+        lost = [w for w in warnings if "NVML read failed" in w]
+        assert len(lost) == 2 and ranks[0].source == "host"  # one line per rank, not per sample
+    finally:
+        for t in ranks:
+            t.close()
