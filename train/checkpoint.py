@@ -192,19 +192,19 @@ class Checkpointer:
             manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
                         "saved_at": time.time(), "files": digests}
             _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
-            self._prune(keep_last, keep_every)
+            self._prune(keep_last, keep_every, step)
         dist.barrier()
         self.last_save_s = time.time() - start
         return final
 
-    def _prune(self, keep_last: int, keep_every: int) -> None:
+    def _prune(self, keep_last: int, keep_every: int, saving_step: int) -> None:
         ckpts = committed_checkpoints(self.root)
         newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
         for ckpt in ckpts:
             step = int(_STEP_DIR.match(ckpt.name).group(1))
             if ckpt in newest or (keep_every and step % keep_every == 0):
                 continue
-            fault_point("prune", step, self.rank)
+            fault_point("prune", saving_step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
             shutil.rmtree(ckpt, ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):
