@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test install data bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,17 @@ test: install data
 
 bench: install data
 	$(PY) -m benchmarks.cpu
+
+# Wheels the GPU machine lacks (it has torch, transformers, accelerate, tensorboard, nvidia-ml-py;
+# Python 3.12, no network). deepspeed is an sdist: built here as a pure-Python wheel.
+GPU_WHEELS := benchmarks/wheels
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps -c constraints.txt deepspeed -w $(GPU_WHEELS)
+	$(PIP) download -q --no-deps --only-binary :all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) \
+	  -c constraints.txt hjson pydantic pydantic-core annotated-types typing-inspection \
+	  datasets dill multiprocess xxhash pyarrow ninja py-cpuinfo msgpack
 
 clean:
 	rm -rf runs data_cache .pytest_cache

@@ -1,4 +1,4 @@
-"""``shardforge``: run | plan | prepare (and more as they land). Bad input exits 2 with one message."""
+"""``shardforge``: run | plan | prepare | report | export. Bad input exits 2 with one message."""
 
 from __future__ import annotations
 
@@ -66,6 +66,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from launch.export import export
+
+    export(Path(args.run_dir), Path(args.out_dir), args.step)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardforge", description="Multi-GPU training for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="draw report.png and report.html from a run's TensorBoard files")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("export", help="write a Hugging Face model directory from a run's checkpoint")
+    p.add_argument("run_dir", help="run directory (runs/<name>)")
+    p.add_argument("out_dir", help="new output directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -229,7 +229,7 @@ class Checkpointer:
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        self.engine.load(ckpt)
+        self.engine.load(ckpt, manifest["world_size"])
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank-{self.rank:05d}.pt"
         state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt",

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,7 +65,8 @@ class Engine:
     def save(self, path: Path) -> None:
         raise NotImplementedError
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, saved_world_size: int) -> None:
+        """Restore from ``path``, saved by ``saved_world_size`` ranks (resharding when it differs)."""
         raise NotImplementedError
 
     def full_model_state(self) -> Optional[dict]:
@@ -133,7 +136,7 @@ class _TorchEngine(Engine):
         if dist.get_rank() == 0:
             torch.save(self._extra_state(), path / "engine_extra.pt")
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -165,7 +168,9 @@ class DDPEngine(_TorchEngine):
 
         model.to(device)
         self.precision = recipe.parallel.precision
-        self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # One process has nothing to synchronise: skip the wrapper's bucket copies and hooks.
+        self.model = model if dist.get_world_size() == 1 else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
         self._setup_optim(self.model)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
 
@@ -175,7 +180,8 @@ class DDPEngine(_TorchEngine):
         return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
 
     def forward_backward(self, batch, loss_fn, last_micro):
-        sync = contextlib.nullcontext() if last_micro else self.model.no_sync()
+        wrapped = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        sync = self.model.no_sync() if wrapped and not last_micro else contextlib.nullcontext()
         with sync:
             with self.autocast():
                 loss = loss_fn(self.model, batch)
@@ -257,12 +263,41 @@ class DeepSpeedEngine(Engine):
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
 
-    def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag="state",
-                                                   load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+    def load(self, path: Path, saved_world_size: int) -> None:
+        tag = "state"
+        if saved_world_size != dist.get_world_size():
+            # ZeRO shards are laid out per rank: go through DeepSpeed's universal checkpoint.
+            tag = "state_universal"
+            if dist.get_rank() == 0:
+                to_universal(path / "deepspeed", "state", tag)
+            dist.barrier()
+            self.engine._config.load_universal_checkpoint = True
+        groups = self.engine.optimizer.param_groups
+        weight_decay = [g.get("weight_decay") for g in groups]
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag=tag,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if tag != "state":
+            self._repair_universal_load(groups, weight_decay)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {path / 'deepspeed'}")
+
+    def _repair_universal_load(self, groups: list, weight_decay: list) -> None:
+        """Undo two side effects of DeepSpeed 0.19's ZeRO-3 universal load.
+
+        It copies group 0's hyper-parameters onto every group (weight decay would reach
+        biases and norms), and it gives every sub-group the *same* ``step`` tensor, which
+        Adam increments in place once per sub-group, skewing bias correction.
+        """
+        for group, wd in zip(groups, weight_decay):
+            group["weight_decay"] = wd
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def full_model_state(self) -> Optional[dict]:
         if self.engine.zero_optimization_stage() == 3:
@@ -272,6 +307,34 @@ class DeepSpeedEngine(Engine):
         if dist.get_rank() != 0:
             return None
         return {k: v.detach().float().cpu() for k, v in sd.items()}
+
+
+def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
+    """Convert ``ds_dir/tag`` into ``ds_dir/universal_tag`` once (atomically), with ``ds_to_universal``.
+
+    ``--inject_missing_state`` adds the parameter-shape metadata that ZeRO-1/2 checkpoints
+    written without Megatron lack. The converted copy lives inside the checkpoint directory,
+    so pruning removes it with the checkpoint; it is not in the manifest.
+    """
+    import subprocess
+    import sys
+
+    out = ds_dir / universal_tag
+    if (out / ".converted").exists():
+        return out
+    tmp = ds_dir / f".tmp-{universal_tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(ds_dir / tag), "--output_folder", str(tmp), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {ds_dir / tag} to a DeepSpeed universal checkpoint failed "
+                           f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    (tmp / ".converted").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
 
 
 def read_engine_config(run_dir: Path, engine: str) -> dict:

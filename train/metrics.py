@@ -168,8 +168,11 @@ TB_TAGS = {
 class MetricsWriter:
     """Rank 0's sink: one JSON object per log step in ``metrics.jsonl``, TensorBoard, a console line."""
 
+    FLUSH_EVERY_S = 10.0
+
     def __init__(self, run_dir: Path, tensorboard: bool, console: bool, max_steps: int, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
+        self._flushed = time.monotonic()
         self._drop_after(resume_step)
         self.jsonl = open(self.path, "a")
         self.tb = None
@@ -205,7 +208,9 @@ class MetricsWriter:
                 if key in ("step", "time"):
                     continue
                 self.tb.add_scalar(TB_TAGS.get(key, key), value, step)
-            self.tb.flush()
+            if time.monotonic() - self._flushed >= self.FLUSH_EVERY_S:  # a flush costs a file sync
+                self.tb.flush()
+                self._flushed = time.monotonic()
 
     def progress(self, step: int, values: dict) -> None:
         if self.bar is None:

