@@ -37,7 +37,7 @@ def main(recipe_path: str, out_path: str) -> None:
     generator = torch.Generator().manual_seed(recipe.run.seed)
     order, pos = torch.randperm(len(blocks), generator=generator), 0
     with open(out_path, "w") as out:
-        out.write(json.dumps({"event": "start", "time": START}) + "\n")
+        out.write(json.dumps({"event": "ready", "time": time.time(), "process_start": START}) + "\n")
         for step in range(1, t.max_steps + 1):
             total = 0.0
             for _ in range(accum):

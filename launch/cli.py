@@ -1,4 +1,4 @@
-"""``shardforge``: run | plan | prepare | report | export. Bad input exits 2 with one message."""
+"""``shardforge``: run | plan | prepare | submit | report | export. Bad input exits 2 with one message."""
 
 from __future__ import annotations
 
@@ -12,9 +12,23 @@ EXIT_BAD_INPUT = 2
 
 
 def _local_gpus() -> int:
-    import torch
+    """GPUs this process may use, from NVML and CUDA_VISIBLE_DEVICES (importing torch costs seconds)."""
+    import os
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: a CPU machine
+        return 0
+    return min(count, len(visible.split(","))) if visible else count
 
 
 def _load(args) -> "object":
@@ -43,6 +57,22 @@ def cmd_run(args) -> int:
     print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
           f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
     return launch_local(run_dir, recipe.parallel.nproc, cpu=_local_gpus() == 0)
+
+
+def cmd_submit(args) -> int:
+    from pathlib import Path
+
+    from launch.engine_config import engine_configs
+    from launch.local import write_run_dir
+    from launch.slurm import render_sbatch, submit
+
+    recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
+    run_dir = Path(recipe.run.dir).resolve()
+    if args.dry_run:
+        return submit(recipe, run_dir, dry_run=True)
+    render_sbatch(recipe, run_dir, sys.executable, ".")  # refuse bad values before writing anything
+    write_run_dir(recipe, engine_configs(recipe))
+    return submit(recipe, run_dir, dry_run=False)
 
 
 def cmd_prepare(args) -> int:
@@ -80,10 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "train locally through torchrun"),
                              ("plan", cmd_plan, "print the resolved recipe and engine config; write nothing"),
-                             ("prepare", cmd_prepare, "tokenize and pack the data into the cache")):
+                             ("prepare", cmd_prepare, "tokenize and pack the data into the cache"),
+                             ("submit", cmd_submit, "submit the run as a Slurm job (requeues itself on timeout)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("recipe", help="recipe YAML path or shipped name (tiny-cpu)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        if name == "submit":
+            p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
         p.set_defaults(func=func)
     p = sub.add_parser("report", help="draw report.png and report.html from a run's TensorBoard files")
     p.add_argument("run_dir", help="run directory (runs/<name>)")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from train.data import _local_files
+from train.sources import local_files as _local_files
 from train.recipe import Recipe, RecipeProblems, recipe_from_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -92,8 +92,13 @@ def _defaults_as_dict() -> dict:
     return dataclasses.asdict(Recipe())
 
 
-def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None) -> Recipe:
-    """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem."""
+def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None,
+                for_slurm: bool = False) -> Recipe:
+    """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem.
+
+    ``parallel.nproc`` left unset becomes the local GPU count, or ``slurm.gpus_per_node`` for a
+    Slurm job (whose nodes are not this one).
+    """
     path = find_recipe(name)
     try:
         text = path.read_text()
@@ -117,7 +122,11 @@ def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] 
         recipe = recipe_from_dict(data)
     except RecipeProblems as err:
         raise RecipeError(str(path), problems + err.problems) from None
-    if recipe.parallel.nproc is None:
+    if for_slurm:
+        local_gpus = None
+        if recipe.parallel.nproc is None:
+            recipe.parallel.nproc = recipe.slurm.gpus_per_node or 1
+    elif recipe.parallel.nproc is None:
         recipe.parallel.nproc = local_gpus or 1
     problems += check_recipe(recipe, local_gpus)
     if problems:

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from train.recipe import DataConfig, Recipe, SourceConfig
+from train.sources import BUILDERS as _BUILDERS
+from train.sources import local_files as _local_files
 
 DATA_FORMAT_VERSION = 1
-_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class DataError(ValueError):
@@ -38,19 +39,6 @@ class DataError(ValueError):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
-
-
-def _local_files(path: str) -> Optional[list[str]]:
-    """The files a local path, folder or glob names; ``None`` when it is not local."""
-    p = Path(path).expanduser()
-    if any(ch in path for ch in "*?["):
-        return sorted(glob.glob(str(p), recursive=True))
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.suffix in _BUILDERS and f.is_file())
-    if p.exists():
-        return [str(p)]
-    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix in _BUILDERS
-    return [] if looks_local else None
 
 
 def load_source(src: SourceConfig, where: str):

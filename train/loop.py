@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,28 +22,21 @@ from train.engines import Engine, build_engine
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
 from train.model import build_model, causal_lm_loss
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
+from train.stop import StopRequest
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request after a committed checkpoint; run again to resume
 STATUS_FILE = "status.json"  # rank 0's last word: {"state": "running|completed|stopped", ...}
 
 
-def write_status(run_dir: Path, state: str, step: int, reason: str = "") -> None:
-    """Record how this launch ended; torchrun cannot carry a custom exit code, so the launcher reads this."""
+def write_status(run_dir: Path, state: str, step: int, started: float, reason: str = "") -> None:
+    """Record how this launch ended; torchrun cannot carry a custom exit code, so the launcher reads this.
+
+    ``started`` is when this launch's training loop began (the launcher ignores older files).
+    """
     tmp = run_dir / (STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"state": state, "step": step, "reason": reason, "time": time.time()}))
+    tmp.write_text(json.dumps({"state": state, "step": step, "reason": reason, "started": started,
+                               "time": time.time()}))
     os.replace(tmp, run_dir / STATUS_FILE)
-
-
-class StopRequest:
-    """Set by SIGUSR1/SIGTERM; acted on at the next step boundary that all ranks agree on."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
 
 
 class StepAgreement:
@@ -149,10 +141,14 @@ def train(run_dir: Path) -> int:
                            counters.step) if d.is_main else None
     telemetry = Telemetry(d.local_rank if d.device.type == "cuda" else None,
                           recipe.logging.telemetry_interval_s, warn=log)
-    stop, agreement = StopRequest(), StepAgreement(d.device)
+    stop, agreement = StopRequest.install(), StepAgreement(d.device)
+    loop_started = time.time()
     if d.is_main:
-        write_status(run_dir, "running", counters.step)
+        write_status(run_dir, "running", counters.step, loop_started)
     last_save_time = time.time()
+
+    def step_seconds() -> float:
+        return counters.elapsed_s / max(1, counters.step)
 
     def save(reason: str) -> None:
         nonlocal last_save_time
@@ -162,6 +158,11 @@ def train(run_dir: Path) -> int:
                                   "seed": recipe.run.seed, "global_batch_size": t.global_batch_size})
         last_save_time = time.time()
         log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
+        lead = recipe.slurm.signal_lead_s
+        if "SLURM_JOB_ID" in os.environ and checkpointer.last_save_s + step_seconds() > lead:
+            log(f"warning: a save takes {checkpointer.last_save_s:.0f} s and a step {step_seconds():.0f} s, "
+                f"more than slurm.signal_lead_s={lead}: a job stopped at its time limit would lose "
+                f"its last steps; raise slurm.signal_lead_s")
 
     # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
     engine.train()
@@ -239,7 +240,7 @@ def train(run_dir: Path) -> int:
     if writer:
         writer.close()
     if d.is_main:
-        write_status(run_dir, "stopped" if stopped else "completed", counters.step,
+        write_status(run_dir, "stopped" if stopped else "completed", counters.step, loop_started,
                      stop.signal_name or "" if stopped else "")
     dist.barrier()
     dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""``shardforge submit``: render the sbatch script (a pure function) and hand it to ``sbatch``.
+
+:func:`render_sbatch` turns a recipe into the job script from ``slurm/job.sbatch`` and nothing
+else: no clock, no environment, no file system, so golden files pin its output. Values that
+end up in ``#SBATCH`` lines must be plain tokens (Slurm does not parse shell quoting there);
+anything else is refused with the key and the fix. Values in shell lines are quoted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.recipe import RecipeError
+from train.recipe import Recipe
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+EXIT_REQUEUE = 75  # train.loop.EXIT_REQUEUE; kept literal so rendering imports nothing heavy
+_PLAIN = re.compile(r"^[A-Za-z0-9._:@+=,/-]+$")  # safe inside an #SBATCH line, unquoted
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+def _plain(key: str, value: str, problems: list[str]) -> str:
+    if not _PLAIN.match(value):
+        bad = sorted({c for c in value if not _PLAIN.match(c)})
+        problems.append(f"{key}={value!r}: characters {''.join(bad)!r} cannot go into an #SBATCH line; "
+                        f"use letters, digits and ._:@+=,/-")
+    return value
+
+
+def _nproc(recipe: Recipe) -> int:
+    return recipe.parallel.nproc or max(1, recipe.slurm.gpus_per_node)  # resolved by load_recipe(for_slurm=True)
+
+
+def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str) -> str:
+    """The job script for ``recipe`` (pure: the same inputs always give the same text)."""
+    s, problems = recipe.slurm, []
+    log = run_dir / "logs" / "slurm-%j.out"
+    _plain("run.dir", str(run_dir), problems)
+    lines = [f"--job-name={_plain('run.name', recipe.run.name, problems)}",
+             f"--nodes={recipe.parallel.nodes}",
+             "--ntasks-per-node=1",
+             f"--cpus-per-task={s.cpus_per_task}"]
+    if s.gpus_per_node:
+        lines.append(f"--gpus-per-node={s.gpus_per_node}")
+    if s.mem:
+        lines.append(f"--mem={_plain('slurm.mem', s.mem, problems)}")
+    for key in ("partition", "account", "qos"):
+        if getattr(s, key):
+            lines.append(f"--{key}={_plain(f'slurm.{key}', getattr(s, key), problems)}")
+    if not _TIME.match(s.time):
+        problems.append(f"slurm.time={s.time!r}: not a Slurm time; use minutes, HH:MM:SS or D-HH:MM:SS")
+    lines += [f"--time={s.time}",
+              f"--output={log}",
+              "--open-mode=append",  # a requeued job appends instead of truncating the log
+              "--requeue",
+              f"--signal=USR1@{s.signal_lead_s}"]
+    for i, extra in enumerate(s.extra_sbatch):
+        if not (extra.startswith("--") and _PLAIN.match(extra)):
+            problems.append(f"slurm.extra_sbatch[{i}]={extra!r}: give one option like --constraint=h100 "
+                            f"(no spaces, quotes or shell characters)")
+        lines.append(extra)
+    env = []
+    for name, value in s.env.items():
+        if not _ENV_NAME.match(str(name)):
+            problems.append(f"slurm.env: {name!r} is not an environment variable name")
+        env.append(f"export {name}={shlex.quote(str(value))}")
+    if s.signal_lead_s < 10:
+        problems.append(f"slurm.signal_lead_s={s.signal_lead_s}: leave at least 10 s to checkpoint")
+    if s.max_restarts < 0:
+        problems.append(f"slurm.max_restarts={s.max_restarts}: must be 0 or more")
+    if problems:
+        raise RecipeError("slurm job", problems)
+    omp = max(1, s.cpus_per_task // _nproc(recipe))
+    values = {"sbatch": "\n".join(f"#SBATCH {line}" for line in lines), "run_dir": shlex.quote(str(run_dir)),
+              "python": shlex.quote(python), "pythonpath": shlex.quote(pythonpath),
+              "max_restarts": str(s.max_restarts), "lead": str(s.signal_lead_s), "nproc": str(_nproc(recipe)),
+              "omp_threads": str(omp), "env": "\n".join(env), "exit_requeue": str(EXIT_REQUEUE)}
+    text = TEMPLATE.read_text()
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
+
+
+def submit(recipe: Recipe, run_dir: Path, dry_run: bool) -> int:
+    """Write ``job.sbatch`` into the run directory and ``sbatch`` it (or print it for ``--dry-run``)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    script = render_sbatch(recipe, run_dir, sys.executable, repo)
+    if dry_run:
+        print(script, end="")
+        return 0
+    path = run_dir / "job.sbatch"
+    path.write_text(script)
+    if shutil.which("sbatch") is None:
+        raise RecipeError("sbatch", ["not found on PATH; submit from a Slurm login node, or train here "
+                                     f"with `shardforge run {run_dir / 'recipe.yaml'}`"])
+    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RecipeError("sbatch", [f"refused {path}: {proc.stderr.strip() or proc.stdout.strip()}"])
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"shardforge: submitted job {job_id}\n  run directory: {run_dir}\n"
+          f"  log: {run_dir / 'logs' / f'slurm-{job_id}.out'}")
+    return 0

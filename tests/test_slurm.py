@@ -1,0 +1,220 @@
+"""Slurm: the rendered job script (golden files, quoting) and real jobs on the local cluster.
+
+The real-cluster tests need `slurm/local-cluster.sh start` (`.ci/run` does it). Without a
+cluster they are skipped, unless SHARDFORGE_REQUIRE_SLURM=1 (set by `.ci/run`) makes that a
+failure, so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.recipe import RecipeError, load_recipe
+from launch.slurm import render_sbatch
+from tests.helpers import make_corpus, read_metrics, shardforge, tiny_recipe, train_losses, write_recipe
+from train.recipe import recipe_from_dict
+
+GOLDEN = Path(__file__).parent / "golden"
+PYTHON, CODE = "/opt/shardforge/.venv/bin/python", "/opt/shardforge"
+
+
+def _render(recipe_dict: dict, run_dir: str) -> str:
+    recipe = recipe_from_dict(recipe_dict)
+    recipe.parallel.nproc = recipe.parallel.nproc or recipe.slurm.gpus_per_node
+    return render_sbatch(recipe, Path(run_dir), PYTHON, CODE)
+
+
+GOLDEN_CASES = {
+    "slurm-1node.sbatch": ({"run": {"name": "tiny"}, "model": {"config": {"model_type": "llama"}},
+                            "parallel": {"engine": "ddp", "nproc": 2},
+                            "slurm": {"gpus_per_node": 0, "cpus_per_task": 4, "mem": "8G", "time": "30",
+                                      "signal_lead_s": 60, "max_restarts": 3}}, "/scratch/runs/tiny"),
+    "slurm-64x8.sbatch": ({"run": {"name": "llama-70b"}, "model": {"config": {"model_type": "llama"}},
+                           "parallel": {"engine": "fsdp", "nodes": 64},
+                           "slurm": {"gpus_per_node": 8, "cpus_per_task": 96, "partition": "h100",
+                                     "account": "llm-team", "qos": "high", "time": "2-00:00:00",
+                                     "signal_lead_s": 900, "max_restarts": 50,
+                                     "extra_sbatch": ["--exclusive", "--constraint=h100"],
+                                     "env": {"NCCL_IB_HCA": "mlx5", "WANDB_NOTES": "it's $HOME \"quoted\""}}},
+                          "/lustre/proj/runs/llama-70b"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_rendered_script_matches_golden_file(name):
+    text = _render(*GOLDEN_CASES[name])
+    if os.environ.get("UPDATE_GOLDEN"):
+        (GOLDEN / name).write_text(text)
+    assert text == (GOLDEN / name).read_text(), f"regenerate with UPDATE_GOLDEN=1 if the change is intended"
+    assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, "not valid bash"
+
+
+def test_shell_values_are_quoted_so_bash_sees_them_verbatim(tmp_path):
+    value = "it's $HOME \"quoted\" `date` ; rm -rf /"
+    recipe, run_dir = GOLDEN_CASES["slurm-1node.sbatch"]
+    recipe = json.loads(json.dumps(recipe))
+    recipe["slurm"]["env"] = {"NOTE": value}
+    text = _render(recipe, run_dir)
+    export = next(line for line in text.splitlines() if line.startswith("export NOTE="))
+    out = subprocess.run(["bash", "-c", f"{export}; printf %s \"$NOTE\""], capture_output=True, text=True)
+    assert out.stdout == value
+
+
+@pytest.mark.parametrize("section,key,value,fragment", [
+    ("run", "name", "my job", "run.name='my job'"),
+    ("run", "name", "x$(id)", "run.name='x$(id)'"),
+    ("run", "name", "it's", "run.name=\"it's\""),
+    ("slurm", "partition", "gpu;rm", "slurm.partition='gpu;rm'"),
+    ("slurm", "time", "forever", "slurm.time='forever'"),
+    ("slurm", "extra_sbatch", ["--comment=a b"], "slurm.extra_sbatch[0]"),
+    ("slurm", "env", {"BAD-NAME": "1"}, "'BAD-NAME' is not an environment variable name"),
+])
+def test_unsafe_values_are_refused_with_the_key(section, key, value, fragment):
+    recipe, run_dir = GOLDEN_CASES["slurm-1node.sbatch"]
+    recipe = json.loads(json.dumps(recipe))
+    recipe.setdefault(section, {})[key] = value
+    with pytest.raises(RecipeError) as err:
+        _render(recipe, run_dir)
+    assert fragment in str(err.value)
+
+
+def test_submit_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    recipe = tiny_recipe(tmp_path / "corpus", tmp_path / "cache", tmp_path / "run",
+                         slurm={"gpus_per_node": 0, "cpus_per_task": 2})
+    make_corpus(tmp_path / "corpus", files=2, words_per_file=200)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    proc = shardforge("submit", str(path), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash\n#SBATCH --job-name=run\n")
+    assert "--nproc_per_node=2" in proc.stdout and not (tmp_path / "run").exists()
+    bad = shardforge("submit", str(path), "run.name=two words")
+    assert bad.returncode == 2 and not (tmp_path / "run").exists()
+    assert len(bad.stderr.strip().splitlines()) == 1 and "run.name" in bad.stderr and "'two words'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_nproc_defaults_to_gpus_per_node_for_slurm(tmp_path):
+    recipe = {"run": {"name": "x", "dir": str(tmp_path / "x")}, "model": {"config": {"model_type": "llama"}},
+              "parallel": {"nodes": 2}, "slurm": {"gpus_per_node": 4},
+              "data": {"sources": [{"path": "hub/dataset"}], "tokenizer": {"path": "gpt2"}},
+              "train": {"micro_batch_size": 1, "global_batch_size": 8}}
+    path = write_recipe(tmp_path / "x.yaml", recipe)
+    assert load_recipe(str(path), for_slurm=True).parallel.nproc == 4
+
+
+# ---------------------------------------------------------------- a real Slurm on localhost
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+slurm_required = os.environ.get("SHARDFORGE_REQUIRE_SLURM") == "1"
+needs_cluster = pytest.mark.skipif(not slurm_required and not _cluster_up(),
+                                   reason="no local Slurm (run `bash slurm/local-cluster.sh start`)")
+
+
+def job_info(job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: str, states: set, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} not in {states} after {timeout}s: {job_info(job)}")
+
+
+def submit(path: Path, *overrides: str) -> str:
+    proc = shardforge("submit", str(path), *overrides)
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    assert _cluster_up(), "SHARDFORGE_REQUIRE_SLURM=1 but no Slurm answers; see slurm/local-cluster.sh"
+    tmp = tmp_path_factory.mktemp("slurm")
+    corpus = make_corpus(tmp / "corpus")
+
+    def recipe(name: str, **slurm):
+        r = tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": 150, "log_every": 1},
+                        checkpoint={"every_steps": 0, "at_end": True},
+                        slurm={"gpus_per_node": 0, "cpus_per_task": 2, "mem": "0", "time": "10",
+                               "signal_lead_s": 30, "max_restarts": 2, **slurm})
+        return write_recipe(tmp / f"{name}.yaml", r), tmp / name
+
+    path, run_dir = recipe("straight")
+    job = submit(path)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    return {"recipe": recipe, "straight": run_dir, "log": log, "info": info}
+
+
+def _final_weights(run_dir: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from launch.export import export
+
+    export(run_dir, out, log=lambda *_: None)
+    return load_file(str(out / "model.safetensors"))
+
+
+@needs_cluster
+def test_job_completes(cluster):
+    assert cluster["info"]["Restarts"] == "0"
+    assert "shardforge: training completed" in cluster["log"]
+    assert len(train_losses(cluster["straight"])) == 150
+
+
+@needs_cluster
+def test_requeue_mid_run_checkpoints_resumes_and_ends_like_an_uninterrupted_run(cluster, tmp_path):
+    path, run_dir = cluster["recipe"]("requeued")
+    job = submit(path)
+    deadline = time.time() + 180
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < 5:
+        assert time.time() < deadline and job_info(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "restart 1 of at most 2" in log and "resumed from" in log
+    assert re.search(r"stop requested \(SIGTERM\) at step \d+", log), log[-3000:]
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps == list(range(1, 151)), "metrics.jsonl continues without gaps or duplicates"
+    assert train_losses(run_dir) == train_losses(cluster["straight"])
+    ours, straight = _final_weights(run_dir, tmp_path / "a"), _final_weights(cluster["straight"], tmp_path / "b")
+    assert ours.keys() == straight.keys()
+    assert all((ours[k] == straight[k]).all() for k in ours), "final weights differ from the uninterrupted run"
+
+
+@needs_cluster
+def test_time_limit_signal_checkpoints_requeues_and_honours_max_restarts(cluster):
+    # 1 minute limit, USR1 40 s before it: each run is stopped about 20 s in.
+    path, run_dir = cluster["recipe"]("timelimit", time="1", signal_lead_s=40, max_restarts=1)
+    job = submit(path, "train.max_steps=100000")
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=240)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "1", log[-3000:]
+    stops = re.findall(r"stop requested \(SIGUSR1\) at step (\d+)", log)
+    assert len(stops) == 2 and int(stops[1]) > int(stops[0]), log[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{int(stops[0]):06d}'}" in log
+    assert "max restarts (1) reached" in log
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and status["step"] == int(stops[1])
