@@ -235,7 +235,7 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     for _ in range(2):  # populate Adam's moments so the state is the full size
         engine.forward_backward({"input_ids": torch.randint(0, 8192, (2, 32))},
                                 lambda m, batch: m(input_ids=batch["input_ids"]).logits.float().mean(), True)
-        engine.optimizer_step()
+        engine.optimizer_step(torch.zeros(()))
     params = sum(p.numel() for p in engine.model.parameters())
     saves, loads, plain_saves, plain_loads = [], [], [], []
     for i in range(rounds):
@@ -287,27 +287,35 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks: data/shakespeare is missing; run `make data` first", file=sys.stderr)
         return 2
     smoke = args.smoke
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+              "command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "smoke": smoke}
     rows: list[Row] = []
+
+    def record(new_rows: list[Row]) -> None:  # after every section: a late failure loses nothing
+        rows.extend(new_rows)
+        out.write_text(json.dumps({**header, "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows]}, indent=1))
+
+    sections = [
+        ({"loop", "startup", "datawait"}, lambda b: bench_loop(b, rounds=1 if smoke else 3, steps=4 if smoke else 80,
+                                                              skip=1 if smoke else 10)),
+        ({"accum"}, lambda b: bench_accum(b, rounds=1 if smoke else 2, steps=3 if smoke else 30, skip=1 if smoke else 5)),
+        ({"logging"}, lambda b: bench_logging(b, rounds=1 if smoke else 3, steps=5 if smoke else 110,
+                                              every=2 if smoke else 50)),
+        ({"tokenize"}, lambda b: bench_tokenize(b, rounds=1 if smoke else 3)),
+        ({"ckpt"}, lambda b: bench_ckpt(b, rounds=1 if smoke else 3)),
+    ]
     with tempfile.TemporaryDirectory(prefix="shardforge-bench-") as tmp:
         b = Bench(Path(tmp), smoke)
         b.prepare()
-        if only & {"loop", "startup", "datawait"}:
-            rows += bench_loop(b, rounds=1 if smoke else 3, steps=4 if smoke else 80, skip=1 if smoke else 10)
-        if "accum" in only:
-            rows += bench_accum(b, rounds=1 if smoke else 2, steps=3 if smoke else 30, skip=1 if smoke else 5)
-        if "logging" in only:
-            rows += bench_logging(b, rounds=1 if smoke else 3, steps=5 if smoke else 160, every=2 if smoke else 50)
-        if "tokenize" in only:
-            rows += bench_tokenize(b, rounds=1 if smoke else 3)
-        if "ckpt" in only:
-            rows += bench_ckpt(b, rounds=1 if smoke else 3)
+        for names, run in sections:
+            if only & names:
+                record(run(b))
+                print(f"benchmarks: {', '.join(sorted(only & names))} done", flush=True)
     print_table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs", "command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "smoke": smoke, "rows": [{**r.__dict__, "ratio": r.ratio} for r in rows]}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -99,4 +99,8 @@ def exit_code_from_status(run_dir: Path, torchrun_code: int, launched: float) ->
         return EXIT_REQUEUE
     if status.get("state") == "completed":
         return 0
+    if status.get("state") == "hung":
+        from train.watchdog import EXIT_HANG
+
+        return EXIT_HANG
     return torchrun_code or 1

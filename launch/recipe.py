@@ -168,6 +168,11 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if local_gpus and par.nodes == 1 and par.nproc > local_gpus:
         p.append(f"parallel.nproc: {par.nproc} processes but this node has {local_gpus} GPUs; "
                  f"set parallel.nproc={local_gpus}")
+    if t.on_nonfinite == "skip" and par.engine.startswith("zero"):
+        p.append(f"train.on_nonfinite: skip needs parallel.engine ddp or fsdp (DeepSpeed applies its "
+                 f"step before the gradient norm is known); set train.on_nonfinite=stop")
+    if t.step_timeout_s < 0:
+        p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
     if par.offload and par.engine == "ddp":
         p.append("parallel.offload: DDP keeps every replica on the device; use parallel.engine=zero2, "
                  "zero3 or fsdp to offload, or set parallel.offload=false")
@@ -248,8 +253,9 @@ def _inline_config(cfg: dict):
         return None, f"model.config.model_type: {model_type!r} is not a transformers model type{hint}"
     try:
         return AutoConfig.for_model(**cfg), None
-    except (TypeError, ValueError) as err:
-        return None, f"model.config: transformers rejected it: {err}"
+    except Exception as err:  # transformers raises TypeError, ValueError and huggingface_hub validation errors
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+        return None, f"model.config: transformers rejected it: {text}"
 
 
 def _pretrained_config(name: str):

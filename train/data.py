@@ -416,9 +416,9 @@ class TrainBatches:
         """Global indices of the next step (for fingerprints and tests)."""
         return self.stream.step_indices(self.consumed, self.global_batch)
 
-    def fingerprint(self) -> str:
-        """sha256 of the token ids of the next optimizer step's global batch."""
-        idx = self.next_step_indices()
+    def fingerprint(self, steps_back: int = 0) -> str:
+        """sha256 of the token ids of the next optimizer step's global batch (or of one ``steps_back``)."""
+        idx = self.stream.step_indices(self.consumed - steps_back * self.global_batch, self.global_batch)
         tokens = np.asarray(self.dataset.with_format("numpy")[np.sort(idx).tolist()]["input_ids"])
         return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:16]
 

@@ -42,8 +42,13 @@ class Engine:
         """Forward and backward one micro-batch; return the (detached) unscaled loss."""
         raise NotImplementedError
 
-    def optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizer and the LR schedule, zero grads; return the grad norm."""
+    def optimizer_step(self, nonfinite_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step the optimizer and the LR schedule, zero grads; return (grad norm, skipped).
+
+        ``nonfinite_loss`` > 0 when this rank saw a NaN/inf loss in the step. Every rank agrees
+        (an all-reduce, no host sync) on ``skipped`` = 1.0 when any rank saw a non-finite loss
+        or the gradient norm is non-finite; engines that can, skip the update on the device.
+        """
         raise NotImplementedError
 
     def eval_loss(self, batch: dict, loss_fn: LossFn) -> torch.Tensor:
@@ -98,22 +103,29 @@ class _TorchEngine(Engine):
         scaled = loss / self.accum
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
 
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self, nonfinite_loss):
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf,
                                               foreach=self.device.type == "cuda" or None)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        found = (nonfinite_loss > 0).float()
+        if not self.scaler:  # with fp16 the scaler owns overflowing gradients: not an error
+            found = torch.maximum(found, (~torch.isfinite(norm)).float())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
         if self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self._skipped += int(self.scaler.get_scale() < scale)  # a skipped step lowers the scale
         else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found  # fused AdamW skips on it
             self.optimizer.step()
+            self.optimizer.found_inf = None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm, found
 
     @property
     def lr(self) -> float:
@@ -248,9 +260,15 @@ class DeepSpeedEngine(Engine):
         self.engine.step()  # DeepSpeed only updates at the accumulation boundary
         return loss.detach().float()
 
-    def optimizer_step(self) -> torch.Tensor:
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(0.0 if norm is None else float(norm))
+    def optimizer_step(self, nonfinite_loss):
+        # DeepSpeed already stepped (inside engine.step()); a non-finite step can only be reported.
+        value = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(0.0 if value is None else float(value), device=self.device)
+        found = (nonfinite_loss > 0).float()
+        if self.recipe.parallel.precision != "fp16":  # fp16 overflow is the loss scaler's business
+            found = torch.maximum(found, (~torch.isfinite(norm)).float())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return norm, found
 
     @property
     def lr(self) -> float:

@@ -23,8 +23,10 @@ from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_t
 from train.model import build_model, causal_lm_loss
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
 from train.stop import StopRequest
+from train.watchdog import Watchdog
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request after a committed checkpoint; run again to resume
+EXIT_NONFINITE = 3  # train.on_nonfinite=stop fired; nothing was saved after the bad step
 STATUS_FILE = "status.json"  # rank 0's last word: {"state": "running|completed|stopped", ...}
 
 
@@ -33,7 +35,7 @@ def write_status(run_dir: Path, state: str, step: int, started: float, reason: s
 
     ``started`` is when this launch's training loop began (the launcher ignores older files).
     """
-    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp = run_dir / f"{STATUS_FILE}.{os.getpid()}.tmp"  # two ranks may write at once (watchdog)
     tmp.write_text(json.dumps({"state": state, "step": step, "reason": reason, "started": started,
                                "time": time.time()}))
     os.replace(tmp, run_dir / STATUS_FILE)
@@ -152,6 +154,9 @@ def train(run_dir: Path) -> int:
 
     def save(reason: str) -> None:
         nonlocal last_save_time
+        nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
+        if watchdog:
+            watchdog.beat(counters.step, f"checkpoint save ({reason})", restart=True)
         path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
                                  {"tokens": counters.tokens, "reason": reason,
                                   "next_batch_fingerprint": batches.fingerprint(),
@@ -164,22 +169,44 @@ def train(run_dir: Path) -> int:
                 f"more than slurm.signal_lead_s={lead}: a job stopped at its time limit would lose "
                 f"its last steps; raise slurm.signal_lead_s")
 
+    nonfinite = NonFiniteGuard(t.on_nonfinite, engine.name, d.device, batches, run_dir)
+    watchdog = Watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(  # any rank may be first
+        lambda msg: write_status(run_dir, "hung", counters.step, loop_started, msg))) \
+        if t.step_timeout_s > 0 else None
+    hang_at = fault_step("SHARDFORGE_HANG_AT", d.rank)
+
     # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
     engine.train()
-    loss_sum, window_steps = torch.zeros((), device=d.device), 0
+    loss_sum, bad_micro, window_steps = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
     timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
     window_start, stopped, first_step = time.time(), False, counters.step
     while counters.step < t.max_steps:
         step_start = time.time()
+        timed = watchdog if watchdog and counters.step > first_step else None  # not the first (warm-up) step
+        loss_fn = nan_fault_loss if nan_fault_at(counters.step + 1, d.rank) else causal_lm_loss
+        bad = torch.zeros((), device=d.device)
         for micro in range(accum):
             t0 = time.perf_counter()
+            if timed:
+                timed.beat(counters.step + 1, "data")
+                if hang_at == counters.step + 1:
+                    time.sleep(10**6)  # fault injection for the watchdog test
             ids = next(batches).to(d.device, non_blocking=True)
             t1 = time.perf_counter()
-            loss_sum += engine.forward_backward({"input_ids": ids}, causal_lm_loss, micro == accum - 1)
+            if timed:
+                timed.beat(counters.step + 1, "forward-backward")
+            loss = engine.forward_backward({"input_ids": ids}, loss_fn, micro == accum - 1)
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)  # a NaN step must not poison the logged mean
+            bad += (~finite).float()
+            bad_micro += (~finite).float()
             timers["data_wait_s"] += t1 - t0
             timers["fwd_bwd_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
-        grad_norm = engine.optimizer_step()
+        if timed:
+            timed.beat(counters.step + 1, "optimizer")
+        grad_norm, skipped = engine.optimizer_step(bad)
+        nonfinite.record(skipped, counters.step + 1)
         timers["optim_s"] += time.perf_counter() - t2
         counters.step += 1
         counters.tokens += t.global_batch_size * seq_len
@@ -187,9 +214,11 @@ def train(run_dir: Path) -> int:
         window_steps += 1
 
         if counters.step % t.log_every == 0 or counters.step == t.max_steps:
-            stats = torch.stack([loss_sum / (accum * window_steps), grad_norm.float().to(d.device)])
+            good = torch.clamp(accum * window_steps - bad_micro, min=1)  # NaN losses are left out
+            stats = torch.stack([loss_sum / good, torch.nan_to_num(grad_norm.float().to(d.device), nan=-1.0)])
             dist.all_reduce(stats)  # the only host sync: at log steps
             stats = (stats / d.world_size).tolist()
+            nonfinite.check(counters.step)
             telemetry_all = [None] * d.world_size
             dist.all_gather_object(telemetry_all, telemetry.drain())
             seconds = time.time() - window_start
@@ -201,7 +230,8 @@ def train(run_dir: Path) -> int:
                       **{k: v / window_steps for k, v in timers.items()},
                       "model_tflops": tps / d.world_size * flops_token / 1e12,
                       "mfu": mfu(tps / d.world_size, flops_token, peak),
-                      "skipped_steps": engine.skipped_steps, "tokens": counters.tokens,
+                      "skipped_steps": engine.skipped_steps, "nonfinite_steps": nonfinite.total(),
+                      "tokens": counters.tokens,
                       **aggregate_ranks(telemetry_all)}
             if d.device.type == "cuda":
                 values["mem_allocated_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
@@ -210,11 +240,16 @@ def train(run_dir: Path) -> int:
                 writer.write(counters.step, values)
                 writer.progress(counters.step, values)
             loss_sum.zero_()
+            bad_micro.zero_()
             window_steps, window_start = 0, time.time()
             timers = dict.fromkeys(timers, 0.0)
 
         last = counters.step == t.max_steps
+        if last:
+            nonfinite.check(counters.step)
         if (t.eval_every and counters.step % t.eval_every == 0) or last:
+            if watchdog:
+                watchdog.beat(counters.step, "evaluation", restart=True)
             eval_loss = evaluate(engine, val, d.device)
             if writer:
                 writer.write(counters.step, {"eval_loss": eval_loss,
@@ -237,6 +272,8 @@ def train(run_dir: Path) -> int:
             save("end" if last else "periodic")
 
     telemetry.close()
+    if watchdog:
+        watchdog.close()
     if writer:
         writer.close()
     if d.is_main:
@@ -245,6 +282,62 @@ def train(run_dir: Path) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return EXIT_REQUEUE if stopped else 0
+
+
+class NonFiniteStop(RuntimeError):
+    """``train.on_nonfinite=stop`` and a step had a NaN/inf loss or gradient norm."""
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradient norm was non-finite on any rank, on the device.
+
+    The engines agree on the flag with an all-reduce and (DDP/FSDP) skip the update on the
+    device, so nothing here synchronises with the host except :meth:`check`, which runs at log
+    steps, before every save and at the end.
+    """
+
+    def __init__(self, policy: str, engine: str, device: torch.device, batches: TrainBatches, run_dir: Path):
+        self.policy = policy if policy != "auto" else ("stop" if engine.startswith("zero") else "skip")
+        self.batches, self.run_dir = batches, run_dir
+        self.count = torch.zeros((), device=device)
+        self.first_step = torch.zeros((), device=device)
+
+    def record(self, skipped: torch.Tensor, step: int) -> None:
+        self.count += skipped
+        self.first_step = torch.where((self.first_step == 0) & (skipped > 0),
+                                      torch.full_like(self.first_step, step), self.first_step)
+
+    def total(self) -> int:
+        return int(self.count.item())
+
+    def check(self, step: int) -> None:
+        if self.policy != "stop" or self.count.item() == 0:
+            return
+        bad = int(self.first_step.item())
+        fingerprint = self.batches.fingerprint(steps_back=step - bad + 1)
+        raise NonFiniteStop(
+            f"non-finite loss or gradient norm at step {bad} (batch fingerprint {fingerprint}); "
+            f"stopped without saving, so the latest checkpoint in {self.run_dir / 'checkpoints'} is the "
+            f"last good state. Lower optim.lr or check that batch, or set train.on_nonfinite=skip "
+            f"(ddp/fsdp), then run again to resume")
+
+
+def fault_step(variable: str, rank: int) -> int:
+    """Fault injection for the tests: ``VARIABLE=step[:rank]`` names the step for this rank (0: none)."""
+    spec = os.environ.get(variable)
+    if not spec:
+        return 0
+    at_step, *at_rank = spec.split(":")
+    return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
+
+
+def nan_fault_at(step: int, rank: int) -> bool:
+    """``SHARDFORGE_NAN_AT=step[:rank]`` poisons that step's loss with NaN on that rank."""
+    return fault_step("SHARDFORGE_NAN_AT", rank) == step
+
+
+def nan_fault_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return causal_lm_loss(model, batch) * float("nan")
 
 
 def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:
@@ -274,3 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteStop as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            write_status(Path(argv[0]), "failed", -1, 0.0, str(err))
+        return EXIT_NONFINITE

@@ -161,7 +161,7 @@ TB_TAGS = {
     "data_wait_s": "perf/data_wait_s", "fwd_bwd_s": "perf/fwd_bwd_s", "optim_s": "perf/optim_s",
     "model_tflops": "perf/model_tflops_per_device", "mfu": "perf/mfu",
     "mem_allocated_gb": "memory/peak_allocated_gb", "mem_reserved_gb": "memory/peak_reserved_gb",
-    "skipped_steps": "train/skipped_steps", "tokens": "train/tokens",
+    "skipped_steps": "train/skipped_steps", "nonfinite_steps": "train/nonfinite_steps", "tokens": "train/tokens",
     "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity",
 }
 

@@ -131,6 +131,14 @@ class TrainConfig:
     """Log metrics every N steps."""
     stop_after: int = 0
     """Stop this launch after N steps with a checkpoint and exit code 75 (time-boxed jobs); 0: off."""
+    on_nonfinite: Literal["auto", "skip", "stop"] = "auto"
+    """A NaN/inf loss or gradient norm on any rank: ``skip`` the optimizer step on every rank (counted
+    in ``skipped_steps``), or ``stop`` without saving (the last good checkpoint stays the latest).
+    ``auto``: skip with ddp/fsdp, stop with ZeRO (DeepSpeed applies its step before the norm is
+    known, so it cannot skip). fp16 overflows handled by the loss scaler are not counted here."""
+    step_timeout_s: float = 0.0
+    """Hang watchdog: a step (or save) that runs longer dumps every rank's Python stack and exits
+    non-zero so the job can be requeued; 0: off."""
 
 
 @dataclass

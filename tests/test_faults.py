@@ -1,0 +1,151 @@
+"""Faults: NaN/inf steps (skip and stop), the hang watchdog, run-directory permissions, fuzzed bad input.
+
+NaNs and hangs are injected at a narrow seam in the trainer (``SHARDFORGE_NAN_AT`` multiplies
+one rank's loss by NaN at one step; ``SHARDFORGE_HANG_AT`` sleeps in one rank's data phase),
+because a real divergence or deadlock cannot be produced on cue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from launch.recipe import RecipeError, load_recipe
+from tests.helpers import REPO, make_corpus, read_metrics, tiny_recipe, train_losses, write_recipe
+from train.checkpoint import committed_checkpoints
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    return {"tmp": tmp, "corpus": make_corpus(tmp / "corpus"), "cache": tmp / "cache"}
+
+
+def launch(world, name: str, env: dict, umask: int = 0o022, **sections) -> tuple[subprocess.CompletedProcess, Path]:
+    r = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / name, **sections)
+    path = write_recipe(world["tmp"] / f"{name}.yaml", r)
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **env}
+    proc = subprocess.run([sys.executable, "-m", "launch", "run", str(path)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=600, umask=umask)
+    return proc, Path(r["run"]["dir"])
+
+
+def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world):
+    """Rank 1's loss is NaN at step 3: both ranks skip that update; the run completes; private umask kept."""
+    proc, run_dir = launch(world, "nan-skip", {"SHARDFORGE_NAN_AT": "3:1"}, umask=0o077,
+                           train={"on_nonfinite": "skip"}, checkpoint={"every_steps": 2, "at_end": True})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [m for m in read_metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]
+    assert [m["nonfinite_steps"] for m in records] == [0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(m["loss"]) for m in records), "NaN must not reach the logged mean"
+    evals = [m["eval_loss"] for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert evals and all(math.isfinite(e) for e in evals), "weights stayed finite: the update was skipped"
+    # run-directory permissions follow the umask (0o077 here): nothing readable by others
+    for path in [run_dir, *run_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} has mode {oct(mode)} under umask 077"
+
+
+def test_nan_stop_exits_without_saving_and_names_the_step(world):
+    """ZeRO-2 (policy auto = stop): the NaN step ends the run; the last good checkpoint stays the latest."""
+    proc, run_dir = launch(world, "nan-stop", {"SHARDFORGE_NAN_AT": "3:0"},
+                           parallel={"engine": "zero2", "precision": "fp32", "nproc": 2},
+                           checkpoint={"every_steps": 2, "at_end": True})
+    out = proc.stdout + proc.stderr  # the launcher tees the trainers' stderr into its stdout
+    assert proc.returncode != 0
+    assert "non-finite loss or gradient norm at step 3 (batch fingerprint " in out, out[-3000:]
+    assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "step 3" in status["reason"]
+
+
+def test_zero_cannot_skip_nonfinite_steps(world, tmp_path):
+    r = tiny_recipe(world["corpus"], world["cache"], tmp_path / "z", train={"on_nonfinite": "skip"},
+                    parallel={"engine": "zero3", "precision": "fp32", "nproc": 2})
+    with pytest.raises(RecipeError, match="train.on_nonfinite: skip needs parallel.engine ddp or fsdp"):
+        load_recipe(str(write_recipe(tmp_path / "z.yaml", r)))
+
+
+def test_hang_watchdog_dumps_stacks_names_the_late_rank_and_exits(world):
+    proc, run_dir = launch(world, "hang", {"SHARDFORGE_HANG_AT": "4:1"},
+                           train={"step_timeout_s": 4, "max_steps": 8}, checkpoint={"every_steps": 2})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-3000:]
+    assert "watchdog: rank 0 spent more than 4 s in step 4 (forward-backward)" in out, out[-3000:]
+    assert "ranks 1 (step 4, data) did not arrive" in out, out[-3000:]
+    for rank in (0, 1):
+        dump = (run_dir / "logs" / f"hang-rank-{rank:05d}.txt").read_text()
+        assert "Thread" in dump or "File" in dump, dump[:500]
+    assert "time.sleep" in (run_dir / "logs" / "hang-rank-00001.txt").read_text() or \
+        "loop.py" in (run_dir / "logs" / "hang-rank-00001.txt").read_text()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "hung"
+    assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
+
+
+# ---------------------------------------------------------------- fuzzed bad input
+
+KEYS = ["train.max_steps", "train.micro_batch_size", "train.global_batch_size", "train.log_every",
+        "optim.lr", "optim.decay", "parallel.engine", "parallel.precision", "parallel.nproc",
+        "data.seq_len", "data.sources.0.path", "checkpoint.keep_last", "model.config.hidden_size",
+        "slurm.time", "run.name", "nonexistent.key", "train", "train.max_steps.deeper"]
+VALUES = st.one_of(st.integers(-5, 10**6).map(str), st.floats(allow_nan=True).map(str),
+                   st.sampled_from(["", "zero9", "fp8", "true", "null", "[1, 2]", "{a: 1}", "'x", "a b",
+                                    "$(id)", "../../etc", "1e999", "-0"]),
+                   st.text(max_size=12))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
+def test_fuzzed_overrides_either_load_or_fail_with_named_keys(world, overrides):
+    """Any override either gives a valid recipe or a RecipeError whose every line names a key: never a crash."""
+    base = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / "fuzz")
+    path = write_recipe(world["tmp"] / "fuzz.yaml", base)
+    args = [f"{k}={v}" for k, v in overrides]
+    try:
+        load_recipe(str(path), args)
+    except RecipeError as err:
+        lines = [line.strip(" -") for line in str(err).splitlines()[1:]] or [str(err).split(": ", 1)[1]]
+        for line in lines:  # "<key>: <what is wrong and the fix>", one line each
+            key, _, message = line.partition(": ")
+            assert key and message and " " not in key.strip("'"), f"a problem line that names no key: {line!r}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(doc=st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+                        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                st.dictionaries(st.sampled_from(
+                                                    ["run", "model", "data", "train", "parallel", "optim",
+                                                     "checkpoint", "name", "config", "sources", "x"]),
+                                                    inner, max_size=4)), max_leaves=12))
+def test_fuzzed_recipe_documents_never_crash_the_loader(tmp_path_factory, doc):
+    import yaml
+
+    path = tmp_path_factory.mktemp("doc") / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    try:
+        load_recipe(str(path))
+    except RecipeError:
+        pass
+
+
+def test_bad_input_through_the_cli_is_one_line_and_exit_2_and_writes_nothing(world, tmp_path):
+    r = tiny_recipe(world["corpus"], world["cache"], tmp_path / "never")
+    path = write_recipe(tmp_path / "r.yaml", r)
+    for args in (["train.micro_batch_size=-1"], ["parallel.engine=zero9"], ["data.seq_len=100000"],
+                 ["data.sources.0.path=/nonexistent/corpus.txt"], ["nonsense"]):
+        proc = subprocess.run([sys.executable, "-m", "launch", "run", str(path), *args], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("shardforge: error:"), proc.stderr
+        assert not (tmp_path / "never").exists(), f"{args} left a half-written run directory"
