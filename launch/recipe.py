@@ -169,8 +169,8 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
         p.append(f"parallel.nproc: {par.nproc} processes but this node has {local_gpus} GPUs; "
                  f"set parallel.nproc={local_gpus}")
     if t.on_nonfinite == "skip" and par.engine.startswith("zero"):
-        p.append(f"train.on_nonfinite: skip needs parallel.engine ddp or fsdp (DeepSpeed applies its "
-                 f"step before the gradient norm is known); set train.on_nonfinite=stop")
+        p.append("train.on_nonfinite: skip needs parallel.engine ddp or fsdp (DeepSpeed applies its "
+                 "step before the gradient norm is known); set train.on_nonfinite=stop")
     if t.step_timeout_s < 0:
         p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
     if par.offload and par.engine == "ddp":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_corpus, run_recipe, shardforge, tiny_recipe, train_losses, write_recipe
+from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe, train_losses, write_recipe
 from train.checkpoint import committed_checkpoints, latest_valid, verify
 
 
@@ -39,11 +39,11 @@ def test_kill_during_save_keeps_previous_checkpoint(world, point, rank, step, ex
     r = world["recipe"](f"kill-{point}")
     run_dir = Path(r["run"]["dir"])
     path = write_recipe(world["tmp"] / f"kill-{point}.yaml", r)
-    killed = shardforge("run", str(path), env={"SHARDFORGE_KILL_AT": f"{point}:{step}:{rank}"})
+    killed = launch_in_process("run", str(path), env={"SHARDFORGE_KILL_AT": f"{point}:{step}:{rank}"})
     assert killed.returncode != 0
     latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
     assert latest is not None and latest.name == f"step-{expected:06d}"
-    resumed = shardforge("run", str(path))
+    resumed = launch_in_process("run", str(path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {latest}" in resumed.stdout
     assert train_losses(run_dir) == world["straight"]
@@ -71,6 +71,17 @@ def test_changed_batch_size_is_refused_on_resume(world):
     run_recipe(world["tmp"], r, expect=75)
     out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", expect=1)
     assert "changed: train.global_batch_size" in out.stdout + out.stderr
+
+
+def test_every_minutes_saves_on_wall_clock(world):
+    """checkpoint.every_minutes=0.001 (60 ms): steps take longer, so every step saves, agreed by all ranks."""
+    r = world["recipe"]("timed")
+    r["checkpoint"].update({"every_steps": 0, "every_minutes": 0.001, "keep_last": 10, "at_end": False})
+    out = run_recipe(world["tmp"], r)
+    ckpts = committed_checkpoints(Path(r["run"]["dir"]) / "checkpoints")
+    reasons = {json.loads((c / "manifest.json").read_text())["reason"] for c in ckpts}
+    assert len(ckpts) >= 3 and reasons == {"periodic"}, (out.stdout[-2000:], [c.name for c in ckpts])
+    assert train_losses(Path(r["run"]["dir"])) == world["straight"], "saving must not change training"
 
 
 def test_manifest_is_the_commit_marker(tmp_path):

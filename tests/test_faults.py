@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launch.recipe import RecipeError, load_recipe
-from tests.helpers import REPO, make_corpus, read_metrics, tiny_recipe, train_losses, write_recipe
+from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, write_recipe
 from train.checkpoint import committed_checkpoints
 
 
@@ -33,10 +33,11 @@ def world(tmp_path_factory):
 def launch(world, name: str, env: dict, umask: int = 0o022, **sections) -> tuple[subprocess.CompletedProcess, Path]:
     r = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / name, **sections)
     path = write_recipe(world["tmp"] / f"{name}.yaml", r)
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-                "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **env}
-    proc = subprocess.run([sys.executable, "-m", "launch", "run", str(path)], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=600, umask=umask)
+    old_umask = os.umask(umask)  # the launcher and the trainers it starts inherit it
+    try:
+        proc = launch_in_process("run", str(path), env=env)
+    finally:
+        os.umask(old_umask)
     return proc, Path(r["run"]["dir"])
 
 
@@ -149,3 +150,56 @@ def test_bad_input_through_the_cli_is_one_line_and_exit_2_and_writes_nothing(wor
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("shardforge: error:"), proc.stderr
         assert not (tmp_path / "never").exists(), f"{args} left a half-written run directory"
+
+
+# ---------------------------------------------------------------- disk full, random kills
+
+
+def _mount_tmpfs(path: Path, size_kb: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], check=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt_size(world):
+    """Bytes of one checkpoint of the tiny recipe (measured, not guessed)."""
+    proc, run_dir = launch(world, "measure", {}, train={"max_steps": 2}, checkpoint={"at_end": True})
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    ckpt = committed_checkpoints(run_dir / "checkpoints")[-1]
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
+    """checkpoints/ is a tmpfs with room for one checkpoint and a half: the second save runs out of space."""
+    run_dir = world["tmp"] / f"full-{policy}"
+    _mount_tmpfs(run_dir / "checkpoints", int(ckpt_size * 1.5 / 1024) + 4)
+    try:
+        proc, _ = launch(world, f"full-{policy}", {}, checkpoint={"every_steps": 2, "at_end": True,
+                                                                  "keep_last": 3, "on_error": policy})
+        out = proc.stdout + proc.stderr
+        assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"], out[-3000:]
+        assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the partial save must be removed"
+        assert "checkpoint step-000004 failed" in out and "MiB are free" in out and "needs about" in out, out[-3000:]
+        assert "latest checkpoint is still step-000002" in out
+        if policy == "stop":
+            assert proc.returncode != 0
+            assert max(m["step"] for m in read_metrics(run_dir)) == 4
+        else:
+            assert proc.returncode == 0, out[-3000:]
+            assert max(m["step"] for m in read_metrics(run_dir)) == 6, "training went on after the failed save"
+    finally:
+        subprocess.run(["umount", str(run_dir / "checkpoints")], check=False)
+
+
+def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
+    """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
+    out = tmp_path / "kills.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--kills", "4", "--engines",
+                           "ddp,zero2", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["kills"] >= 3 and result["all_bit_identical"], result

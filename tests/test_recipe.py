@@ -12,7 +12,7 @@ import yaml
 from launch.cli import main as cli_main
 from launch.engine_config import engine_configs
 from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
-from tests.helpers import REPO, shardforge
+from tests.helpers import shardforge
 from train.recipe import Recipe, field_docs, grad_accum_steps, recipe_from_dict
 
 GOLDEN = Path(__file__).parent / "golden"

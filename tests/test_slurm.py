@@ -53,7 +53,7 @@ def test_rendered_script_matches_golden_file(name):
     text = _render(*GOLDEN_CASES[name])
     if os.environ.get("UPDATE_GOLDEN"):
         (GOLDEN / name).write_text(text)
-    assert text == (GOLDEN / name).read_text(), f"regenerate with UPDATE_GOLDEN=1 if the change is intended"
+    assert text == (GOLDEN / name).read_text(), "regenerate with UPDATE_GOLDEN=1 if the change is intended"
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, "not valid bash"
 
 

@@ -123,13 +123,13 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.helpers import shardforge
+    from tests.helpers import launch_in_process
     from train.data import eval_batches, prepare_data
     from train.loop import read_recipe
     from train.model import causal_lm_loss
 
     out = tmp_path / "hf"
-    proc = shardforge("export", str(straight[engine]), str(out))
+    proc = launch_in_process("export", str(straight[engine]), str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -143,5 +143,5 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     with torch.no_grad():
         loss = sum(causal_lm_loss(model, {"input_ids": b}).item() for b in batches) / len(batches)
     assert abs(loss - _eval_loss(straight[engine])) < 1e-5, (loss, _eval_loss(straight[engine]))
-    again = shardforge("export", str(straight[engine]), str(out))
+    again = launch_in_process("export", str(straight[engine]), str(out))
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -78,6 +78,15 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save failed on some rank; nothing of it was committed."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
+
+
 def fault_point(name: str, step: int, rank: int) -> None:
     """Fault injection for the kill tests: ``SHARDFORGE_KILL_AT=name:step[:rank]`` SIGKILLs that rank here."""
     spec = os.environ.get("SHARDFORGE_KILL_AT")
@@ -172,12 +181,21 @@ class Checkpointer:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
+        from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
+
         dist.barrier()
-        self.engine.save(tmp)
-        fault_point("write", step, self.rank)
-        torch.save({name: part.state_dict() for name, part in self.parts.items()},
-                   tmp / f"rank-{self.rank:05d}.pt")
-        dist.barrier()
+        error = None
+        try:
+            self.engine.save(tmp)
+            fault_point("write", step, self.rank)
+            torch.save({name: part.state_dict() for name, part in self.parts.items()},
+                       tmp / f"rank-{self.rank:05d}.pt")
+        except (OSError, RuntimeError, CheckpointException) as err:  # how ENOSPC surfaces in each writer
+            error = err
+        failed = torch.tensor([float(error is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # gloo/nccl agree: every rank gives up together
+        if failed.item():
+            raise self._save_failed(step, tmp, error)
         if self.rank == 0:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             for f in files:
@@ -196,6 +214,22 @@ class Checkpointer:
         dist.barrier()
         self.last_save_s = time.time() - start
         return final
+
+    def _save_failed(self, step: int, tmp: Path, error: Optional[BaseException]) -> "CheckpointSaveError":
+        """Remove the partial save; say what failed, how much space it needs and what is kept."""
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+        previous = committed_checkpoints(self.root)
+        needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else written
+        dist.barrier()
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free
+        reason = f"rank {self.rank}: {_first_line(error)}" if error else "another rank failed to write"
+        kept = previous[-1].name if previous else "none"
+        return CheckpointSaveError(
+            f"checkpoint {step_dir_name(step)} failed ({reason}); it needs about {needed / 2**20:.1f} MiB "
+            f"and {free / 2**20:.1f} MiB are free on {self.root}; the partial save was removed and the "
+            f"latest checkpoint is still {kept}. Free space (or lower checkpoint.keep_last), then run again")
 
     def _prune(self, keep_last: int, keep_every: int, saving_step: int) -> None:
         ckpts = committed_checkpoints(self.root)

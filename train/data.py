@@ -9,7 +9,6 @@ number of samples consumed, so resuming is O(1) and works on any world size.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -210,8 +209,6 @@ def data_cache_key(recipe: Recipe, tokenizer) -> str:
 
 def prepare_data(recipe: Recipe, log=print) -> PreparedData:
     """Tokenize and pack the recipe's data once; later calls load the cached Arrow files."""
-    import datasets
-
     d = recipe.data
     cache_root = Path(d.cache_dir).expanduser()
     tokenizer = load_or_train_tokenizer(recipe, cache_root)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from train.checkpoint import Checkpointer, CheckpointError, Counters, RNGState
+from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState, fault_point
 from train.data import DataError, TrainBatches, eval_batches, prepare_data
 from train.distributed import DistInfo, init_distributed
 from train.engines import Engine, build_engine
@@ -157,10 +157,17 @@ def train(run_dir: Path) -> int:
         nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
         if watchdog:
             watchdog.beat(counters.step, f"checkpoint save ({reason})", restart=True)
-        path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
-                                 {"tokens": counters.tokens, "reason": reason,
-                                  "next_batch_fingerprint": batches.fingerprint(),
-                                  "seed": recipe.run.seed, "global_batch_size": t.global_batch_size})
+        try:
+            path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
+                                     {"tokens": counters.tokens, "reason": reason,
+                                      "next_batch_fingerprint": batches.fingerprint(),
+                                      "seed": recipe.run.seed, "global_batch_size": t.global_batch_size})
+        except CheckpointSaveError as err:
+            if ckpt_cfg.on_error == "stop":
+                raise
+            log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+            last_save_time = time.time()
+            return
         last_save_time = time.time()
         log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
         lead = recipe.slurm.signal_lead_s
@@ -174,6 +181,7 @@ def train(run_dir: Path) -> int:
         lambda msg: write_status(run_dir, "hung", counters.step, loop_started, msg))) \
         if t.step_timeout_s > 0 else None
     hang_at = fault_step("SHARDFORGE_HANG_AT", d.rank)
+    kill_armed = "SHARDFORGE_KILL_AT" in os.environ
 
     # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
     engine.train()
@@ -184,6 +192,9 @@ def train(run_dir: Path) -> int:
         step_start = time.time()
         timed = watchdog if watchdog and counters.step > first_step else None  # not the first (warm-up) step
         loss_fn = nan_fault_loss if nan_fault_at(counters.step + 1, d.rank) else causal_lm_loss
+        if kill_armed:  # the kill harness's points inside a step: before forward, before backward
+            fault_point("forward", counters.step + 1, d.rank)
+            loss_fn = killable(loss_fn, counters.step + 1, d.rank)
         bad = torch.zeros((), device=d.device)
         for micro in range(accum):
             t0 = time.perf_counter()
@@ -205,6 +216,8 @@ def train(run_dir: Path) -> int:
         t2 = time.perf_counter()
         if timed:
             timed.beat(counters.step + 1, "optimizer")
+        if kill_armed:
+            fault_point("optimizer", counters.step + 1, d.rank)
         grad_norm, skipped = engine.optimizer_step(bad)
         nonfinite.record(skipped, counters.step + 1)
         timers["optim_s"] += time.perf_counter() - t2
@@ -336,6 +349,15 @@ def nan_fault_at(step: int, rank: int) -> bool:
     return fault_step("SHARDFORGE_NAN_AT", rank) == step
 
 
+def killable(loss_fn, step: int, rank: int):
+    """``loss_fn`` followed by the ``backward`` kill point (the engine runs backward right after)."""
+    def wrapped(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        loss = loss_fn(model, batch)
+        fault_point("backward", step, rank)
+        return loss
+    return wrapped
+
+
 def nan_fault_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return causal_lm_loss(model, batch) * float("nan")
 
@@ -364,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         code = train(Path(argv[0]))
         # under torchrun a non-zero exit kills the other ranks; status.json carries the stop instead
         return 0 if code == EXIT_REQUEUE and "TORCHELASTIC_RUN_ID" in os.environ else code
+    except CheckpointSaveError as err:  # every rank raises it together; rank 0 speaks
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            write_status(Path(argv[0]), "failed", -1, 0.0, str(err))
+        return 2
     except (DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

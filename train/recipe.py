@@ -171,6 +171,9 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of N (0: none)."""
     resume: str = "auto"
     """``auto`` (latest committed checkpoint), ``never``, or a checkpoint path."""
+    on_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (disk full, I/O error) leaves the previous checkpoint as the latest; then
+    ``stop`` ends the run with the error (exit 2), ``continue`` logs it and trains on."""
 
 
 @dataclass

@@ -1,0 +1,176 @@
+"""Random kills: SIGKILL one rank or the whole job at random moments, resume, and compare bit for bit.
+
+    python -m benchmarks.kill_harness --kills 100 --seed 1          # the long mode (~1 hour on 2 cores)
+    python -m benchmarks.kill_harness --kills 4 --engines ddp,zero2  # what CI runs (tests/test_faults.py)
+
+For each engine: one uninterrupted fp32 run on 2 CPU processes, then a chaos run of the same
+recipe that is killed again and again until it completes. Each kill is drawn from:
+
+* one rank SIGKILLed at a kill point of a random step: ``forward``, ``backward``, ``optimizer``,
+  or a checkpoint's ``write``, ``rename``, ``manifest``, ``prune`` (``SHARDFORGE_KILL_AT``);
+* the whole job (launcher, torchrun and every trainer) SIGKILLed after a random delay.
+
+After each kill the latest committed checkpoint must verify, and the next launch must say it
+resumed from it. At the end the losses in metrics.jsonl and the exported weights must equal
+the uninterrupted run's exactly. Prints one line per kill and a summary; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+POINTS = ("forward", "backward", "optimizer", "write", "rename", "manifest", "prune")
+ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(extra or {})}
+
+
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def write_recipe(tmp: Path, name: str, engine: str, steps: int) -> Path:
+    sys.path.insert(0, str(REPO))
+    from tests.helpers import make_corpus, tiny_recipe, write_recipe as write
+
+    corpus = tmp / "corpus"
+    if not corpus.exists():
+        make_corpus(corpus)
+    r = tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": steps, "micro_batch_size": 2},
+                    parallel={"engine": engine, "precision": "fp32", "nproc": 2},
+                    checkpoint={"every_steps": 2, "keep_last": 2, "at_end": True})
+    return write(tmp / f"{name}.yaml", r)
+
+
+def launch(recipe: Path, kill_at: str | None, kill_after_s: float | None, timeout: float = 600) -> tuple[int, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", str(recipe)], cwd=REPO,
+                            env=_env({"SHARDFORGE_KILL_AT": kill_at} if kill_at else {}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if kill_after_s is not None:
+        try:
+            out, _ = proc.communicate(timeout=kill_after_s)
+            return proc.returncode, out
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def final_weights(run_dir: Path, out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from launch.export import export
+
+    export(run_dir, out, log=lambda *_: None)
+    return load_file(str(out / "model.safetensors"))
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+
+def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, log) -> dict:
+    from train.checkpoint import latest_valid
+
+    straight = write_recipe(tmp, f"straight-{engine}", engine, steps)
+    code, out = launch(straight, None, None)
+    if code != 0:
+        raise SystemExit(f"kill harness: the uninterrupted {engine} run failed:\n{out[-3000:]}")
+    chaos = write_recipe(tmp, f"chaos-{engine}", engine, steps)
+    run_dir = tmp / f"chaos-{engine}"
+    done, events = 0, []
+    while True:
+        latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
+        start_step = int(latest.name.split("-")[1]) if latest else 0
+        kill_at, delay = None, None
+        if done < kills:
+            if rng.random() < 0.25:
+                delay = rng.uniform(8.0, 25.0)  # the whole job, at a random moment (start-up included)
+            else:
+                point = rng.choice(POINTS)
+                save_steps = [s for s in range(start_step + 1, steps + 1) if s % 2 == 0 or s == steps]
+                step = rng.choice(save_steps) if point in ("write", "rename", "manifest", "prune") and save_steps \
+                    else rng.randint(start_step + 1, steps)
+                rank = 0 if point in ("rename", "manifest", "prune") else rng.randint(0, 1)  # rank 0's jobs
+                kill_at = f"{point}:{step}:{rank}"
+        code, out = launch(chaos, kill_at, delay)
+        resumed = re.search(r"resumed from (\S+) at step (\d+)", out)
+        got_far = resumed is not None or delay is None  # a timed kill may land before the resume
+        if latest is not None and got_far and (resumed is None or Path(resumed.group(1)).name != latest.name):
+            raise SystemExit(f"kill harness: {engine} did not resume from {latest}:\n{out[-3000:]}")
+        what = kill_at or (f"whole job after {delay:.1f}s" if delay else "no kill")
+        log(f"{engine}: launch from step {start_step} with {what}: exit {code}")
+        events.append({"from_step": start_step, "kill": what, "exit": code})
+        if code == 0:
+            break
+        done += 1
+        if done > kills + 20:
+            raise SystemExit(f"kill harness: {engine} never completed after {done} kills")
+    ours, ref = losses(run_dir), losses(tmp / f"straight-{engine}")
+    a = final_weights(run_dir, tmp / f"export-chaos-{engine}")
+    b = final_weights(tmp / f"straight-{engine}", tmp / f"export-straight-{engine}")
+    same_weights = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    return {"engine": engine, "kills": done, "events": events, "losses_equal": ours == ref,
+            "weights_equal": bool(same_weights)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kill_harness", description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=100, help="kills in all, spread over the engines")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kills.json"))
+    args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    if set(engines) - set(ENGINES):
+        parser.error(f"--engines: unknown {sorted(set(engines) - set(ENGINES))}; choose from {','.join(ENGINES)}")
+    rng = random.Random(args.seed)
+    per_engine = [args.kills // len(engines) + (i < args.kills % len(engines)) for i in range(len(engines))]
+    started = time.time()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="shardforge-kills-") as tmp_name:
+        for engine, kills in zip(engines, per_engine):
+            results.append(trial(Path(tmp_name), engine, kills, args.steps, rng, lambda m: print(m, flush=True)))
+    ok = all(r["losses_equal"] and r["weights_equal"] for r in results)
+    summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seed": args.seed, "steps": args.steps,
+               "kills": sum(r["kills"] for r in results), "minutes": round((time.time() - started) / 60, 1),
+               "all_bit_identical": ok, "engines": results,
+               "command": "python -m benchmarks.kill_harness " + " ".join(argv if argv is not None else sys.argv[1:])}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    for r in results:
+        print(f"{r['engine']:>6}: {r['kills']} kills, losses equal: {r['losses_equal']}, "
+              f"weights equal: {r['weights_equal']}")
+    print(f"{summary['kills']} kills in {summary['minutes']} min; every run bit-identical: {ok}; wrote {args.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
