@@ -95,49 +95,70 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
 
 
-def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, log) -> dict:
+def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, straight_s: float,
+              rng: random.Random, log) -> tuple[int, list]:
+    """Launch ``name`` again and again, killing it, until it completes; return (kills, events)."""
     from train.checkpoint import latest_valid
 
-    straight = write_recipe(tmp, f"straight-{engine}", engine, steps)
-    code, out = launch(straight, None, None)
-    if code != 0:
-        raise SystemExit(f"kill harness: the uninterrupted {engine} run failed:\n{out[-3000:]}")
-    chaos = write_recipe(tmp, f"chaos-{engine}", engine, steps)
-    run_dir = tmp / f"chaos-{engine}"
+    recipe = write_recipe(tmp, name, engine, steps)
+    run_dir = tmp / name
     done, events = 0, []
     while True:
         latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
         start_step = int(latest.name.split("-")[1]) if latest else 0
         kill_at, delay = None, None
-        if done < kills:
+        if done < kills_left and start_step < steps:  # at the last step, only the resume is left to check
             if rng.random() < 0.25:
-                delay = rng.uniform(8.0, 25.0)  # the whole job, at a random moment (start-up included)
+                delay = rng.uniform(0.3, 0.95) * straight_s  # the whole job, at a random moment
             else:
                 point = rng.choice(POINTS)
-                save_steps = [s for s in range(start_step + 1, steps + 1) if s % 2 == 0 or s == steps]
-                step = rng.choice(save_steps) if point in ("write", "rename", "manifest", "prune") and save_steps \
+                saves = [s for s in range(start_step + 1, steps + 1) if s % 2 == 0 or s == steps]
+                if point == "prune":  # keep_last=2: from the third save on, a save prunes
+                    saves = [s for s in saves if s >= 6]
+                if point in ("write", "rename", "manifest", "prune") and not saves:
+                    point = "optimizer"
+                step = rng.choice(saves) if point in ("write", "rename", "manifest", "prune") \
                     else rng.randint(start_step + 1, steps)
                 rank = 0 if point in ("rename", "manifest", "prune") else rng.randint(0, 1)  # rank 0's jobs
                 kill_at = f"{point}:{step}:{rank}"
-        code, out = launch(chaos, kill_at, delay)
+        code, out = launch(recipe, kill_at, delay)
         resumed = re.search(r"resumed from (\S+) at step (\d+)", out)
         got_far = resumed is not None or delay is None  # a timed kill may land before the resume
         if latest is not None and got_far and (resumed is None or Path(resumed.group(1)).name != latest.name):
             raise SystemExit(f"kill harness: {engine} did not resume from {latest}:\n{out[-3000:]}")
         what = kill_at or (f"whole job after {delay:.1f}s" if delay else "no kill")
-        log(f"{engine}: launch from step {start_step} with {what}: exit {code}")
+        log(f"{name}: launch from step {start_step} with {what}: exit {code}")
         events.append({"from_step": start_step, "kill": what, "exit": code})
         if code == 0:
-            break
+            return done, events
         done += 1
-        if done > kills + 20:
+        if done > kills_left + 20:
             raise SystemExit(f"kill harness: {engine} never completed after {done} kills")
-    ours, ref = losses(run_dir), losses(tmp / f"straight-{engine}")
-    a = final_weights(run_dir, tmp / f"export-chaos-{engine}")
-    b = final_weights(tmp / f"straight-{engine}", tmp / f"export-straight-{engine}")
-    same_weights = a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    return {"engine": engine, "kills": done, "events": events, "losses_equal": ours == ref,
-            "weights_equal": bool(same_weights)}
+
+
+def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, log) -> dict:
+    """One uninterrupted run, then chaos runs of the same recipe until ``kills`` kills landed."""
+    straight = write_recipe(tmp, f"straight-{engine}", engine, steps)
+    t0 = time.time()
+    code, out = launch(straight, None, None)
+    straight_s = time.time() - t0
+    if code != 0:
+        raise SystemExit(f"kill harness: the uninterrupted {engine} run failed:\n{out[-3000:]}")
+    ref_losses = losses(tmp / f"straight-{engine}")
+    ref_weights = final_weights(tmp / f"straight-{engine}", tmp / f"export-straight-{engine}")
+    done, runs, equal = 0, [], True
+    while done < kills:
+        name = f"chaos-{engine}-{len(runs)}"
+        landed, events = chaos_run(tmp, engine, name, kills - done, steps, straight_s, rng, log)
+        weights = final_weights(tmp / name, tmp / f"export-{name}")
+        same = losses(tmp / name) == ref_losses and weights.keys() == ref_weights.keys() and \
+            all((weights[k] == ref_weights[k]).all() for k in weights)
+        log(f"{name}: {landed} kills; bit-identical to the uninterrupted run: {same}")
+        runs.append({"kills": landed, "events": events, "bit_identical": bool(same)})
+        done, equal = done + landed, equal and same
+        if len(runs) > kills + 5:
+            raise SystemExit(f"kill harness: {engine}: kills keep missing ({done} of {kills} landed)")
+    return {"engine": engine, "kills": done, "runs": runs, "losses_equal": equal, "weights_equal": equal}
 
 
 def main(argv: list[str] | None = None) -> int:

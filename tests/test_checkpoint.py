@@ -80,7 +80,7 @@ def test_every_minutes_saves_on_wall_clock(world):
     out = run_recipe(world["tmp"], r)
     ckpts = committed_checkpoints(Path(r["run"]["dir"]) / "checkpoints")
     reasons = {json.loads((c / "manifest.json").read_text())["reason"] for c in ckpts}
-    assert len(ckpts) >= 3 and reasons == {"periodic"}, (out.stdout[-2000:], [c.name for c in ckpts])
+    assert len(ckpts) >= 3 and "periodic" in reasons and reasons <= {"periodic", "end"}, (out.stdout[-2000:], reasons)
     assert train_losses(Path(r["run"]["dir"])) == world["straight"], "saving must not change training"
 
 

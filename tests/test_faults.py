@@ -196,10 +196,11 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
 def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
     """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
     out = tmp_path / "kills.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--kills", "4", "--engines",
-                           "ddp,zero2", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
+    # ddp's save points are killed deterministically in test_checkpoint.py; here the sharded engines.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--kills", "2", "--engines",
+                           "fsdp,zero3", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["kills"] >= 3 and result["all_bit_identical"], result
+    assert result["kills"] == 2 and result["all_bit_identical"], result
