@@ -31,7 +31,7 @@ demo: install data
 	$(VENV)/bin/shardforge run tiny-cpu
 
 test: install data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: install data
 	$(PY) -m benchmarks.cpu

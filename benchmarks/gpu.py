@@ -156,7 +156,7 @@ def run_hf_trainer(recipe: dict, steps: int, warmup: int, device: str) -> dict:
                              dataloader_num_workers=2, disable_tqdm=True, seed=0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    Trainer(model=model, args=args, train_dataset=Blocks()).train()
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Clock()]).train()
     per_step = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
     tokens = r.train.micro_batch_size * r.data.seq_len
     return {"tokens_per_s": tokens / statistics.median(per_step) if per_step else None,
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = 1 if args.cpu_smoke else 8
     card = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu"
     peak = measured_matmul_tflops(device, precision)
-    print(f"device {card}: measured {precision} matmul peak {peak:.1f} TFLOP/s", flush=True)
+    print(f"device {card}: measured {precision} matmul peak {peak:.3g} TFLOP/s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="shardforge-gpu-bench-") as tmp_name:
         tmp = Path(tmp_name)

@@ -196,9 +196,10 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
 def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
     """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
     out = tmp_path / "kills.json"
-    # ddp's save points are killed deterministically in test_checkpoint.py; here the sharded engines.
+    # ddp's save points are killed deterministically in test_checkpoint.py; here ZeRO-3, the most
+    # involved engine (fsdp's exact resume is covered in test_training.py).
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--kills", "2", "--engines",
-                           "fsdp,zero3", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
+                           "zero3", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
