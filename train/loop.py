@@ -180,7 +180,8 @@ def train(run_dir: Path) -> int:
     watchdog = Watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(  # any rank may be first
         lambda msg: write_status(run_dir, "hung", counters.step, loop_started, msg))) \
         if t.step_timeout_s > 0 else None
-    hang_at = fault_step("SHARDFORGE_HANG_AT", d.rank)
+    hang_at = fault_step("SHARDFORGE_HANG_AT", d.rank)  # fault injection, read once
+    nan_at = fault_step("SHARDFORGE_NAN_AT", d.rank)
     kill_armed = "SHARDFORGE_KILL_AT" in os.environ
 
     # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
@@ -191,7 +192,7 @@ def train(run_dir: Path) -> int:
     while counters.step < t.max_steps:
         step_start = time.time()
         timed = watchdog if watchdog and counters.step > first_step else None  # not the first (warm-up) step
-        loss_fn = nan_fault_loss if nan_fault_at(counters.step + 1, d.rank) else causal_lm_loss
+        loss_fn = nan_fault_loss if nan_at == counters.step + 1 else causal_lm_loss
         if kill_armed:  # the kill harness's points inside a step: before forward, before backward
             fault_point("forward", counters.step + 1, d.rank)
             loss_fn = killable(loss_fn, counters.step + 1, d.rank)
@@ -210,7 +211,6 @@ def train(run_dir: Path) -> int:
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)  # a NaN step must not poison the logged mean
             bad += (~finite).float()
-            bad_micro += (~finite).float()
             timers["data_wait_s"] += t1 - t0
             timers["fwd_bwd_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
@@ -219,6 +219,7 @@ def train(run_dir: Path) -> int:
         if kill_armed:
             fault_point("optimizer", counters.step + 1, d.rank)
         grad_norm, skipped = engine.optimizer_step(bad)
+        bad_micro += bad
         nonfinite.record(skipped, counters.step + 1)
         timers["optim_s"] += time.perf_counter() - t2
         counters.step += 1
@@ -336,17 +337,16 @@ class NonFiniteGuard:
 
 
 def fault_step(variable: str, rank: int) -> int:
-    """Fault injection for the tests: ``VARIABLE=step[:rank]`` names the step for this rank (0: none)."""
+    """Fault injection for the tests: ``VARIABLE=step[:rank]`` names the step for this rank (0: none).
+
+    ``SHARDFORGE_NAN_AT`` poisons that step's loss with NaN; ``SHARDFORGE_HANG_AT`` sleeps in its
+    data phase.
+    """
     spec = os.environ.get(variable)
     if not spec:
         return 0
     at_step, *at_rank = spec.split(":")
     return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
-
-
-def nan_fault_at(step: int, rank: int) -> bool:
-    """``SHARDFORGE_NAN_AT=step[:rank]`` poisons that step's loss with NaN on that rank."""
-    return fault_step("SHARDFORGE_NAN_AT", rank) == step
 
 
 def killable(loss_fn, step: int, rank: int):
