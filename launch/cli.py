@@ -101,7 +101,7 @@ def cmd_export(args) -> int:
 
     from launch.export import export
 
-    export(Path(args.run_dir), Path(args.out_dir), args.step)
+    export(Path(args.run_dir), Path(args.out_dir), args.step, lora_export=args.lora)
     return 0
 
 
@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a Hugging Face model directory from a run's checkpoint")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.add_argument("out_dir", help="new output directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step (default: the best one when the run kept it, else the latest committed)")
+    p.add_argument("--lora", choices=("merged", "adapter"), default=None,
+                   help="LoRA runs: fold the adapters into the model, or write the adapter alone "
+                        "(default: the recipe's model.lora.export)")
     p.set_defaults(func=cmd_export)
     return parser
 

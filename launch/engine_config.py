@@ -13,15 +13,33 @@ def shard_block_classes(recipe: Recipe) -> list[str]:
     """Transformer block classes to wrap, from the model class's ``_no_split_modules``."""
     import transformers
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     m = recipe.model
     if m.config is not None:
         model_type = m.config["model_type"]
     else:
         model_type = AutoConfig.from_pretrained(m.pretrained).model_type
-    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
-    return sorted(cls._no_split_modules or [])
+    cls = getattr(transformers, task_model_classes(recipe.task)[model_type])
+    if cls._no_split_modules:
+        return sorted(cls._no_split_modules)
+    # Some classes (BERT's) name no blocks: wrap the layers of a weightless (meta-device) copy.
+    import torch
+
+    from train.model import build_config, layer_stack
+
+    with torch.device("meta"):
+        model = cls._from_config(build_config(m, 1024))
+    layers = layer_stack(model)
+    return [type(layers[0]).__name__] if layers else []
+
+
+def task_model_classes(task: str) -> dict[str, str]:
+    """model_type → the transformers class name that serves ``task``."""
+    from transformers.models.auto import modeling_auto as auto
+
+    return {"sequence_classification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            "token_classification": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+            }.get(task, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
 def fsdp_config(recipe: Recipe, block_classes: list[str]) -> dict:

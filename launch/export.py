@@ -29,8 +29,13 @@ class ExportError(ValueError):
 
 
 def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
-    """The verified checkpoint of ``step``, or the latest verified one."""
+    """The verified checkpoint of ``step``; else the best one (``checkpoints/best.json``, kept by
+    fine-tuning runs) when it verifies; else the latest verified one."""
     root = run_dir / "checkpoints"
+    if step is None and (root / "best.json").exists():
+        best = root / json.loads((root / "best.json").read_text())["checkpoint"]
+        if verify(best) is None:
+            return best
     if step is None:
         ckpt = latest_valid(root, warn=lambda msg: print(f"shardforge: {msg}"))
         if ckpt is None:
@@ -59,13 +64,33 @@ def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     return state["model"]
 
 
-def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print) -> Path:
-    """Write ``out_dir`` as a ``from_pretrained``-loadable model with the run's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def build_export_model(recipe, run_dir: Path, vocab_size: int) -> torch.nn.Module:
+    """The recipe's model on CPU, randomly initialised (LoRA adapters included), ready for a state dict."""
+    from train.loop import LABELS_FILE
+    from train.model import add_lora, auto_model_class, build_config
+
+    labels_file = run_dir / LABELS_FILE
+    labels = json.loads(labels_file.read_text()) if labels_file.exists() else None
+    config = build_config(recipe.model, vocab_size, labels)
+    config.use_cache = True
+    model = auto_model_class(recipe.task).from_config(config)  # on CPU: non-persistent buffers need real init
+    if recipe.model.lora is not None:
+        model = add_lora(model, recipe.model.lora, recipe.task)
+    return model
+
+
+def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
+           lora_export: Optional[str] = None) -> Path:
+    """Write ``out_dir`` as a ``from_pretrained``-loadable model with the run's tokenizer.
+
+    With LoRA, ``lora_export`` (default: the recipe's ``model.lora.export``) picks ``merged`` (a
+    plain model with the adapters folded in) or ``adapter`` (peft's adapter files alone, for
+    ``PeftModel.from_pretrained`` on top of ``model.pretrained``).
+    """
+    from transformers import AutoTokenizer
 
     from launch.recipe import RecipeError
     from train.loop import read_recipe
-    from train.model import build_config
 
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run directory (no recipe.yaml); pass runs/<name>")
@@ -77,9 +102,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print) 
         raise RecipeError(f"{run_dir / 'recipe.yaml'}: {err}") from None
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    config = build_config(recipe.model, len(tokenizer))
-    config.use_cache = True
-    model = AutoModelForCausalLM.from_config(config)  # on CPU: non-persistent buffers need real init
+    model = build_export_model(recipe, run_dir, len(tokenizer))
     state = full_state_dict(ckpt, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if model.config.tie_word_embeddings and k.endswith("lm_head.weight")}
@@ -88,14 +111,21 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print) 
                           f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
     if tied:
         model.tie_weights()
+    mode = None
+    if recipe.model.lora is not None:
+        mode = lora_export or recipe.model.lora.export
+        if mode == "merged":
+            model = model.merge_and_unload()
+        else:
+            model.peft_config["default"].base_model_name_or_path = recipe.model.pretrained
     out_dir = out_dir.resolve()
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     (tmp / "shardforge_export.json").write_text(json.dumps(
-        {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "engine":
-         json.loads((ckpt / MANIFEST).read_text())["engine"]}, indent=1))
+        {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "task": recipe.task, "lora": mode,
+         "engine": json.loads((ckpt / MANIFEST).read_text())["engine"]}, indent=1))
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(tmp, out_dir)

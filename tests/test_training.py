@@ -141,7 +141,7 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     batches = [b for rank in range(world_size)
                for b in eval_batches(data.val, micro, rank, world_size, recipe.train.eval_batches)]
     with torch.no_grad():
-        loss = sum(causal_lm_loss(model, {"input_ids": b}).item() for b in batches) / len(batches)
+        loss = sum(causal_lm_loss(model, b).item() for b in batches) / len(batches)
     assert abs(loss - _eval_loss(straight[engine])) < 1e-5, (loss, _eval_loss(straight[engine]))
     again = launch_in_process("export", str(straight[engine]), str(out))
     assert again.returncode == 2 and "not empty" in again.stderr

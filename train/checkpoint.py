@@ -173,7 +173,10 @@ class Checkpointer:
         self.rank, self.world, self.meta, self.log = rank, world, meta, log
         self.last_save_s: Optional[float] = None
 
-    def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict) -> Path:
+    def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
+             protect: set[int] = frozenset()) -> Path:
+        """Save and commit ``step``, then prune all but the newest ``keep_last``, every ``keep_every``
+        multiple and the steps in ``protect`` (the best checkpoint)."""
         start = time.time()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
@@ -210,7 +213,7 @@ class Checkpointer:
             manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
                         "saved_at": time.time(), "files": digests}
             _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
-            self._prune(keep_last, keep_every, step)
+            self._prune(keep_last, keep_every, step, protect)
         dist.barrier()
         self.last_save_s = time.time() - start
         return final
@@ -231,12 +234,12 @@ class Checkpointer:
             f"and {free / 2**20:.1f} MiB are free on {self.root}; the partial save was removed and the "
             f"latest checkpoint is still {kept}. Free space (or lower checkpoint.keep_last), then run again")
 
-    def _prune(self, keep_last: int, keep_every: int, saving_step: int) -> None:
+    def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: set[int]) -> None:
         ckpts = committed_checkpoints(self.root)
         newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
         for ckpt in ckpts:
             step = int(_STEP_DIR.match(ckpt.name).group(1))
-            if ckpt in newest or (keep_every and step % keep_every == 0):
+            if ckpt in newest or (keep_every and step % keep_every == 0) or step in protect:
                 continue
             fault_point("prune", saving_step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
@@ -271,5 +274,8 @@ class Checkpointer:
         for name, part in self.parts.items():
             if name == "rng" and not same_world:
                 continue  # per-rank RNG streams cannot map onto another world size; reseeded instead
+            if name not in state:  # saved by an older version that did not track this part
+                self.log(f"checkpoint: {ckpt.name} has no {name!r} state; {name} starts afresh")
+                continue
             part.load_state_dict(state[name])
         return manifest

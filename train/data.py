@@ -40,8 +40,8 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-def load_source(src: SourceConfig, where: str):
-    """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
+def load_records(src: SourceConfig, where: str):
+    """Load one source as a ``datasets.Dataset`` with its own columns (checked to be non-empty)."""
     import datasets
 
     files = _local_files(src.path)
@@ -73,16 +73,27 @@ def load_source(src: SourceConfig, where: str):
                             f"(split {src.split!r}): {_first_line(err)}") from None
     if len(ds) == 0:
         raise DataError(f"{where}: {src.path!r} has no records; point it at non-empty data")
-    if src.template is None and src.text_field not in ds.column_names:
-        raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
-                        f"(columns: {', '.join(ds.column_names)}); set {where}.text_field")
-    template, field_name = src.template, src.text_field
-    if template is not None:
+    return ds
+
+
+def check_template(src: SourceConfig, ds, where: str) -> None:
+    """Fail early, in one line, when a source's template names a column the records lack."""
+    if src.template is not None:
         try:
-            template.format_map(ds[0])
+            src.template.format_map(ds[0])
         except (KeyError, IndexError, ValueError) as err:
             raise DataError(f"{where}.template: {err!s} does not match the columns "
                             f"{ds.column_names} of {src.path!r}; fix the template") from None
+
+
+def load_source(src: SourceConfig, where: str):
+    """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
+    ds = load_records(src, where)
+    if src.template is None and src.text_field not in ds.column_names:
+        raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
+                        f"(columns: {', '.join(ds.column_names)}); set {where}.text_field")
+    check_template(src, ds, where)
+    template, field_name = src.template, src.text_field
 
     def to_text(batch: dict) -> dict:
         n = len(next(iter(batch.values())))
@@ -197,11 +208,26 @@ class PreparedData:
     """Fingerprint of the data recipe and tokenizer; names the cache directory."""
     stats: dict
     """Token counts and whether the cache was hit."""
+    test: Any = None
+    """Fine-tuning tasks: the test split (may be empty)."""
+    labels: Optional[list[str]] = None
+    """Classification tasks: label names by class id."""
+
+
+def source_stamps(recipe: Recipe) -> list:
+    """(file, size, mtime) of every local data file, so editing data in place refreshes the cache."""
+    d = recipe.data
+    stamps = []
+    for src in [*d.sources, d.val_source, d.test_source]:
+        for f in (_local_files(src.path) or []) if src is not None else []:
+            st = os.stat(f)
+            stamps.append([f, st.st_size, st.st_mtime_ns])
+    return stamps
 
 
 def data_cache_key(recipe: Recipe, tokenizer) -> str:
     d = recipe.data
-    return _hash({"sources": [asdict(s) for s in d.sources], "seq_len": d.seq_len,
+    return _hash({"sources": [asdict(s) for s in d.sources], "files": source_stamps(recipe), "seq_len": d.seq_len,
                   "val_fraction": d.val_fraction, "val_source": d.val_source and asdict(d.val_source),
                   "max_samples": d.max_samples, "tokenizer": tokenizer_fingerprint(tokenizer),
                   "seed": recipe.run.seed, "v": DATA_FORMAT_VERSION})
@@ -212,6 +238,10 @@ def prepare_data(recipe: Recipe, log=print) -> PreparedData:
     d = recipe.data
     cache_root = Path(d.cache_dir).expanduser()
     tokenizer = load_or_train_tokenizer(recipe, cache_root)
+    if recipe.task != "causal_lm":
+        from train.task_data import prepare_task_data
+
+        return prepare_task_data(recipe, tokenizer, log=log)
     key = data_cache_key(recipe, tokenizer)
     out = cache_root / key
     if (out / "stats.json").exists():
@@ -333,17 +363,29 @@ def rank_slice(step_indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 
 class _PackedSamples(torch.utils.data.Dataset):
+    """Batches of samples as a dict of int64 tensors, one per column.
+
+    Padded (fine-tuning) samples are trimmed to the longest in the batch, so a batch of short
+    records costs what it holds, not ``seq_len``.
+    """
+
     def __init__(self, ds):
         self.ds = ds.with_format("numpy")
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.ds[indices]["input_ids"], dtype=np.int64))
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.ds[indices]
+        batch = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in rows.items()}
+        mask = batch.get("attention_mask")
+        if mask is not None and len(mask):
+            width = int(mask.sum(1).max())
+            batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+        return batch
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.__getitems__([i])[0]
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
 
 
 def _identity(batch):
@@ -399,7 +441,7 @@ class TrainBatches:
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         return iter(loader)
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> dict[str, torch.Tensor]:
         if self._it is None:
             self._it = self._start()
         batch = next(self._it)
@@ -430,12 +472,30 @@ class TrainBatches:
         self._yielded, self._it = 0, None
 
 
-def eval_batches(dataset, micro: int, rank: int, world: int, num_batches: int) -> list[torch.Tensor]:
-    """A fixed, rank-sharded list of validation micro-batches (the same at every evaluation)."""
-    n = min(len(dataset), micro * world * num_batches)
-    per_rank = n // world
-    if per_rank == 0:
-        return []
-    idx = list(range(rank * per_rank, (rank + 1) * per_rank))
+def eval_batches(dataset, micro: int, rank: int, world: int, num_batches: int) -> list[dict]:
+    """A fixed, rank-sharded list of validation micro-batches (the same at every evaluation).
+
+    ``num_batches`` > 0: that many micro-batches per rank from the start of the split.
+    ``num_batches`` = 0: the whole split; every rank gets the same number of batches (sharded
+    engines run collectives in forward), the last ones filled up with repeats whose
+    ``sample_weight`` is 0 so they count for nothing.
+    """
     samples = _PackedSamples(dataset)
-    return [samples.__getitems__(idx[j: j + micro]) for j in range(0, per_rank, micro)]
+    if num_batches > 0:
+        n = min(len(dataset), micro * world * num_batches)
+        per_rank = n // world
+        idx = list(range(rank * per_rank, (rank + 1) * per_rank))
+        return [samples.__getitems__(idx[j: j + micro]) for j in range(0, per_rank, micro)]
+    if len(dataset) == 0:
+        return []
+    per_rank = -(-len(dataset) // world)
+    per_rank = -(-per_rank // micro) * micro
+    mine = [rank * per_rank + i for i in range(per_rank)]
+    batches = []
+    for j in range(0, per_rank, micro):
+        chunk = mine[j: j + micro]
+        real = [i < len(dataset) for i in chunk]
+        batch = samples.__getitems__([i if ok else 0 for i, ok in zip(chunk, real)])
+        batch["sample_weight"] = torch.tensor(real, dtype=torch.float32)
+        batches.append(batch)
+    return batches

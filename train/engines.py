@@ -51,9 +51,10 @@ class Engine:
         """
         raise NotImplementedError
 
-    def eval_loss(self, batch: dict, loss_fn: LossFn) -> torch.Tensor:
+    def eval_forward(self, batch: dict, fn: LossFn) -> torch.Tensor:
+        """``fn(model, batch)`` without gradients, in the engine's compute precision."""
         with torch.no_grad(), self.autocast():
-            return loss_fn(self.model, batch).detach().float()
+            return fn(self.model, batch).detach()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -18,10 +18,13 @@ import yaml
 from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState, fault_point
 from train.data import DataError, TrainBatches, eval_batches, prepare_data
 from train.distributed import DistInfo, init_distributed
-from train.engines import Engine, build_engine
+from train.engines import build_engine
+from train.evaluation import evaluate, headline, write_test_results
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
-from train.model import build_model, causal_lm_loss
+from train.model import build_model
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
+from train.scores import EarlyStopping
+from train.tasks import Task, build_task
 from train.stop import StopRequest
 from train.watchdog import Watchdog
 
@@ -89,29 +92,40 @@ def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log):
         data = prepare_data(recipe, log=lambda *_: None)
     if d.is_main:
         data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        if data.labels:  # the label map, for export and for reading the metrics
+            (run_dir / LABELS_FILE).write_text(json.dumps(data.labels, indent=1))
     return data
 
 
-def evaluate(engine: Engine, batches: list[torch.Tensor], device: torch.device) -> float:
-    engine.eval()
-    total = torch.zeros(2, device=device)
-    for ids in batches:
-        total[0] += engine.eval_loss({"input_ids": ids.to(device)}, causal_lm_loss)
-        total[1] += 1
-    dist.all_reduce(total)
-    engine.train()
-    return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+LABELS_FILE = "labels.json"
+BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
+
+
+def resolve_epochs(recipe: Recipe, train_samples: int, log) -> None:
+    """``train.epochs`` > 0 sets ``train.max_steps`` from the size of the training split."""
+    t = recipe.train
+    if t.epochs > 0:
+        per_epoch = max(1, train_samples // t.global_batch_size)
+        t.max_steps = max(1, math.ceil(t.epochs * per_epoch))
+        log(f"train: {t.epochs:g} epochs of {per_epoch} steps ({train_samples} samples / "
+            f"global batch {t.global_batch_size}) = {t.max_steps} steps")
 
 
 def train(run_dir: Path) -> int:
     recipe = read_recipe(run_dir)
     d = init_distributed(recipe.parallel.engine)
     log = print if d.is_main else (lambda *a, **k: None)
+    if not d.is_main:  # one copy of transformers' load reports and warnings is enough
+        import transformers
+
+        transformers.logging.set_verbosity_error()
     t, seq_len = recipe.train, recipe.data.seq_len
     accum = grad_accum_steps(recipe)
 
     data = prepare_on_rank0(recipe, d, run_dir, log)
-    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed)
+    resolve_epochs(recipe, len(data.train), log)
+    task = build_task(recipe.task, data.labels)
+    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log)
     flops_token = flops_per_token(model, seq_len)
     engine = build_engine(recipe, model, d.device, run_dir)
     batches = TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
@@ -119,9 +133,11 @@ def train(run_dir: Path) -> int:
                            pin_memory=d.device.type == "cuda")
     val = eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size, t.eval_batches)
     counters = Counters()
-    ckpt_cfg = recipe.checkpoint
+    ckpt_cfg, ev = recipe.checkpoint, recipe.eval
+    early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)
+    keep_best = ev.keep_best if ev.keep_best is not None else recipe.task != "causal_lm"
     checkpointer = Checkpointer(run_dir / "checkpoints", engine,
-                                {"data": batches, "counters": counters, "rng": RNGState()},
+                                {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early},
                                 d.rank, d.world_size, meta={"engine": recipe.parallel.engine,
                                                             "data_key": data.key}, log=log)
     seed_rank(recipe.run.seed, d.rank)
@@ -152,7 +168,7 @@ def train(run_dir: Path) -> int:
     def step_seconds() -> float:
         return counters.elapsed_s / max(1, counters.step)
 
-    def save(reason: str) -> None:
+    def save(reason: str, protect: tuple = ()) -> bool:
         nonlocal last_save_time
         nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
         if watchdog:
@@ -161,13 +177,14 @@ def train(run_dir: Path) -> int:
             path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
                                      {"tokens": counters.tokens, "reason": reason,
                                       "next_batch_fingerprint": batches.fingerprint(),
-                                      "seed": recipe.run.seed, "global_batch_size": t.global_batch_size})
+                                      "seed": recipe.run.seed, "global_batch_size": t.global_batch_size},
+                                     protect={s for s in (*protect, early.best_step) if s and keep_best})
         except CheckpointSaveError as err:
             if ckpt_cfg.on_error == "stop":
                 raise
             log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
             last_save_time = time.time()
-            return
+            return False
         last_save_time = time.time()
         log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
         lead = recipe.slurm.signal_lead_s
@@ -175,6 +192,39 @@ def train(run_dir: Path) -> int:
             log(f"warning: a save takes {checkpointer.last_save_s:.0f} s and a step {step_seconds():.0f} s, "
                 f"more than slurm.signal_lead_s={lead}: a job stopped at its time limit would lose "
                 f"its last steps; raise slurm.signal_lead_s")
+        return True
+
+    def validate(step: int) -> bool:
+        """Evaluate, log, update early stopping; return whether this is the best evaluation yet."""
+        metrics = evaluate(engine, task, val, d.device)
+        improved = early.update(metrics.get(ev.metric, float("nan")), step)
+        if writer:
+            writer.write(step, {"eval_loss": metrics["loss"], "eval_ppl": metrics.get("perplexity"),
+                                **{f"eval_{k}": v for k, v in metrics.items() if k not in ("loss", "perplexity")}})
+        log(f"step {step}: eval {headline(metrics, task)}" + (f" (best {ev.metric})" if improved and
+                                                               ev.metric != "loss" else ""))
+        if early.stopped:
+            log(f"early stopping: {ev.metric} did not improve for {early.bad_evals} evaluations "
+                f"(eval.patience={ev.patience}); best {early.best:.4f} at step {early.best_step}")
+        return improved
+
+    def test_with_best_weights() -> None:
+        """Evaluate the test split once, with the best checkpoint's weights when it is kept."""
+        source = f"step-{counters.step:06d} (final weights)"
+        best = run_dir / "checkpoints" / f"step-{early.best_step or 0:06d}"
+        if keep_best and early.best_step and early.best_step != counters.step and (best / "manifest.json").exists():
+            engine.load(best, json.loads((best / "manifest.json").read_text())["world_size"])
+            source = f"{best.name} (best {ev.metric})"
+        if watchdog:
+            watchdog.beat(counters.step, "test evaluation", restart=True)
+        metrics = evaluate(engine, task, eval_batches(data.test, t.micro_batch_size, d.rank, d.world_size, 0),
+                           d.device)
+        if writer:
+            writer.write(counters.step, {f"test_{k}": v for k, v in metrics.items()})
+        if d.is_main:
+            write_test_results(run_dir, metrics, data.labels, len(data.test), source, counters.step)
+        log(f"test ({len(data.test)} samples, {source}): {headline(metrics, task)}; "
+            f"wrote {run_dir / 'test_results.md'}")
 
     nonfinite = NonFiniteGuard(t.on_nonfinite, engine.name, d.device, batches, run_dir)
     watchdog = Watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(  # any rank may be first
@@ -188,26 +238,27 @@ def train(run_dir: Path) -> int:
     engine.train()
     loss_sum, bad_micro, window_steps = torch.zeros((), device=d.device), torch.zeros((), device=d.device), 0
     timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
-    window_start, stopped, first_step = time.time(), False, counters.step
-    while counters.step < t.max_steps:
+    window_start, stopped, first_step, window_tokens = time.time(), False, counters.step, 0
+    while counters.step < t.max_steps and not early.stopped:
         step_start = time.time()
         timed = watchdog if watchdog and counters.step > first_step else None  # not the first (warm-up) step
-        loss_fn = nan_fault_loss if nan_at == counters.step + 1 else causal_lm_loss
+        loss_fn = nan_fault(task.loss) if nan_at == counters.step + 1 else task.loss
         if kill_armed:  # the kill harness's points inside a step: before forward, before backward
             fault_point("forward", counters.step + 1, d.rank)
             loss_fn = killable(loss_fn, counters.step + 1, d.rank)
-        bad = torch.zeros((), device=d.device)
+        bad, step_tokens = torch.zeros((), device=d.device), 0
         for micro in range(accum):
             t0 = time.perf_counter()
             if timed:
                 timed.beat(counters.step + 1, "data")
                 if hang_at == counters.step + 1:
                     time.sleep(10**6)  # fault injection for the watchdog test
-            ids = next(batches).to(d.device, non_blocking=True)
+            batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
+            step_tokens += batch["input_ids"].numel() * d.world_size  # padding trimmed; rank 0's count
             t1 = time.perf_counter()
             if timed:
                 timed.beat(counters.step + 1, "forward-backward")
-            loss = engine.forward_backward({"input_ids": ids}, loss_fn, micro == accum - 1)
+            loss = engine.forward_backward(batch, loss_fn, micro == accum - 1)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)  # a NaN step must not poison the logged mean
             bad += (~finite).float()
@@ -223,9 +274,9 @@ def train(run_dir: Path) -> int:
         nonfinite.record(skipped, counters.step + 1)
         timers["optim_s"] += time.perf_counter() - t2
         counters.step += 1
-        counters.tokens += t.global_batch_size * seq_len
+        counters.tokens += step_tokens
         counters.elapsed_s += time.time() - step_start
-        window_steps += 1
+        window_steps, window_tokens = window_steps + 1, window_tokens + step_tokens
 
         if counters.step % t.log_every == 0 or counters.step == t.max_steps:
             good = torch.clamp(accum * window_steps - bad_micro, min=1)  # NaN losses are left out
@@ -236,7 +287,7 @@ def train(run_dir: Path) -> int:
             telemetry_all = [None] * d.world_size
             dist.all_gather_object(telemetry_all, telemetry.drain())
             seconds = time.time() - window_start
-            tps = window_steps * t.global_batch_size * seq_len / seconds
+            tps = window_tokens / seconds
             values = {"loss": stats[0], "grad_norm": stats[1], "lr": engine.lr,
                       "tokens_per_s": tps, "tokens_per_s_per_device": tps / d.world_size,
                       "samples_per_s": window_steps * t.global_batch_size / seconds,
@@ -255,20 +306,21 @@ def train(run_dir: Path) -> int:
                 writer.progress(counters.step, values)
             loss_sum.zero_()
             bad_micro.zero_()
-            window_steps, window_start = 0, time.time()
+            window_steps, window_tokens, window_start = 0, 0, time.time()
             timers = dict.fromkeys(timers, 0.0)
 
         last = counters.step == t.max_steps
         if last:
             nonfinite.check(counters.step)
+        new_best, previous_best = False, early.best_step
         if (t.eval_every and counters.step % t.eval_every == 0) or last:
             if watchdog:
                 watchdog.beat(counters.step, "evaluation", restart=True)
-            eval_loss = evaluate(engine, val, d.device)
-            if writer:
-                writer.write(counters.step, {"eval_loss": eval_loss,
-                                             "eval_ppl": math.exp(min(eval_loss, 50))})
-            log(f"step {counters.step}: eval loss {eval_loss:.4f}")
+            new_best = validate(counters.step)
+            last = last or early.stopped
+            if new_best and keep_best and not (last and ckpt_cfg.at_end) and \
+                    not (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0):
+                save("best", protect=(previous_best,))
 
         timed_save = bool(ckpt_cfg.every_minutes) and d.is_main and \
             time.time() - last_save_time >= 60 * ckpt_cfg.every_minutes
@@ -283,7 +335,12 @@ def train(run_dir: Path) -> int:
             break
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
-            save("end" if last else "periodic")
+            save("end" if last else "periodic", protect=(previous_best,) if new_best else ())
+        if new_best and keep_best and d.is_main:
+            write_best(run_dir, early, counters.step)
+
+    if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
+        test_with_best_weights()
 
     telemetry.close()
     if watchdog:
@@ -358,8 +415,20 @@ def killable(loss_fn, step: int, rank: int):
     return wrapped
 
 
-def nan_fault_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    return causal_lm_loss(model, batch) * float("nan")
+def nan_fault(loss_fn):
+    """``loss_fn`` times NaN: fault injection for the non-finite tests."""
+    return lambda model, batch: loss_fn(model, batch) * float("nan")
+
+
+def write_best(run_dir: Path, early: EarlyStopping, step: int) -> None:
+    """Point ``checkpoints/best.json`` at the best evaluation's checkpoint once it is committed."""
+    ckpt = run_dir / "checkpoints" / f"step-{step:06d}"
+    if not (ckpt / "manifest.json").exists():  # the save failed (checkpoint.on_error=continue)
+        return
+    tmp = run_dir / "checkpoints" / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "checkpoint": ckpt.name, "metric": early.metric,
+                               "value": early.best}, indent=1))
+    os.replace(tmp, run_dir / "checkpoints" / BEST_FILE)
 
 
 def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:

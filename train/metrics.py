@@ -166,6 +166,16 @@ TB_TAGS = {
 }
 
 
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key: :data:`TB_TAGS`, ``eval_x`` → ``eval/x``, ``test_x`` → ``test/x``."""
+    if key in TB_TAGS:
+        return TB_TAGS[key]
+    for prefix in ("eval", "test"):
+        if key.startswith(prefix + "_"):
+            return f"{prefix}/{key[len(prefix) + 1:]}"
+    return key
+
+
 class MetricsWriter:
     """Rank 0's sink: one JSON object per log step in ``metrics.jsonl``, TensorBoard, a console line."""
 
@@ -215,7 +225,7 @@ class MetricsWriter:
         while (record := self._queue.get()) is not None:
             for key, value in record.items():
                 if key not in ("step", "time"):
-                    self.tb.add_scalar(TB_TAGS.get(key, key), value, record["step"])
+                    self.tb.add_scalar(tb_tag(key), value, record["step"])
             if time.monotonic() - self._flushed >= self.FLUSH_EVERY_S:  # a flush costs a file sync
                 self.tb.flush()
                 self._flushed = time.monotonic()

@@ -3,36 +3,60 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from train.recipe import ModelConfig
 
 
-def build_config(cfg: ModelConfig, vocab_size: int):
-    """The transformers config for the recipe's model (no weights loaded)."""
+def build_config(cfg: ModelConfig, vocab_size: int, labels: Optional[list[str]] = None):
+    """The transformers config for the recipe's model (no weights loaded), with the label map."""
     from transformers import AutoConfig
 
+    label_kwargs = {}
+    if labels:
+        label_kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                        "label2id": {name: i for i, name in enumerate(labels)}}
     if cfg.pretrained:
-        return AutoConfig.from_pretrained(cfg.pretrained)
+        return AutoConfig.from_pretrained(cfg.pretrained, **label_kwargs)
     inline = dict(cfg.config or {})
     model_type = inline.pop("model_type")
     inline.setdefault("vocab_size", int(math.ceil(vocab_size / 64) * 64))
-    return AutoConfig.for_model(model_type, **inline)
+    return AutoConfig.for_model(model_type, **inline, **label_kwargs)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module:
-    """Build on CPU in fp32 with the same seed on every rank (identical init before sharding)."""
-    from transformers import AutoModelForCausalLM
+def auto_model_class(task: str):
+    """``AutoModelForCausalLM`` (causal_lm, sft), ``...ForSequenceClassification`` or ``...ForTokenClassification``."""
+    import transformers
 
+    from train.tasks import TASKS
+
+    return getattr(transformers, TASKS[task].auto_class)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causal_lm",
+                labels: Optional[list[str]] = None, log=print) -> torch.nn.Module:
+    """Build on CPU in fp32 with the same seed on every rank (identical init before sharding).
+
+    A pretrained encoder gets a freshly initialised head for the task (same seed everywhere);
+    then layers are frozen and LoRA adapters added as the recipe says.
+    """
+    auto = auto_model_class(task)
     torch.manual_seed(seed)
+    config = build_config(cfg, vocab_size, labels)
     if cfg.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation,
-                                                     dtype=torch.float32)
+        model = auto.from_pretrained(cfg.pretrained, config=config, attn_implementation=cfg.attn_implementation,
+                                     dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_config(build_config(cfg, vocab_size),
-                                                 attn_implementation=cfg.attn_implementation)
+        model = auto.from_config(config, attn_implementation=cfg.attn_implementation)
+    freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora, task)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable < total:
+        log(f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -40,6 +64,35 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> torch.nn.Module
         for block in transformer_blocks(model):
             block.compile()
     return model
+
+
+def layer_stack(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer layers in order: the ModuleList as long as ``num_hidden_layers``."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    return list(stacks[0]) if stacks else []
+
+
+def freeze(model: torch.nn.Module, embeddings: bool, first_layers: int) -> None:
+    """Stop gradients to the input embeddings (a tied head with them) and the first ``first_layers`` layers."""
+    modules = list(layer_stack(model)[:first_layers])
+    if embeddings:
+        modules.append(model.get_input_embeddings())
+        positions = [m for name, m in model.named_modules() if name.endswith("position_embeddings")]
+        modules += positions
+    for module in modules:
+        module.requires_grad_(False)
+
+
+def add_lora(model: torch.nn.Module, lora, task: str) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only they (and a classification head) train."""
+    from peft import LoraConfig, get_peft_model
+
+    from train.tasks import TASKS
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type=TASKS[task].peft_task_type)
+    return get_peft_model(model, config)
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -50,6 +103,6 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over every position of the packed batch."""
-    ids = batch["input_ids"]
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    from train.tasks import CausalLM
+
+    return CausalLM().loss(model, batch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,26 @@ class ModelConfig:
     """``torch.compile`` each transformer block."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: ``sdpa``, ``eager`` or ``flash_attention_2``."""
+    freeze_embeddings: bool = False
+    """Train without updating the input embeddings (and a head tied to them)."""
+    freeze_layers: int = 0
+    """Freeze the first N transformer layers (counted from the input)."""
+    lora: Optional["LoraSettings"] = None
+    """Train LoRA adapters (``peft``) instead of the full model; ddp and fsdp only."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is multiplied by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: Optional[list[str]] = None
+    """Module names to adapt (e.g. ``[q_proj, v_proj]``); ``None`` uses peft's default for the architecture."""
+    export: Literal["merged", "adapter"] = "merged"
+    """``shardforge export`` writes the base model with the adapter merged in, or the adapter alone."""
 
 
 @dataclass
@@ -93,6 +114,20 @@ class DataConfig:
     """DataLoader worker processes per rank (0 loads in the training process)."""
     max_samples: Optional[int] = None
     """Use at most this many packed training samples (for smoke tests)."""
+    test_fraction: float = 0.0
+    """Fine-tuning tasks: fraction of records held out as the test split (when no ``test_source``)."""
+    test_source: Optional[SourceConfig] = None
+    """Fine-tuning tasks: a separate test source, evaluated once at the end with the best weights."""
+    label_field: str = "label"
+    """Classification: the column with each record's label; token classification: the column with
+    the list of per-word tags (the words are in ``text_field``)."""
+    prompt_field: str = "prompt"
+    """SFT: the prompt column (or a source's ``template`` renders the prompt)."""
+    response_field: str = "response"
+    """SFT: the response column; the loss covers only these tokens (and the EOS after them)."""
+    messages_field: str = "messages"
+    """SFT: a column of chat records ``[{role, content}, ...]``, used when there is no prompt column;
+    the loss covers the assistant turns only."""
 
 
 @dataclass
@@ -126,7 +161,9 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batches: int = 4
-    """Micro-batches per rank per evaluation."""
+    """Micro-batches per rank per evaluation; 0: the whole validation split."""
+    epochs: float = 0.0
+    """Train this many passes over the training split (sets ``max_steps``); 0: use ``max_steps``."""
     log_every: int = 10
     """Log metrics every N steps."""
     stop_after: int = 0
@@ -139,6 +176,26 @@ class TrainConfig:
     step_timeout_s: float = 0.0
     """Hang watchdog: a step (or save) that runs longer dumps every rank's Python stack and exits
     non-zero so the job can be requeued; 0: off."""
+
+
+@dataclass
+class EvalConfig:
+    metric: str = "loss"
+    """The validation metric for early stopping and the best checkpoint: ``loss`` or ``perplexity``;
+    classification adds ``accuracy``, ``macro_f1``, ``micro_f1``; token classification adds
+    ``entity_f1``, ``entity_precision``, ``entity_recall``, ``token_accuracy``."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower or higher is better; ``auto``: lower for loss and perplexity, higher otherwise."""
+    patience: int = 0
+    """Stop after this many evaluations in a row without improvement; 0: never stop early."""
+    min_delta: float = 0.0
+    """An improvement must beat the best value by more than this."""
+    keep_best: Optional[bool] = None
+    """Save a checkpoint whenever the metric improves and never prune it; ``None``: on for the
+    fine-tuning tasks, off for ``causal_lm``."""
+    test_at_end: bool = True
+    """Evaluate the test split at the end, with the best checkpoint's weights, into
+    ``test_results.json`` and ``test_results.md``."""
 
 
 @dataclass
@@ -214,8 +271,23 @@ class SlurmConfig:
     """Environment variables exported in the job."""
 
 
+_CLASSIFICATION = ("loss", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall",
+                   "micro_precision", "micro_recall")
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("loss", "perplexity"),
+    "sft": ("loss", "perplexity"),
+    "sequence_classification": _CLASSIFICATION,
+    "token_classification": ("loss", "entity_f1", "entity_precision", "entity_recall", "token_accuracy",
+                             *_CLASSIFICATION[2:]),
+}
+"""The validation metrics of each task (``eval.metric`` picks one); the first few are logged on the console."""
+
+
 @dataclass
 class Recipe:
+    task: Literal["causal_lm", "sft", "sequence_classification", "token_classification"] = "causal_lm"
+    """``causal_lm`` (packed pre-training), ``sft`` (prompt/response or chat, loss on responses),
+    ``sequence_classification`` or ``token_classification`` (labels read from the data)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Name, directory and seed."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -226,6 +298,8 @@ class Recipe:
     """Optimizer and LR schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Steps and batch sizes."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation metric, early stopping, best checkpoint, test split."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Engine, precision and process counts."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -274,6 +348,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted or record a problem."""
     origin = typing.get_origin(tp)
@@ -314,6 +391,8 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             problems.append(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value

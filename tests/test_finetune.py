@@ -1,0 +1,370 @@
+"""Fine-tuning: SFT, sequence and token classification, metrics, early stopping, LoRA, freezing.
+
+Unit tests check the arithmetic and the labels by hand; the launches are real 2-process runs on
+CPU (gloo), each task under two engines, one of them sharded. The data are real Shakespeare
+passages (tests/helpers.make_finetune_data) and the tokenizer is the real MiniLM WordPiece one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import (finetune_recipe, launch_in_process, make_finetune_data, make_pretrained, minilm_dir,
+                           read_metrics, run_recipe, train_losses)
+from train.recipe import recipe_from_dict
+from train.scores import EarlyStopping, bio_entities, classification_scores, entity_counts, entity_scores
+from train.tasks import IGNORE
+
+
+# ---------------------------------------------------------------- arithmetic, by hand
+
+
+def test_classification_scores_match_hand_computation():
+    confusion = np.array([[5, 1, 0],   # gold a: 5 right, 1 taken for b
+                          [2, 3, 1],   # gold b
+                          [0, 0, 4]])  # gold c
+    s = classification_scores(confusion, ["a", "b", "c"])
+    assert s["accuracy"] == pytest.approx(12 / 16)
+    # a: precision 5/7, recall 5/6, F1 10/13; b: 3/4, 3/6, 0.6; c: 4/5, 4/4, 8/9
+    assert (s["precision/a"], s["recall/a"], s["f1/a"]) == pytest.approx((5 / 7, 5 / 6, 10 / 13))
+    assert (s["precision/b"], s["recall/b"], s["f1/b"]) == pytest.approx((0.75, 0.5, 0.6))
+    assert (s["precision/c"], s["recall/c"], s["f1/c"]) == pytest.approx((0.8, 1.0, 8 / 9))
+    assert s["macro_f1"] == pytest.approx((10 / 13 + 0.6 + 8 / 9) / 3)
+    assert s["macro_precision"] == pytest.approx((5 / 7 + 0.75 + 0.8) / 3)
+    assert s["micro_precision"] == s["micro_recall"] == s["micro_f1"] == pytest.approx(0.75)
+    # a class absent from gold and predictions does not dilute the macro average
+    wider = classification_scores(np.pad(confusion, ((0, 1), (0, 1))), ["a", "b", "c", "unused"])
+    assert wider["macro_f1"] == pytest.approx(s["macro_f1"])
+
+
+def test_entity_scores_match_hand_computation():
+    gold = ["B-PER", "I-PER", "O", "B-LOC", "O", "B-PER"]
+    pred = ["B-PER", "I-PER", "O", "B-PER", "O", "I-PER"]  # wrong type at 3; I- after O starts an entity
+    assert bio_entities(gold) == {("PER", 0, 2), ("LOC", 3, 4), ("PER", 5, 6)}
+    assert bio_entities(pred) == {("PER", 0, 2), ("PER", 3, 4), ("PER", 5, 6)}
+    assert entity_counts(gold, pred) == (2, 3, 3)
+    assert bio_entities(["B-A", "I-B", "I-B", "B-A", "B-A"]) == {("A", 0, 1), ("B", 1, 3), ("A", 3, 4), ("A", 4, 5)}
+    s = entity_scores(2, 3, 4)
+    assert (s["entity_precision"], s["entity_recall"], s["entity_f1"]) == pytest.approx((2 / 3, 0.5, 4 / 7))
+
+
+def test_early_stopping_stops_at_the_right_evaluation():
+    accuracy = [0.50, 0.62, 0.61, 0.65, 0.64, 0.649, 0.70]  # patience 2, min_delta 0.01
+    es = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
+    improved = []
+    for epoch, value in enumerate(accuracy):
+        improved.append(es.update(value, step=10 * (epoch + 1)))
+        if es.stopped:
+            break
+    assert improved == [True, True, False, True, False, False]  # 0.649 is not 0.01 better than 0.65
+    assert (epoch, es.best, es.best_step) == (5, 0.65, 40)
+
+    loss = EarlyStopping("loss", "auto", patience=1)  # lower is better; a NaN never improves
+    assert [loss.update(v, s) for s, v in enumerate([2.0, 1.5, float("nan")])] == [True, True, False]
+    assert loss.stopped and loss.best == 1.5
+
+    resumed = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)  # state survives a restart
+    first = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
+    for epoch, value in enumerate(accuracy[:4]):
+        first.update(value, 10 * (epoch + 1))
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.update(v, 0) for v in accuracy[4:6]] == [False, False] and resumed.stopped
+
+
+# ---------------------------------------------------------------- labels, without a launch
+
+
+@pytest.fixture(scope="module")
+def ft_data(tmp_path_factory) -> dict[str, Path]:
+    return make_finetune_data(tmp_path_factory.mktemp("ftdata"), records=200)
+
+
+def _prepare(task: str, path: Path, tmp: Path, **data):
+    from train.data import prepare_data
+
+    raw = finetune_recipe(task, path, tmp / "cache", tmp / "run")
+    raw["data"].update(data)
+    return prepare_data(recipe_from_dict(raw), log=lambda *_: None)
+
+
+def test_sft_labels_cover_the_response_only(ft_data, tmp_path):
+    prepared = _prepare("sft", ft_data["sft"], tmp_path, val_fraction=0.0, test_fraction=0.0)
+    tok = prepared.tokenizer
+    records = [json.loads(line) for line in ft_data["sft"].read_text().splitlines()]
+    by_prompt = {tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]): r for r in records}
+    checked = 0
+    for row in prepared.train.select(range(20)):
+        ids, labels, mask = row["input_ids"], row["labels"], row["attention_mask"]
+        n = sum(mask)
+        prompt_len = next(i for i, x in enumerate(labels) if x != IGNORE)
+        record = by_prompt[tuple(ids[:prompt_len])]
+        response = tok(record["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert labels[:prompt_len] == [IGNORE] * prompt_len          # the loss ignores the prompt
+        assert labels[prompt_len:n] == response == ids[prompt_len:n]  # and learns the response + EOS
+        assert labels[n:] == [IGNORE] * (len(labels) - n)             # and never the padding
+        checked += 1
+    assert checked == 20
+
+
+def test_sft_chat_learns_assistant_turns_only(ft_data, tmp_path):
+    prepared = _prepare("sft", ft_data["chat"], tmp_path, val_fraction=0.0, test_fraction=0.0, seq_len=128)
+    tok = prepared.tokenizer
+    row = prepared.train[0]
+    learned = tok.decode([i for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+    ignored = tok.decode([i for i, lab, m in zip(row["input_ids"], row["labels"], row["attention_mask"])
+                          if lab == IGNORE and m])
+    assert learned.count("< | assistant | >") == 2 and "user" not in learned
+    assert ignored.count("< | user | >") == 2 and "assistant" not in ignored
+
+
+def test_token_labels_go_on_the_first_sub_token(tmp_path):
+    path = tmp_path / "ner.jsonl"
+    path.write_text(json.dumps({"words": ["Rosencrantz", "and", "Guildenstern", "are", "dead"],
+                                "tags": ["B-PER", "O", "B-PER", "O", "O"]}) + "\n")
+    prepared = _prepare("token_classification", path, tmp_path, val_fraction=0.0, test_fraction=0.0)
+    row = prepared.train[0]
+    tok = prepared.tokenizer
+    enc = tok(["Rosencrantz", "and", "Guildenstern", "are", "dead"], is_split_into_words=True)
+    assert len(enc["input_ids"]) > 7  # the names split into several word pieces
+    names = prepared.labels
+    expected, previous = [], None
+    for word in enc.word_ids():
+        tag = ["B-PER", "O", "B-PER", "O", "O"][word] if word is not None and word != previous else None
+        expected.append(IGNORE if tag is None else names.index(tag))
+        previous = word
+    n = sum(row["attention_mask"])
+    assert row["labels"][:n] == expected and row["input_ids"][:n] == enc["input_ids"]
+
+
+def test_a_label_missing_from_training_is_one_clear_error(tmp_path):
+    from train.data import DataError
+
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps({"text": f"text {i}", "label": "a" if i % 2 else "b"}) + "\n" for i in range(8)))
+    val.write_text(json.dumps({"text": "x", "label": "zebra"}) + "\n")
+    with pytest.raises(DataError, match=r"data.val_source: label 'zebra' does not occur in the training data \(labels: a, b\)"):
+        _prepare("sequence_classification", train, tmp_path, val_source={"path": str(val)}, test_fraction=0.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval": {"metric": "entity_f1"}}, "eval.metric: 'entity_f1' is not a sequence_classification metric"),
+    ({"eval": {"patience": 2}, "train": {"eval_every": 0}}, "eval.patience: early stopping needs periodic evaluation"),
+    ({"model": {"lora": {"r": 4}}, "parallel": {"engine": "zero2"}}, "model.lora: supported (and tested) with"),
+    ({"model": {"freeze_layers": 9}}, "model.freeze_layers: 9 is not between 0 and the model's 2 layers"),
+    ({"data": {"test_fraction": 0.95}}, "data.test_fraction: must be in [0, 1) and leave training data"),
+])
+def test_bad_finetune_recipes_are_refused_in_one_line(ft_data, tmp_path, change, message):
+    from launch.recipe import RecipeError, load_recipe
+    from tests.helpers import write_recipe
+
+    raw = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "c", tmp_path / "r")
+    for key, value in change.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(write_recipe(tmp_path / "bad.yaml", raw)))
+    assert message in str(err.value) and str(err.value).count("\n") == 0
+
+
+# ---------------------------------------------------------------- real 2-process runs
+
+
+def _state(run_dir: Path, step: int | None = None) -> dict:
+    """The full fp32 state of a run's checkpoint (the best one by default), as export reads it."""
+    from launch.export import build_export_model, full_state_dict, pick_checkpoint
+    from train.loop import read_recipe
+
+    recipe = read_recipe(run_dir)
+    from transformers import AutoTokenizer
+
+    model = build_export_model(recipe, run_dir, len(AutoTokenizer.from_pretrained(run_dir / "tokenizer")))
+    return full_state_dict(pick_checkpoint(run_dir, step), model)
+
+
+def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_data, tmp_path):
+    """Freeze embeddings + layer 0; stop early after 2 evaluations without gain; keep the best."""
+    from transformers import AutoModelForSequenceClassification
+
+    from train.data import eval_batches, prepare_data
+    from train.loop import read_recipe
+    from train.model import build_model
+
+    run_dir = tmp_path / "cls"
+    recipe = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "cache", run_dir,
+                             model={"freeze_embeddings": True, "freeze_layers": 1},
+                             train={"max_steps": 40, "eval_every": 4},
+                             eval={"metric": "accuracy", "patience": 2, "min_delta": 1.0},  # only the 1st counts
+                             checkpoint={"keep_last": 1, "at_end": True})
+    proc = run_recipe(tmp_path, recipe)
+    assert "early stopping: accuracy did not improve for 2 evaluations" in proc.stdout
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics if "eval_accuracy" in m] == [4, 8, 12]
+    assert max(m["step"] for m in metrics if "loss" in m) == 12
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert best["step"] == 4 and best["metric"] == "accuracy"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000004", "step-000012"]
+    results = json.loads((run_dir / "test_results.json").read_text())
+    assert results["checkpoint"].startswith("step-000004") and 0 <= results["metrics"]["accuracy"] <= 1
+    assert "| hamlet |" in (run_dir / "test_results.md").read_text()
+    eval_record = next(m for m in metrics if m["step"] == 4 and "eval_accuracy" in m)
+    assert {"eval_macro_f1", "eval_micro_f1", "eval_f1/hamlet", "eval_precision/tempest"} <= set(eval_record)
+
+    again = run_recipe(tmp_path, recipe)  # an early-stopped run stays stopped
+    assert max(m["step"] for m in read_metrics(run_dir) if "loss" in m) == 12, again.stdout
+
+    out = tmp_path / "export"
+    assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
+    exported = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    labels = json.loads((run_dir / "labels.json").read_text())
+    assert [exported.config.id2label[i] for i in range(len(labels))] == labels
+    assert json.loads((out / "shardforge_export.json").read_text())["checkpoint"] == "step-000004"
+
+    trained = read_recipe(run_dir)
+    initial = build_model(trained.model, 30522, trained.run.seed, trained.task, labels, log=lambda *_: None).state_dict()
+    final = exported.state_dict()
+    frozen = [k for k in initial if k.startswith(("bert.embeddings.word_embeddings", "bert.embeddings.position",
+                                                  "bert.encoder.layer.0."))]
+    learned = [k for k in initial if k.startswith(("bert.encoder.layer.1.", "classifier."))]
+    assert frozen and all(torch.equal(initial[k], final[k]) for k in frozen)
+    assert all(not torch.equal(initial[k], final[k]) for k in learned if k.endswith("weight"))
+
+    # the exported best model reproduces the run's test accuracy, computed by the distributed evaluation
+    data = prepare_data(trained, log=lambda *_: None)
+    right = total = 0
+    with torch.no_grad():
+        for batch in eval_batches(data.test, 8, 0, 1, 0):
+            logits = exported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            right += int(((logits.argmax(-1) == batch["labels"]).float() * batch["sample_weight"]).sum())
+            total += int(batch["sample_weight"].sum())
+    assert total == results["samples"] and right / total == pytest.approx(results["metrics"]["accuracy"], abs=1e-12)
+
+
+def test_sequence_classification_zero2(ft_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = tmp_path / "cls-zero2"
+    recipe = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "cache", run_dir,
+                             parallel={"engine": "zero2"}, train={"max_steps": 8, "eval_every": 4})
+    run_recipe(tmp_path, recipe)
+    losses = train_losses(run_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    results = json.loads((run_dir / "test_results.json").read_text())["metrics"]
+    assert {"accuracy", "macro_f1", "micro_f1", "loss"} <= set(results)
+    out = tmp_path / "export"
+    assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 4 and model.config.label2id["tempest"] == 2
+
+
+def test_token_classification_fsdp_lora(ft_data, tmp_path):
+    """LoRA under FSDP2: base weights bit-unchanged; the merged export gives the training model's logits."""
+    from transformers import AutoModelForTokenClassification
+    from safetensors.torch import load_file
+
+    from launch.export import build_export_model
+    from train.loop import read_recipe
+
+    pretrained = make_pretrained(tmp_path / "pretrained", "token_classification")
+    run_dir = tmp_path / "ner-lora"
+    recipe = finetune_recipe("token_classification", ft_data["ner"], tmp_path / "cache", run_dir,
+                             parallel={"engine": "fsdp"}, train={"max_steps": 8, "eval_every": 4},
+                             model={"pretrained": str(pretrained), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                             optim={"lr": 2e-2, "warmup_steps": 0})
+    recipe["model"].pop("config")
+    recipe["data"]["tokenizer"] = {}
+    proc = run_recipe(tmp_path, recipe)
+    assert "parameters trainable" in proc.stdout
+    results = json.loads((run_dir / "test_results.json").read_text())["metrics"]
+    assert {"entity_f1", "entity_precision", "entity_recall", "token_accuracy"} <= set(results)
+
+    state = _state(run_dir)
+    base = load_file(str(pretrained / "model.safetensors"))
+    compared = 0
+    for key, value in state.items():
+        if "lora_" in key or "classifier" in key:
+            continue
+        name = key.removeprefix("base_model.model.").removeprefix("bert.").replace(".base_layer", "")
+        assert torch.equal(value, base[name]), key  # bit-unchanged
+        compared += 1
+    assert compared == len([k for k in base if not k.startswith("pooler.")])  # token heads have no pooler
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in state.items())
+
+    out = tmp_path / "merged"
+    assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
+    merged = AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
+    training = build_export_model(read_recipe(run_dir), run_dir, 30522)
+    training.load_state_dict(state)
+    training.eval()
+    ids = torch.tensor([[101, 7592, 2026, 2935, 1010, 2017, 2024, 6659, 102]])
+    with torch.no_grad():
+        expected, got = training(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
+
+    adapter = tmp_path / "adapter"
+    assert launch_in_process("export", str(run_dir), str(adapter), "--lora", "adapter").returncode == 0
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+
+
+def test_token_classification_ddp(ft_data, tmp_path):
+    run_dir = tmp_path / "ner-ddp"
+    recipe = finetune_recipe("token_classification", ft_data["ner"], tmp_path / "cache", run_dir,
+                             train={"max_steps": 8, "eval_every": 4})
+    run_recipe(tmp_path, recipe)
+    losses = train_losses(run_dir)
+    assert losses[-1] < losses[0]
+    evals = [m for m in read_metrics(run_dir) if "eval_entity_f1" in m]
+    assert [m["step"] for m in evals] == [4, 8] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+
+
+def test_sft_fsdp_prompt_response(ft_data, tmp_path):
+    run_dir = tmp_path / "sft-fsdp"
+    recipe = finetune_recipe("sft", ft_data["sft"], tmp_path / "cache", run_dir, parallel={"engine": "fsdp"},
+                             train={"max_steps": 8, "eval_every": 4})
+    run_recipe(tmp_path, recipe)
+    evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and "eval_ppl" in evals[-1]
+    assert "perplexity" in json.loads((run_dir / "test_results.json").read_text())["metrics"]
+
+
+def test_sft_ddp_chat_lora(ft_data, tmp_path):
+    from safetensors.torch import load_file
+
+    pretrained = make_pretrained(tmp_path / "pretrained", "sft")
+    run_dir = tmp_path / "sft-chat"
+    recipe = finetune_recipe("sft", ft_data["chat"], tmp_path / "cache", run_dir,
+                             model={"pretrained": str(pretrained), "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                             train={"max_steps": 6, "eval_every": 3}, data={"seq_len": 128})
+    recipe["model"].pop("config")
+    recipe["data"]["tokenizer"] = {}
+    run_recipe(tmp_path, recipe)
+    assert train_losses(run_dir)[-1] < train_losses(run_dir)[0]
+    state, base = _state(run_dir), load_file(str(pretrained / "model.safetensors"))
+    for key, value in state.items():
+        if "lora_" not in key:
+            assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+
+
+def test_minilm_demo_beats_the_majority_baseline(tmp_path):
+    """The shipped recipe, kept short: the real pretrained MiniLM-L6 on 2 CPU processes."""
+    from launch.shakespeare_plays import build
+    from tests.helpers import SHAKESPEARE
+    from train.data import prepare_data
+    from train.loop import read_recipe
+
+    passages = build(SHAKESPEARE, tmp_path / "plays")
+    run_dir = tmp_path / "minilm"
+    proc = launch_in_process("run", "minilm-plays", f"run.dir={run_dir}", f"model.pretrained={minilm_dir()}",
+                             f"data.sources.0.path={passages}", f"data.cache_dir={tmp_path / 'cache'}",
+                             "train.epochs=0", "train.max_steps=30", "optim.lr=5.0e-4", "data.seq_len=64",
+                             "train.eval_every=0", "eval.patience=0", "logging.console=false")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((run_dir / "test_results.json").read_text())
+    test = prepare_data(read_recipe(run_dir), log=lambda *_: None).test
+    majority = np.bincount(np.asarray(test["labels"])).max() / len(test)
+    assert results["samples"] == len(test) > 200
+    assert results["metrics"]["accuracy"] >= majority + 0.05, (results["metrics"]["accuracy"], majority)
