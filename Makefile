@@ -45,7 +45,7 @@ demo-finetune: install data finetune-data
 	$(VENV)/bin/shardforge run minilm-plays
 	$(VENV)/bin/shardforge export runs/minilm-plays runs/minilm-plays/export
 
-test: install data
+test: install data finetune-data
 	$(PY) -m pytest -q --durations=15 tests
 
 bench: install data

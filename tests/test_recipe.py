@@ -29,7 +29,7 @@ def test_every_field_has_a_docstring():
             tp = cls.__annotations__[f.name]
             for sub in ("RunConfig", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig",
                         "ParallelConfig", "CheckpointConfig", "LoggingConfig", "SlurmConfig",
-                        "TokenizerConfig", "TokenizerTrainConfig", "SourceConfig"):
+                        "TokenizerConfig", "TokenizerTrainConfig", "SourceConfig", "EvalConfig", "LoraSettings"):
                 if str(tp).startswith(sub) or str(tp) == f"Optional[{sub}]":
                     import train.recipe as mod
                     walk(getattr(mod, sub))

@@ -81,12 +81,33 @@ def _eval_loss(run_dir: Path) -> float:
     return [m["eval_loss"] for m in read_metrics(run_dir) if "eval_loss" in m][-1]
 
 
+_STOPPED: dict[tuple[str, int], Path] = {}
+
+
+def stopped_at_3(world, engine: str, nproc: int, name: str) -> dict:
+    """A copy, in run dir ``name``, of a run of ``engine`` on ``nproc`` ranks stopped after step 3.
+
+    The stopped run is launched once per (engine, nproc) and copied for each test that resumes
+    it (here on 2 ranks, in the reshard tests on 1), which saves a launch per test.
+    """
+    import shutil
+
+    key = (engine, nproc)
+    if key not in _STOPPED:
+        r = recipe(world, f"stopped-{engine}-{nproc}", engine, nproc=nproc, train={"stop_after": 3},
+                   checkpoint={"at_end": True})
+        first = run_recipe(world["tmp"], r, expect=75)
+        assert "train.stop_after=3" in first.stdout
+        _STOPPED[key] = Path(r["run"]["dir"])
+    r = recipe(world, name, engine, nproc=nproc, train={"stop_after": 3}, checkpoint={"at_end": True})
+    shutil.copytree(_STOPPED[key], r["run"]["dir"])
+    return r
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_stop_and_resume_is_bit_identical(world, straight, engine):
-    r = recipe(world, f"resume-{engine}", engine, train={"stop_after": 3}, checkpoint={"at_end": True})
+    r = stopped_at_3(world, engine, 2, f"resume-{engine}")
     run_dir = Path(r["run"]["dir"])
-    first = run_recipe(world["tmp"], r, expect=75)
-    assert "train.stop_after=3" in first.stdout
     manifest = json.loads((run_dir / "checkpoints" / "step-000003" / "manifest.json").read_text())
     assert manifest["step"] == 3 and manifest["world_size"] == 2 and manifest["engine"] == engine
     second = run_recipe(world["tmp"], r, "train.stop_after=0")
@@ -101,9 +122,7 @@ def test_stop_and_resume_is_bit_identical(world, straight, engine):
     ("fsdp", 2, 1), ("fsdp", 1, 2), ("ddp", 2, 1),
     ("zero2", 2, 1), ("zero2", 1, 2), ("zero3", 2, 1), ("zero3", 1, 2)])  # ZeRO: via universal checkpoints
 def test_resume_on_another_world_size(world, reference, engine, before, after):
-    r = recipe(world, f"reshard-{engine}-{before}to{after}", engine, nproc=before,
-               train={"stop_after": 3}, checkpoint={"at_end": True})
-    run_recipe(world["tmp"], r, expect=75)
+    r = stopped_at_3(world, engine, before, f"reshard-{engine}-{before}to{after}")
     micro = 8 // (2 * after) if after > 1 else 8
     out = run_recipe(world["tmp"], r, "train.stop_after=0", f"parallel.nproc={after}",
                      f"train.micro_batch_size={micro}")

@@ -127,8 +127,12 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def verify(ckpt: Path) -> Optional[str]:
-    """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong."""
+def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong.
+
+    With ``world`` > 1 this checks only this rank's share of the files (every ``world``-th in
+    manifest order), so ranks verify a large checkpoint in parallel.
+    """
     manifest = ckpt / MANIFEST
     if not manifest.exists():
         return f"{ckpt}: no {MANIFEST} (the save never committed)"
@@ -136,7 +140,7 @@ def verify(ckpt: Path) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return f"{ckpt}: {MANIFEST} is unreadable"
-    for rel, digest in files.items():
+    for rel, digest in sorted(files.items())[rank::world]:
         f = ckpt / rel
         if not f.exists():
             return f"{ckpt}: {rel} is missing"
@@ -199,11 +203,8 @@ class Checkpointer:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # gloo/nccl agree: every rank gives up together
         if failed.item():
             raise self._save_failed(step, tmp, error)
+        digests = self._fsync_and_hash(tmp)
         if self.rank == 0:
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            for f in files:
-                _fsync(f)
-            digests = {str(f.relative_to(tmp)): sha256_file(f) for f in files}
             fault_point("rename", step, self.rank)
             if final.exists():  # an uncommitted or older copy of the same step
                 shutil.rmtree(final)
@@ -217,6 +218,24 @@ class Checkpointer:
         dist.barrier()
         self.last_save_s = time.time() - start
         return final
+
+    def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
+        """fsync and sha256 every file of the save; each rank takes every ``world``-th file, so a
+        large checkpoint is hashed in parallel, not by rank 0 alone. A collective."""
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        mine = {}
+        for rel in files[self.rank::self.world]:
+            _fsync(tmp / rel)
+            mine[rel] = sha256_file(tmp / rel)
+        shares: list = [None] * self.world
+        dist.all_gather_object(shares, mine)
+        return {rel: digest for share in shares for rel, digest in sorted(share.items())}
+
+    def verify_all(self, ckpt: Path) -> Optional[str]:
+        """:func:`verify` with the files shared out over the ranks; every rank gets the answer."""
+        problems: list = [None] * self.world
+        dist.all_gather_object(problems, verify(ckpt, self.rank, self.world))
+        return next((p for p in problems if p), None)
 
     def _save_failed(self, step: int, tmp: Path, error: Optional[BaseException]) -> "CheckpointSaveError":
         """Remove the partial save; say what failed, how much space it needs and what is kept."""
@@ -248,20 +267,20 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     def find_resume_point(self, resume: str) -> Optional[Path]:
-        """Rank 0 picks the checkpoint (``auto``, ``never`` or a path); every rank gets the same answer."""
-        choice: list = [None]
-        if self.rank == 0:
-            if resume == "auto":
-                choice[0] = latest_valid(self.root, warn=self.log)
-            elif resume != "never":
-                path = Path(resume)
-                problem = verify(path)
-                if problem:
-                    raise CheckpointError(f"checkpoint.resume: {problem}")
-                choice[0] = path
-            choice[0] = str(choice[0]) if choice[0] else None
-        dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+        """The checkpoint to resume from (``auto``: the newest that verifies; ``never``; or a path),
+        the same on every rank. The ranks share the checksum work."""
+        if resume == "never":
+            return None
+        candidates: list = [[str(p) for p in committed_checkpoints(self.root)] if resume == "auto" else [resume]]
+        dist.broadcast_object_list(candidates, src=0)  # rank 0's listing is the one everyone checks
+        for path in map(Path, reversed(candidates[0])):
+            problem = self.verify_all(path)
+            if problem is None:
+                return path
+            if resume != "auto":
+                raise CheckpointError(f"checkpoint.resume: {problem}")
+            self.log(f"checkpoint: skipping {problem}; trying the previous one")
+        return None
 
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""

@@ -186,6 +186,8 @@ def train(run_dir: Path) -> int:
             last_save_time = time.time()
             return False
         last_save_time = time.time()
+        if keep_best and early.best_step == counters.step and d.is_main:
+            write_best(run_dir, early, counters.step)
         log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
         lead = recipe.slurm.signal_lead_s
         if "SLURM_JOB_ID" in os.environ and checkpointer.last_save_s + step_seconds() > lead:
@@ -336,8 +338,6 @@ def train(run_dir: Path) -> int:
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
             save("end" if last else "periodic", protect=(previous_best,) if new_best else ())
-        if new_best and keep_best and d.is_main:
-            write_best(run_dir, early, counters.step)
 
     if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
         test_with_best_weights()
