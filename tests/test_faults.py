@@ -94,6 +94,21 @@ def test_hang_watchdog_dumps_stacks_names_the_late_rank_and_exits(world):
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
 
 
+def test_watchdog_covers_the_first_step_with_a_warm_up_allowance(tmp_path):
+    from train.watchdog import Watchdog
+
+    dog = Watchdog(tmp_path, rank=0, world=1, timeout_s=2.0)
+    try:
+        dog.beat(5, "data")  # the first step this launch runs (resumed at step 4)
+        assert dog.limit_s == 2.0 * Watchdog.FIRST_STEP_FACTOR
+        dog.beat(5, "optimizer")
+        assert dog.limit_s == 2.0 * Watchdog.FIRST_STEP_FACTOR
+        dog.beat(6, "data")
+        assert dog.limit_s == 2.0
+    finally:
+        dog.close()
+
+
 # ---------------------------------------------------------------- fuzzed bad input
 
 KEYS = ["train.max_steps", "train.micro_batch_size", "train.global_batch_size", "train.log_every",

@@ -61,14 +61,6 @@ def test_engine_matches_single_process_fp32(straight, reference, engine):
         assert abs(a - b) < 1e-5, f"{engine} step {step}: {a} vs single-process {b}"
 
 
-def test_same_run_twice_is_bit_identical(world, straight):
-    r = recipe(world, "straight-ddp-again", "ddp", checkpoint={"at_end": True})
-    run_recipe(world["tmp"], r)
-    again = [(m["loss"], m["grad_norm"]) for m in read_metrics(Path(r["run"]["dir"])) if "loss" in m]
-    first = [(m["loss"], m["grad_norm"]) for m in read_metrics(straight["ddp"]) if "loss" in m]
-    assert again == first
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bf16_trains(world, engine):
     r = recipe(world, f"bf16-{engine}", engine, precision="bf16")
@@ -114,7 +106,9 @@ def test_stop_and_resume_is_bit_identical(world, straight, engine):
     assert "resumed from" in second.stdout
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6], "metrics.jsonl must continue without duplicate steps"
-    assert train_losses(run_dir) == train_losses(straight[engine])
+    # bit-identical to the uninterrupted run: steps 1-3 repeat it, steps 4-6 continue it exactly
+    resumed = [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
+    assert resumed == [(m["loss"], m["grad_norm"]) for m in read_metrics(straight[engine]) if "loss" in m]
     assert _eval_loss(run_dir) == _eval_loss(straight[engine])
 
 

@@ -243,7 +243,7 @@ def train(run_dir: Path) -> int:
     window_start, stopped, first_step, window_tokens = time.time(), False, counters.step, 0
     while counters.step < t.max_steps and not early.stopped:
         step_start = time.time()
-        timed = watchdog if watchdog and counters.step > first_step else None  # not the first (warm-up) step
+        timed = watchdog  # the first step of a launch gets Watchdog.FIRST_STEP_FACTOR × the limit
         loss_fn = nan_fault(task.loss) if nan_at == counters.step + 1 else task.loss
         if kill_armed:  # the kill harness's points inside a step: before forward, before backward
             fault_point("forward", counters.step + 1, d.rank)

@@ -175,7 +175,7 @@ class TrainConfig:
     known, so it cannot skip). fp16 overflows handled by the loss scaler are not counted here."""
     step_timeout_s: float = 0.0
     """Hang watchdog: a step (or save) that runs longer dumps every rank's Python stack and exits
-    non-zero so the job can be requeued; 0: off."""
+    non-zero so the job can be requeued; the first step of a launch gets 10× (warm-up); 0: off."""
 
 
 @dataclass

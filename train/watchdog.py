@@ -31,10 +31,15 @@ class Watchdog:
         self.dir = run_dir / "heartbeat"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._step, self._phase, self._since = 0, "start", time.monotonic()
+        self._first_step: Optional[int] = None
         self._armed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
+
+    FIRST_STEP_FACTOR = 10
+    """The first step of a launch (compilation, allocator and communicator warm-up) may take this
+    many times the timeout before the watchdog fires."""
 
     PHASES = ("data", "forward-backward", "optimizer")
     """Phases of one training step, in order: at the same step, a rank in an earlier one is behind."""
@@ -44,8 +49,15 @@ class Watchdog:
         new step, or when ``restart`` (saves and evaluations get their own allowance)."""
         if step != self._step or restart:
             self._since = time.monotonic()
+        if self._first_step is None:
+            self._first_step = step
         self._step, self._phase = step, phase
         self._armed = True
+
+    @property
+    def limit_s(self) -> float:
+        first = self._step == self._first_step
+        return self.timeout_s * (self.FIRST_STEP_FACTOR if first else 1)
 
     def disarm(self) -> None:
         """Long phases the timeout does not cover (evaluation, the first step's compilation)."""
@@ -69,7 +81,7 @@ class Watchdog:
                 self._write_heartbeat()
             except OSError:
                 pass  # a full or flaky disk must not kill training from here
-            if self._armed and time.monotonic() - self._since > self.timeout_s:
+            if self._armed and time.monotonic() - self._since > self.limit_s:
                 self._fire()
 
     def laggards(self) -> str:
@@ -101,7 +113,7 @@ class Watchdog:
         return "; ".join(parts)
 
     def _fire(self) -> None:
-        message = (f"watchdog: rank {self.rank} spent more than {self.timeout_s:.0f} s in step {self._step} "
+        message = (f"watchdog: rank {self.rank} spent more than {self.limit_s:.0f} s in step {self._step} "
                    f"({self._phase}); {self.laggards()}. Python stacks follow; exiting with code {EXIT_HANG} "
                    f"(resume from the last committed checkpoint)")
         print(message, file=sys.stderr, flush=True)
