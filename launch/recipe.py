@@ -235,6 +235,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
         p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or an existing checkpoint "
                  f"directory; fix the path")
+    if c.async_save and r.parallel.engine.startswith("zero"):
+        p.append("checkpoint.async_save: needs parallel.engine ddp or fsdp (DeepSpeed saves "
+                 "synchronously); set checkpoint.async_save=false")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     return p

@@ -124,3 +124,23 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
     out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=1)
     assert "Weights only load failed" in out.stdout + out.stderr
     assert not Path("/tmp/shardforge-pwned").exists()
+
+
+def test_async_save_commits_in_the_background_and_resumes_bit_identically(tmp_path):
+    """FSDP2 + checkpoint.async_save: periodic saves are written by DCP's background thread and
+    committed at a later step boundary; resuming from one reproduces the run exactly, which also
+    proves the state was copied when the save began, not read later while training moved on."""
+    corpus = make_corpus(tmp_path / "corpus")
+    r = tiny_recipe(corpus, tmp_path / "cache", tmp_path / "run", parallel={"engine": "fsdp", "precision": "fp32",
+                                                                             "nproc": 2},
+                    checkpoint={"every_steps": 2, "async_save": True, "at_end": True, "keep_last": 3})
+    proc = run_recipe(tmp_path, r)
+    assert "checkpoint: writing step-000004 in the background" in proc.stdout
+    assert "checkpoint: committed step-000004 (written in the background" in proc.stdout
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in committed_checkpoints(root)] == ["step-000002", "step-000004", "step-000006"]
+    assert all(verify(p) is None for p in committed_checkpoints(root))
+    straight = train_losses(tmp_path / "run")
+    again = run_recipe(tmp_path, r, f"checkpoint.resume={root / 'step-000004'}")
+    assert "resumed from" in again.stdout and "step-000004" in again.stdout
+    assert train_losses(tmp_path / "run") == straight

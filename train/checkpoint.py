@@ -97,6 +97,15 @@ def fault_point(name: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a MAX all-reduce on the backend's device)."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -176,11 +185,19 @@ class Checkpointer:
         self.root, self.engine, self.parts = root, engine, parts
         self.rank, self.world, self.meta, self.log = rank, world, meta, log
         self.last_save_s: Optional[float] = None
+        self.last_commit_s: Optional[float] = None
+        self.pending: Optional[tuple] = None
 
     def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
-             protect: set[int] = frozenset()) -> Path:
+             protect: set[int] = frozenset(), background: bool = False) -> Path:
         """Save and commit ``step``, then prune all but the newest ``keep_last``, every ``keep_every``
-        multiple and the steps in ``protect`` (the best checkpoint)."""
+        multiple and the steps in ``protect`` (the best checkpoint).
+
+        ``background`` (DDP/FSDP): the engine copies its state to CPU memory and writes it in a
+        thread; :meth:`poll` (at step boundaries) or :meth:`wait` commits it once every rank's
+        write has finished. Until then the previous checkpoint stays the latest.
+        """
+        self.wait()  # one save at a time: a background one commits first
         start = time.time()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
@@ -191,18 +208,53 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
 
         dist.barrier()
-        error = None
+        error, future = None, None
         try:
-            self.engine.save(tmp)
+            future = self.engine.save(tmp, background=background)
             fault_point("write", step, self.rank)
             torch.save({name: part.state_dict() for name, part in self.parts.items()},
                        tmp / f"rank-{self.rank:05d}.pt")
         except (OSError, RuntimeError, CheckpointException) as err:  # how ENOSPC surfaces in each writer
             error = err
-        failed = torch.tensor([float(error is not None)])
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # gloo/nccl agree: every rank gives up together
-        if failed.item():
+        if _any_rank(error is not None):  # every rank gives up together
             raise self._save_failed(step, tmp, error)
+        if future is not None:
+            self.pending = (future, step, keep_last, keep_every, extra_manifest, protect, start)
+            self.last_save_s = time.time() - start  # the training stall
+            return final
+        self._commit(step, keep_last, keep_every, extra_manifest, protect)
+        self.last_save_s = time.time() - start
+        return final
+
+    def poll(self) -> Optional[Path]:
+        """At a step boundary: commit the background save if every rank's write has finished
+        (one small all-reduce while a save is pending, none otherwise)."""
+        if self.pending is None or _any_rank(not self.pending[0].done()):
+            return None
+        return self.wait()
+
+    def wait(self) -> Optional[Path]:
+        """Block until the background save (if any) is written, then commit it; return its path."""
+        if self.pending is None:
+            return None
+        future, step, keep_last, keep_every, extra_manifest, protect, start = self.pending
+        self.pending = None
+        error = None
+        try:
+            future.result()
+        except Exception as err:  # the writer thread's ENOSPC / I/O error, re-raised here
+            error = err
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        if _any_rank(error is not None):
+            raise self._save_failed(step, tmp, error)
+        self._commit(step, keep_last, keep_every, extra_manifest, protect)
+        self.last_commit_s = time.time() - start
+        return self.root / step_dir_name(step)
+
+    def _commit(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict, protect: set[int]) -> None:
+        """fsync + hash (shared out), then rank 0 renames and writes the manifest; a collective."""
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
         digests = self._fsync_and_hash(tmp)
         if self.rank == 0:
             fault_point("rename", step, self.rank)
@@ -216,8 +268,6 @@ class Checkpointer:
             _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
             self._prune(keep_last, keep_every, step, protect)
         dist.barrier()
-        self.last_save_s = time.time() - start
-        return final
 
     def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
         """fsync and sha256 every file of the save; each rank takes every ``world``-th file, so a

@@ -68,7 +68,9 @@ class Engine:
         """Optimizer steps skipped by the fp16 loss scaler."""
         return 0
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False):
+        """Write model + optimizer + schedule state into ``path``. With ``background`` (DDP/FSDP),
+        copy it to CPU memory, start the write in a thread and return its future."""
         raise NotImplementedError
 
     def load(self, path: Path, saved_world_size: int) -> None:
@@ -95,6 +97,7 @@ class _TorchEngine(Engine):
         self.clip = recipe.optim.grad_clip
         self._skipped = 0
         self._scale_before: Optional[float] = None
+        self._save_group = None
 
     def _setup_optim(self, params_model: torch.nn.Module) -> None:
         self.optimizer = build_adamw(params_model, self.recipe.optim, self.device)
@@ -140,14 +143,20 @@ class _TorchEngine(Engine):
         return {"scheduler": self.scheduler.state_dict(), "skipped": self._skipped,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
         if dist.get_rank() == 0:
             torch.save(self._extra_state(), path / "engine_extra.pt")
+        if not background:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+            return None
+        if self._save_group is None:  # the writer thread's collectives must not interleave with training's
+            self._save_group = dist.new_group(backend="gloo")
+        return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"),
+                              process_group=self._save_group)
 
     def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
         import torch.distributed.checkpoint as dcp
@@ -279,7 +288,9 @@ class DeepSpeedEngine(Engine):
     def skipped_steps(self) -> int:
         return int(getattr(self.engine, "skipped_steps", 0))
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False):
+        if background:
+            raise ValueError("checkpoint.async_save is for ddp and fsdp; DeepSpeed saves synchronously")
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
 
     def load(self, path: Path, saved_world_size: int) -> None:

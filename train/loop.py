@@ -173,12 +173,14 @@ def train(run_dir: Path) -> int:
         nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
         if watchdog:
             watchdog.beat(counters.step, f"checkpoint save ({reason})", restart=True)
+        background = ckpt_cfg.async_save and reason == "periodic"
         try:
             path = checkpointer.save(counters.step, ckpt_cfg.keep_last, ckpt_cfg.keep_every,
                                      {"tokens": counters.tokens, "reason": reason,
                                       "next_batch_fingerprint": batches.fingerprint(),
                                       "seed": recipe.run.seed, "global_batch_size": t.global_batch_size},
-                                     protect={s for s in (*protect, early.best_step) if s and keep_best})
+                                     protect={s for s in (*protect, early.best_step) if s and keep_best},
+                                     background=background)
         except CheckpointSaveError as err:
             if ckpt_cfg.on_error == "stop":
                 raise
@@ -186,6 +188,10 @@ def train(run_dir: Path) -> int:
             last_save_time = time.time()
             return False
         last_save_time = time.time()
+        if background:
+            log(f"checkpoint: writing {path.name} in the background ({reason}; training stalled "
+                f"{checkpointer.last_save_s:.2f}s)")
+            return True
         if keep_best and early.best_step == counters.step and d.is_main:
             write_best(run_dir, early, counters.step)
         log(f"checkpoint: saved {path.name} ({reason}, {checkpointer.last_save_s:.1f}s)")
@@ -195,6 +201,18 @@ def train(run_dir: Path) -> int:
                 f"more than slurm.signal_lead_s={lead}: a job stopped at its time limit would lose "
                 f"its last steps; raise slurm.signal_lead_s")
         return True
+
+    def commit_background(wait: bool) -> None:
+        """Commit a background save whose write finished (``wait``: block until it has)."""
+        try:
+            path = checkpointer.wait() if wait else checkpointer.poll()
+        except CheckpointSaveError as err:
+            if ckpt_cfg.on_error == "stop":
+                raise
+            log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+            return
+        if path is not None:
+            log(f"checkpoint: committed {path.name} (written in the background, {checkpointer.last_commit_s:.1f}s)")
 
     def validate(step: int) -> bool:
         """Evaluate, log, update early stopping; return whether this is the best evaluation yet."""
@@ -335,9 +353,13 @@ def train(run_dir: Path) -> int:
             save("signal")
             stopped = True
             break
+        if checkpointer.pending is not None:
+            commit_background(wait=last or stop_now)
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
             save("end" if last else "periodic", protect=(previous_best,) if new_best else ())
+    if checkpointer.pending is not None:  # stopped, or no save at the end: commit what is in flight
+        commit_background(wait=True)
 
     if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
         test_with_best_weights()

@@ -228,6 +228,10 @@ class CheckpointConfig:
     """Also keep every checkpoint whose step is a multiple of N (0: none)."""
     resume: str = "auto"
     """``auto`` (latest committed checkpoint), ``never``, or a checkpoint path."""
+    async_save: bool = False
+    """ddp / fsdp: periodic saves copy the state to CPU memory and write it in a background thread
+    while training goes on; the checkpoint commits (manifest) once every rank's write is done.
+    The end-of-run, signal and best-checkpoint saves stay synchronous."""
     on_error: Literal["stop", "continue"] = "stop"
     """A save that fails (disk full, I/O error) leaves the previous checkpoint as the latest; then
     ``stop`` ends the run with the error (exit 2), ``continue`` logs it and trains on."""

@@ -28,6 +28,11 @@ def _forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], **kwargs).logits
 
 
+def _mean_loss(sums: torch.Tensor) -> float:
+    """Every task's sums start with (loss sum, count)."""
+    return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+
+
 def _weights(batch: dict) -> torch.Tensor:
     w = batch.get("sample_weight")
     return w.float() if w is not None else torch.ones(len(batch["input_ids"]), device=batch["input_ids"].device)
@@ -66,7 +71,7 @@ class CausalLM(Task):
         return torch.stack([self.loss(model, batch).float(), torch.ones((), device=batch["input_ids"].device)])
 
     def metrics(self, sums):
-        loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        loss = _mean_loss(sums)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
@@ -92,7 +97,7 @@ class SFT(Task):
         return torch.stack([(losses * w).sum(), (mask * w).sum()])
 
     def metrics(self, sums):
-        loss = (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
+        loss = _mean_loss(sums)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
@@ -115,7 +120,7 @@ class SequenceClassification(Task):
 
     def metrics(self, sums):
         n = len(self.labels)
-        out = {"loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")}
+        out = {"loss": _mean_loss(sums)}
         out.update(classification_scores(sums[2:].view(n, n).cpu().numpy(), self.labels))
         return out
 
@@ -154,7 +159,7 @@ class TokenClassification(Task):
 
     def metrics(self, sums):
         n = len(self.labels)
-        out = {"loss": (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")}
+        out = {"loss": _mean_loss(sums)}
         scores = classification_scores(sums[2:2 + n * n].view(n, n).cpu().numpy(), self.labels)
         out.update(scores, token_accuracy=scores.pop("accuracy"))
         out.update(entity_scores(*sums[2 + n * n:].tolist()))
