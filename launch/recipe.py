@@ -152,7 +152,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
         if getattr(t, key) < 1:
             p.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
     for key in ("eval_every", "eval_batches", "stop_after"):
-        if getattr(t, key) < 0:
+        if (getattr(t, key) or 0) < 0:
             p.append(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
     if par.nproc is not None and par.nproc < 1 or par.nodes < 1:
         p.append(f"parallel: nproc and nodes must be at least 1 (nproc={par.nproc}, nodes={par.nodes})")

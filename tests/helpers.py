@@ -195,7 +195,7 @@ def finetune_recipe(task: str, data_path: Path, cache: Path, run_dir: Path, **se
                  "tokenizer": {"path": str(minilm_dir())}, "cache_dir": str(cache), "num_workers": 0},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "decay": "linear"},
         "train": {"max_steps": 12, "micro_batch_size": 4, "global_batch_size": 16, "log_every": 2,
-                  "eval_every": 4, "eval_batches": 0},
+                  "eval_every": 4},  # eval_batches unset: fine-tuning evaluates the whole split
         "parallel": {"engine": "ddp", "precision": "fp32", "nproc": 2},
         "checkpoint": {"every_steps": 0, "at_end": True},
         "logging": {"console": False, "telemetry_interval_s": 0.5},

@@ -22,7 +22,7 @@ from train.engines import build_engine
 from train.evaluation import evaluate, headline, write_test_results
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
 from train.model import build_model
-from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
+from train.recipe import Recipe, eval_batch_count, grad_accum_steps, recipe_from_dict
 from train.scores import EarlyStopping
 from train.tasks import Task, build_task
 from train.stop import StopRequest
@@ -131,7 +131,7 @@ def train(run_dir: Path) -> int:
     batches = TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
                            d.rank, d.world_size, num_workers=recipe.data.num_workers,
                            pin_memory=d.device.type == "cuda")
-    val = eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size, t.eval_batches)
+    val = eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size, eval_batch_count(recipe))
     counters = Counters()
     ckpt_cfg, ev = recipe.checkpoint, recipe.eval
     early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)

@@ -160,8 +160,9 @@ class TrainConfig:
     """Samples per optimizer step over all ranks; accumulation = global / (micro × world)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
-    eval_batches: int = 4
-    """Micro-batches per rank per evaluation; 0: the whole validation split."""
+    eval_batches: Optional[int] = None
+    """Micro-batches per rank per evaluation; 0: the whole validation split; ``None``: 4 for
+    ``causal_lm``, the whole split for the fine-tuning tasks (their metrics need every sample)."""
     epochs: float = 0.0
     """Train this many passes over the training split (sets ``max_steps``); 0: use ``max_steps``."""
     log_every: int = 10
@@ -455,6 +456,12 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def world_size(recipe: Recipe) -> int:
     """Total ranks: processes per node × nodes (``nproc`` must be resolved)."""
     return (recipe.parallel.nproc or 1) * recipe.parallel.nodes
+
+
+def eval_batch_count(recipe: Recipe) -> int:
+    """``train.eval_batches`` resolved: ``None`` is 4 for causal_lm, 0 (the whole split) otherwise."""
+    n = recipe.train.eval_batches
+    return n if n is not None else (4 if recipe.task == "causal_lm" else 0)
 
 
 def grad_accum_steps(recipe: Recipe) -> int:
