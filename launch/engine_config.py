@@ -35,11 +35,11 @@ def shard_block_classes(recipe: Recipe) -> list[str]:
 
 def task_model_classes(task: str) -> dict[str, str]:
     """model_type → the transformers class name that serves ``task``."""
-    from transformers.models.auto import modeling_auto as auto
+    from transformers.models.auto import modeling_auto
 
-    return {"sequence_classification": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-            "token_classification": auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-            }.get(task, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from train.tasks import TASKS
+
+    return getattr(modeling_auto, TASKS[task].mapping)
 
 
 def fsdp_config(recipe: Recipe, block_classes: list[str]) -> dict:

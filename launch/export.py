@@ -31,9 +31,11 @@ class ExportError(ValueError):
 def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     """The verified checkpoint of ``step``; else the best one (``checkpoints/best.json``, kept by
     fine-tuning runs) when it verifies; else the latest verified one."""
+    from train.loop import BEST_FILE
+
     root = run_dir / "checkpoints"
-    if step is None and (root / "best.json").exists():
-        best = root / json.loads((root / "best.json").read_text())["checkpoint"]
+    if step is None and (root / BEST_FILE).exists():
+        best = root / json.loads((root / BEST_FILE).read_text())["checkpoint"]
         if verify(best) is None:
             return best
     if step is None:

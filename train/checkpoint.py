@@ -24,11 +24,13 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from train.distributed import all_ranks_agree
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -74,6 +76,18 @@ class RNGState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class PendingSave(NamedTuple):
+    """A save whose engine state is being written in the background, and what its commit needs."""
+
+    future: Any
+    step: int
+    keep_last: int
+    keep_every: int
+    extra_manifest: dict
+    protect: set
+    started: float
+
+
 class CheckpointError(RuntimeError):
     pass
 
@@ -95,15 +109,6 @@ def fault_point(name: str, step: int, rank: int) -> None:
     where, at_step, *at_rank = spec.split(":")
     if where == name and int(at_step) == step and int(at_rank[0] if at_rank else 0) == rank:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (a MAX all-reduce on the backend's device)."""
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def step_dir_name(step: int) -> str:
@@ -186,7 +191,7 @@ class Checkpointer:
         self.rank, self.world, self.meta, self.log = rank, world, meta, log
         self.last_save_s: Optional[float] = None
         self.last_commit_s: Optional[float] = None
-        self.pending: Optional[tuple] = None
+        self.pending: Optional[PendingSave] = None
 
     def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
              protect: set[int] = frozenset(), background: bool = False) -> Path:
@@ -194,8 +199,8 @@ class Checkpointer:
         multiple and the steps in ``protect`` (the best checkpoint).
 
         ``background`` (DDP/FSDP): the engine copies its state to CPU memory and writes it in a
-        thread; :meth:`poll` (at step boundaries) or :meth:`wait` commits it once every rank's
-        write has finished. Until then the previous checkpoint stays the latest.
+        thread; :meth:`wait` commits it (the loop calls it once every rank reports
+        :meth:`write_in_flight` false). Until then the previous checkpoint stays the latest.
         """
         self.wait()  # one save at a time: a background one commits first
         start = time.time()
@@ -216,40 +221,35 @@ class Checkpointer:
                        tmp / f"rank-{self.rank:05d}.pt")
         except (OSError, RuntimeError, CheckpointException) as err:  # how ENOSPC surfaces in each writer
             error = err
-        if _any_rank(error is not None):  # every rank gives up together
+        if all_ranks_agree(error is not None):  # every rank gives up together
             raise self._save_failed(step, tmp, error)
         if future is not None:
-            self.pending = (future, step, keep_last, keep_every, extra_manifest, protect, start)
+            self.pending = PendingSave(future, step, keep_last, keep_every, extra_manifest, protect, start)
             self.last_save_s = time.time() - start  # the training stall
             return final
         self._commit(step, keep_last, keep_every, extra_manifest, protect)
         self.last_save_s = time.time() - start
         return final
 
-    def poll(self) -> Optional[Path]:
-        """At a step boundary: commit the background save if every rank's write has finished
-        (one small all-reduce while a save is pending, none otherwise)."""
-        if self.pending is None or _any_rank(not self.pending[0].done()):
-            return None
-        return self.wait()
+    def write_in_flight(self) -> bool:
+        """Whether this rank is still writing a background save (no collective)."""
+        return self.pending is not None and not self.pending.future.done()
 
     def wait(self) -> Optional[Path]:
         """Block until the background save (if any) is written, then commit it; return its path."""
         if self.pending is None:
             return None
-        future, step, keep_last, keep_every, extra_manifest, protect, start = self.pending
-        self.pending = None
+        p, self.pending = self.pending, None
         error = None
         try:
-            future.result()
+            p.future.result()
         except Exception as err:  # the writer thread's ENOSPC / I/O error, re-raised here
             error = err
-        tmp = self.root / f".tmp-{step_dir_name(step)}"
-        if _any_rank(error is not None):
-            raise self._save_failed(step, tmp, error)
-        self._commit(step, keep_last, keep_every, extra_manifest, protect)
-        self.last_commit_s = time.time() - start
-        return self.root / step_dir_name(step)
+        if all_ranks_agree(error is not None):
+            raise self._save_failed(p.step, self.root / f".tmp-{step_dir_name(p.step)}", error)
+        self._commit(p.step, p.keep_last, p.keep_every, p.extra_manifest, p.protect)
+        self.last_commit_s = time.time() - p.started
+        return self.root / step_dir_name(p.step)
 
     def _commit(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict, protect: set[int]) -> None:
         """fsync + hash (shared out), then rank 0 renames and writes the manifest; a collective."""

@@ -7,6 +7,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -56,8 +58,12 @@ def init_distributed(engine: str, timeout_s: float = 1800) -> DistInfo:
     return DistInfo(rank, local_rank, world, device)
 
 
-def all_ranks_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank raised ``flag`` (one small all-reduce)."""
+def all_ranks_agree(flag: bool, device: Optional[torch.device] = None) -> bool:
+    """True on every rank when any rank raised ``flag`` (one small all-reduce). ``device``
+    defaults to the one the default group's backend reduces on (the GPU under NCCL)."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState, fault_point
+from train.checkpoint import (MANIFEST, Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState,
+                              fault_point, step_dir_name)
 from train.data import DataError, TrainBatches, eval_batches, prepare_data
 from train.distributed import DistInfo, init_distributed
 from train.engines import build_engine
@@ -24,7 +25,7 @@ from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_t
 from train.model import build_model
 from train.recipe import Recipe, eval_batch_count, grad_accum_steps, recipe_from_dict
 from train.scores import EarlyStopping
-from train.tasks import Task, build_task
+from train.tasks import build_task
 from train.stop import StopRequest
 from train.watchdog import Watchdog
 
@@ -45,7 +46,8 @@ def write_status(run_dir: Path, state: str, step: int, started: float, reason: s
 
 
 class StepAgreement:
-    """Agree across ranks on 'stop' and 'save now' without a host sync in the step.
+    """Agree across ranks on 'stop', 'save now' and 'a background save is still being written'
+    without a host sync in the step.
 
     Each step launches a non-blocking all-reduce (MAX) of this rank's flags and reads the
     previous step's result, so every rank acts on the same step, one step late.
@@ -54,20 +56,23 @@ class StepAgreement:
     def __init__(self, device: torch.device):
         self.device, self._pending = device, None
 
-    def exchange(self, stop: bool, save: bool, wait_now: bool = False) -> tuple[bool, bool]:
-        agreed = [False, False]
+    def exchange(self, stop: bool, save: bool, writing: bool,
+                 wait_now: bool = False) -> tuple[bool, bool, bool]:
+        """(stop, save, writing), each true when any rank raised it one step ago (now: ``wait_now``)."""
+        agreed = [False, False, True]  # before any result: assume a write may be in flight
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
-            agreed = [bool(flags[0] > 0), bool(flags[1] > 0)]
+            agreed = [bool(f > 0) for f in flags.tolist()]
             self._pending = None
-        flags = torch.tensor([float(stop), float(save)], device=self.device)
+        flags = torch.tensor([float(stop), float(save), float(writing)], device=self.device)
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
         if wait_now:  # the last step: settle everything now
             work.wait()
-            return agreed[0] or bool(flags[0] > 0), agreed[1] or bool(flags[1] > 0)
+            now = [bool(f > 0) for f in flags.tolist()]
+            return agreed[0] or now[0], agreed[1] or now[1], now[2]
         self._pending = (work, flags)
-        return agreed[0], agreed[1]
+        return agreed[0], agreed[1], agreed[2]
 
 
 def read_recipe(run_dir: Path) -> Recipe:
@@ -168,6 +173,11 @@ def train(run_dir: Path) -> int:
     def step_seconds() -> float:
         return counters.elapsed_s / max(1, counters.step)
 
+    def save_failed(err: CheckpointSaveError) -> None:
+        if ckpt_cfg.on_error == "stop":
+            raise err
+        log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+
     def save(reason: str, protect: tuple = ()) -> bool:
         nonlocal last_save_time
         nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
@@ -182,9 +192,7 @@ def train(run_dir: Path) -> int:
                                      protect={s for s in (*protect, early.best_step) if s and keep_best},
                                      background=background)
         except CheckpointSaveError as err:
-            if ckpt_cfg.on_error == "stop":
-                raise
-            log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+            save_failed(err)
             last_save_time = time.time()
             return False
         last_save_time = time.time()
@@ -202,17 +210,14 @@ def train(run_dir: Path) -> int:
                 f"its last steps; raise slurm.signal_lead_s")
         return True
 
-    def commit_background(wait: bool) -> None:
-        """Commit a background save whose write finished (``wait``: block until it has)."""
+    def commit_background() -> None:
+        """Commit the background save (waiting for its write if it has not finished)."""
         try:
-            path = checkpointer.wait() if wait else checkpointer.poll()
+            path = checkpointer.wait()
         except CheckpointSaveError as err:
-            if ckpt_cfg.on_error == "stop":
-                raise
-            log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+            save_failed(err)
             return
-        if path is not None:
-            log(f"checkpoint: committed {path.name} (written in the background, {checkpointer.last_commit_s:.1f}s)")
+        log(f"checkpoint: committed {path.name} (written in the background, {checkpointer.last_commit_s:.1f}s)")
 
     def validate(step: int) -> bool:
         """Evaluate, log, update early stopping; return whether this is the best evaluation yet."""
@@ -230,10 +235,10 @@ def train(run_dir: Path) -> int:
 
     def test_with_best_weights() -> None:
         """Evaluate the test split once, with the best checkpoint's weights when it is kept."""
-        source = f"step-{counters.step:06d} (final weights)"
-        best = run_dir / "checkpoints" / f"step-{early.best_step or 0:06d}"
-        if keep_best and early.best_step and early.best_step != counters.step and (best / "manifest.json").exists():
-            engine.load(best, json.loads((best / "manifest.json").read_text())["world_size"])
+        source = f"{step_dir_name(counters.step)} (final weights)"
+        best = run_dir / "checkpoints" / step_dir_name(early.best_step or 0)
+        if keep_best and early.best_step and early.best_step != counters.step and (best / MANIFEST).exists():
+            engine.load(best, json.loads((best / MANIFEST).read_text())["world_size"])
             source = f"{best.name} (best {ev.metric})"
         if watchdog:
             watchdog.beat(counters.step, "test evaluation", restart=True)
@@ -261,7 +266,6 @@ def train(run_dir: Path) -> int:
     window_start, stopped, first_step, window_tokens = time.time(), False, counters.step, 0
     while counters.step < t.max_steps and not early.stopped:
         step_start = time.time()
-        timed = watchdog  # the first step of a launch gets Watchdog.FIRST_STEP_FACTOR × the limit
         loss_fn = nan_fault(task.loss) if nan_at == counters.step + 1 else task.loss
         if kill_armed:  # the kill harness's points inside a step: before forward, before backward
             fault_point("forward", counters.step + 1, d.rank)
@@ -269,15 +273,15 @@ def train(run_dir: Path) -> int:
         bad, step_tokens = torch.zeros((), device=d.device), 0
         for micro in range(accum):
             t0 = time.perf_counter()
-            if timed:
-                timed.beat(counters.step + 1, "data")
+            if watchdog:
+                watchdog.beat(counters.step + 1, "data")
                 if hang_at == counters.step + 1:
                     time.sleep(10**6)  # fault injection for the watchdog test
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
             step_tokens += batch["input_ids"].numel() * d.world_size  # padding trimmed; rank 0's count
             t1 = time.perf_counter()
-            if timed:
-                timed.beat(counters.step + 1, "forward-backward")
+            if watchdog:
+                watchdog.beat(counters.step + 1, "forward-backward")
             loss = engine.forward_backward(batch, loss_fn, micro == accum - 1)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)  # a NaN step must not poison the logged mean
@@ -285,8 +289,8 @@ def train(run_dir: Path) -> int:
             timers["data_wait_s"] += t1 - t0
             timers["fwd_bwd_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
-        if timed:
-            timed.beat(counters.step + 1, "optimizer")
+        if watchdog:
+            watchdog.beat(counters.step + 1, "optimizer")
         if kill_armed:
             fault_point("optimizer", counters.step + 1, d.rank)
         grad_norm, skipped = engine.optimizer_step(bad)
@@ -344,7 +348,10 @@ def train(run_dir: Path) -> int:
 
         timed_save = bool(ckpt_cfg.every_minutes) and d.is_main and \
             time.time() - last_save_time >= 60 * ckpt_cfg.every_minutes
-        stop_now, save_now = agreement.exchange(stop.signal_name is not None, timed_save, wait_now=last)
+        # a background save that started at step s is reported on from step s + 1, agreed at s + 2
+        write_started = checkpointer.pending.step if checkpointer.pending is not None else None
+        stop_now, save_now, writing = agreement.exchange(stop.signal_name is not None, timed_save,
+                                                         checkpointer.write_in_flight(), wait_now=last)
         if t.stop_after and counters.step - first_step >= t.stop_after and not last:
             stop_now, stop.signal_name = True, stop.signal_name or f"train.stop_after={t.stop_after}"
         if stop_now:
@@ -353,13 +360,13 @@ def train(run_dir: Path) -> int:
             save("signal")
             stopped = True
             break
-        if checkpointer.pending is not None:
-            commit_background(wait=last or stop_now)
+        if write_started is not None and (last or (not writing and counters.step >= write_started + 2)):
+            commit_background()
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
             save("end" if last else "periodic", protect=(previous_best,) if new_best else ())
     if checkpointer.pending is not None:  # stopped, or no save at the end: commit what is in flight
-        commit_background(wait=True)
+        commit_background()
 
     if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
         test_with_best_weights()
@@ -443,10 +450,8 @@ def nan_fault(loss_fn):
 
 
 def write_best(run_dir: Path, early: EarlyStopping, step: int) -> None:
-    """Point ``checkpoints/best.json`` at the best evaluation's checkpoint once it is committed."""
-    ckpt = run_dir / "checkpoints" / f"step-{step:06d}"
-    if not (ckpt / "manifest.json").exists():  # the save failed (checkpoint.on_error=continue)
-        return
+    """Point ``checkpoints/best.json`` at the best evaluation's checkpoint (called once it is committed)."""
+    ckpt = run_dir / "checkpoints" / step_dir_name(step)
     tmp = run_dir / "checkpoints" / f".{BEST_FILE}.tmp"
     tmp.write_text(json.dumps({"step": step, "checkpoint": ckpt.name, "metric": early.metric,
                                "value": early.best}, indent=1))

@@ -142,18 +142,18 @@ class Featurizer:
         return out
 
 
-def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, records=None):
+def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, log=print):
     from train.data import check_template, load_records
 
-    records = load_records(src, where) if records is None else records
+    records = load_records(src, where)
     check_template(src, records, where)
     f = Featurizer(recipe, tokenizer, where, src)
     f.check(records.column_names)
     out = records.map(f.batch, batched=True, remove_columns=records.column_names,
                       desc=f"{where}: tokenize for {recipe.task}")
     if len(out) < len(records) and recipe.task == "sft":
-        print(f"data: {where}: dropped {len(records) - len(out)} of {len(records)} records whose prompt "
-              f"fills data.seq_len={recipe.data.seq_len}", flush=True)
+        log(f"data: {where}: dropped {len(records) - len(out)} of {len(records)} records whose prompt "
+            f"fills data.seq_len={recipe.data.seq_len}")
     return out
 
 
@@ -228,12 +228,12 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
     out = Path(d.cache_dir).expanduser() / key
     if not (out / "stats.json").exists():
         start = time.time()
-        parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]") for i, s in enumerate(d.sources)]
+        parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]", log) for i, s in enumerate(d.sources)]
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        test = _featurize(recipe, tokenizer, d.test_source, "data.test_source") if d.test_source else None
+        test = _featurize(recipe, tokenizer, d.test_source, "data.test_source", log) if d.test_source else None
         if test is None:
             test, train = _split(train, d.test_fraction, recipe.run.seed, 13)
-        val = _featurize(recipe, tokenizer, d.val_source, "data.val_source") if d.val_source else None
+        val = _featurize(recipe, tokenizer, d.val_source, "data.val_source", log) if d.val_source else None
         if val is None:
             val, train = _split(train, d.val_fraction, recipe.run.seed, 7)
         if d.max_samples is not None:

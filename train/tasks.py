@@ -41,6 +41,8 @@ def _weights(batch: dict) -> torch.Tensor:
 class Task:
     name = "task"
     auto_class = "AutoModelForCausalLM"
+    """The transformers auto class; its ``model_type`` → class table is ``MODEL_FOR_..._MAPPING_NAMES``."""
+    mapping = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
     peft_task_type = "CAUSAL_LM"
     metric_names: tuple[str, ...] = TASK_METRICS["causal_lm"]
 
@@ -104,6 +106,7 @@ class SFT(Task):
 class SequenceClassification(Task):
     name = "sequence_classification"
     auto_class = "AutoModelForSequenceClassification"
+    mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     peft_task_type = "SEQ_CLS"
     metric_names = TASK_METRICS["sequence_classification"][:4]
 
@@ -130,6 +133,7 @@ class TokenClassification(Task):
 
     name = "token_classification"
     auto_class = "AutoModelForTokenClassification"
+    mapping = "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
     peft_task_type = "TOKEN_CLS"
     metric_names = TASK_METRICS["token_classification"][:5]
 
