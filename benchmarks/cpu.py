@@ -246,12 +246,12 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
         t0 = time.perf_counter()
         path = ckpt.save(1, keep_last=1, keep_every=0, extra_manifest={})
         saves.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
         t0 = time.perf_counter()  # checkpoint.async_save: the training stall, then the commit
         ckpt.save(2, keep_last=2, keep_every=0, extra_manifest={}, background=True)
         stalls.append(time.perf_counter() - t0)
         ckpt.wait()
         commits.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         found = ckpt.find_resume_point("auto")  # checksums are verified on every resume
         ckpt.load(found)
         loads.append(time.perf_counter() - t0)

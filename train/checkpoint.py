@@ -4,7 +4,9 @@ Commit protocol for ``checkpoints/step-000120``:
 
 1. every rank writes into the sibling ``checkpoints/.tmp-step-000120``
    (the engine's sharded state plus one small ``rank-XXXXX.pt`` per rank);
-2. rank 0 fsyncs every file, renames the directory to ``step-000120``;
+2. every file is fsynced and hashed (DCP's writer hashes its files as it writes them, in
+   :func:`io_threads` threads; the ranks share out the rest); rank 0 renames the directory
+   to ``step-000120``;
 3. rank 0 writes ``manifest.json`` (step, tokens, world size, engine, recipe hash,
    sha256 per file) last, atomically: the manifest *is* the commit marker.
 
@@ -22,6 +24,8 @@ import re
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Protocol
@@ -29,6 +33,8 @@ from typing import Any, NamedTuple, Optional, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from train.distributed import all_ranks_agree
 
@@ -123,6 +129,77 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def io_threads() -> int:
+    """Threads per rank for writing and hashing checkpoint files: this rank's share of the CPUs, 1-4.
+
+    hashlib releases the GIL on large buffers, so sha256 runs in parallel across threads.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cpus // local))
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256 of each file, :func:`io_threads` at a time."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(min(io_threads(), len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+class _HashingStream:
+    """A file being written whose bytes also feed sha256 on their way out (hash-on-write), so a save
+    need not read its files back to checksum them. A seek voids the digest (then the file is hashed
+    from disk as usual)."""
+
+    def __init__(self, raw):
+        self.raw, self.hash, self.sequential = raw, hashlib.sha256(), True
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.raw.write(data)
+
+    def seek(self, *args) -> int:
+        self.sequential = False
+        return self.raw.seek(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, recording the sha256 of every file it writes into ``digests``
+    (absolute path → hex digest)."""
+
+    def __init__(self, digests: dict[str, str]):
+        self.digests = digests
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with Path(path).open(mode) as raw:
+            stream = _HashingStream(raw)
+            yield stream
+        if stream.sequential:
+            self.digests[str(Path(path).absolute())] = stream.hash.hexdigest()
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        digest = self.digests.pop(str(Path(path).absolute()), None)
+        if digest:
+            self.digests[str(Path(new_path).absolute())] = digest
+
+
+def dcp_writer(directory: Path, digests: dict[str, str]) -> FileSystemWriter:
+    """DCP's file writer (fsyncing each file, :func:`io_threads` files at once) that hashes as it writes."""
+    writer = FileSystemWriter(str(directory), thread_count=io_threads())
+    writer.fs = _HashingFileSystem(digests)
+    return writer
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -154,11 +231,12 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return f"{ckpt}: {MANIFEST} is unreadable"
-    for rel, digest in sorted(files.items())[rank::world]:
-        f = ckpt / rel
-        if not f.exists():
+    mine = sorted(files.items())[rank::world]
+    for rel, _ in mine:
+        if not (ckpt / rel).exists():
             return f"{ckpt}: {rel} is missing"
-        if sha256_file(f) != digest:
+    for (rel, digest), actual in zip(mine, sha256_files([ckpt / rel for rel, _ in mine])):
+        if actual != digest:
             return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
     return None
 
@@ -192,6 +270,7 @@ class Checkpointer:
         self.last_save_s: Optional[float] = None
         self.last_commit_s: Optional[float] = None
         self.pending: Optional[PendingSave] = None
+        self._digests: dict[str, str] = {}  # filled by the engine's writer during a save
 
     def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
              protect: set[int] = frozenset(), background: bool = False) -> Path:
@@ -213,9 +292,9 @@ class Checkpointer:
         from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
 
         dist.barrier()
-        error, future = None, None
+        error, future, self._digests = None, None, {}
         try:
-            future = self.engine.save(tmp, background=background)
+            future = self.engine.save(tmp, background=background, digests=self._digests)
             fault_point("write", step, self.rank)
             torch.save({name: part.state_dict() for name, part in self.parts.items()},
                        tmp / f"rank-{self.rank:05d}.pt")
@@ -270,16 +349,19 @@ class Checkpointer:
         dist.barrier()
 
     def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
-        """fsync and sha256 every file of the save; each rank takes every ``world``-th file, so a
-        large checkpoint is hashed in parallel, not by rank 0 alone. A collective."""
+        """fsync and sha256 every file of the save; a collective. The engine's writer hashed its own
+        files as it wrote them; the other files are shared out, every ``world``-th to each rank,
+        so a large checkpoint is hashed in parallel, not by rank 0 alone."""
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        mine = {}
-        for rel in files[self.rank::self.world]:
-            _fsync(tmp / rel)
-            mine[rel] = sha256_file(tmp / rel)
+        own = {str(Path(p).relative_to(tmp.absolute())): d for p, d in self._digests.items()}
         shares: list = [None] * self.world
-        dist.all_gather_object(shares, mine)
-        return {rel: digest for share in shares for rel, digest in sorted(share.items())}
+        dist.all_gather_object(shares, own)
+        written = {rel: digest for share in shares for rel, digest in share.items()}
+        rest = [rel for rel in files if rel not in written][self.rank::self.world]
+        for rel in [*own, *rest]:
+            _fsync(tmp / rel)  # DCP fsynced its files already: this costs nothing there
+        dist.all_gather_object(shares, dict(zip(rest, sha256_files([tmp / rel for rel in rest]))))
+        return dict(sorted({**written, **{rel: d for share in shares for rel, d in share.items()}}.items()))
 
     def verify_all(self, ckpt: Path) -> Optional[str]:
         """:func:`verify` with the files shared out over the ranks; every rank gets the answer."""

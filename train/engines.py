@@ -68,9 +68,10 @@ class Engine:
         """Optimizer steps skipped by the fp16 loss scaler."""
         return 0
 
-    def save(self, path: Path, background: bool = False):
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
         """Write model + optimizer + schedule state into ``path``. With ``background`` (DDP/FSDP),
-        copy it to CPU memory, start the write in a thread and return its future."""
+        copy it to CPU memory, start the write in a thread and return its future. An engine that
+        hashes files as it writes them records ``absolute path → sha256`` in ``digests``."""
         raise NotImplementedError
 
     def load(self, path: Path, saved_world_size: int) -> None:
@@ -143,19 +144,22 @@ class _TorchEngine(Engine):
         return {"scheduler": self.scheduler.state_dict(), "skipped": self._skipped,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
-    def save(self, path: Path, background: bool = False):
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from train.checkpoint import dcp_writer
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         if dist.get_rank() == 0:
             torch.save(self._extra_state(), path / "engine_extra.pt")
+        writer = dcp_writer(path / "dcp", digests if digests is not None else {})
         if not background:
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"))
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
             return None
         if self._save_group is None:  # the writer thread's collectives must not interleave with training's
             self._save_group = dist.new_group(backend="gloo")
-        return dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "dcp"),
+        return dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
                               process_group=self._save_group)
 
     def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
@@ -288,7 +292,7 @@ class DeepSpeedEngine(Engine):
     def skipped_steps(self) -> int:
         return int(getattr(self.engine, "skipped_steps", 0))
 
-    def save(self, path: Path, background: bool = False):
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
         if background:
             raise ValueError("checkpoint.async_save is for ddp and fsdp; DeepSpeed saves synchronously")
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
