@@ -92,6 +92,48 @@ def _prepare(task: str, path: Path, tmp: Path, **data):
     return prepare_data(recipe_from_dict(raw), log=lambda *_: None)
 
 
+@pytest.mark.parametrize("task_name", ["sft", "token_classification"])
+def test_accumulated_loss_weighs_every_token_equally(task_name, monkeypatch):
+    """Two micro-batches with 2 and 14 loss tokens: with the step's loss denominator the accumulated
+    gradient equals the gradient of one batch holding both (the mean over all 16 tokens), not the
+    mean of the two micro-batch means. ``dist.all_reduce`` is the identity here (one rank)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from train import loop
+    from train.tasks import build_task
+
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor: tensor)
+    torch.manual_seed(0)
+    if task_name == "sft":
+        config = AutoConfig.for_model("llama", vocab_size=50, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        config = AutoConfig.for_model("bert", vocab_size=50, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+        model = AutoModelForTokenClassification.from_config(config).eval()  # no dropout
+    task = build_task(task_name, ["A", "B", "C"])
+    ids = torch.randint(0, 50, (2, 16))
+    labels = torch.full((2, 16), IGNORE)
+    labels[0, 13:] = torch.randint(0, 3, (3,))  # micro-batch 0: 2 or 3 loss tokens
+    labels[1, 1:] = torch.randint(0, 3, (15,))  # micro-batch 1: 14 or 15
+    micro = [{"input_ids": ids[i:i + 1], "attention_mask": torch.ones(1, 16, dtype=torch.long),
+              "labels": labels[i:i + 1]} for i in range(2)]
+    whole = {"input_ids": ids, "attention_mask": torch.ones(2, 16, dtype=torch.long), "labels": labels}
+
+    def grads(batches: list[dict]) -> torch.Tensor:
+        model.zero_grad()
+        for b in batches:
+            (task.loss(model, b) / len(batches)).backward()  # what the engines do with accumulation
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    reference = grads([whole])
+    per_micro_mean = grads([dict(b) for b in micro])
+    loop.set_loss_denominator(task, micro, world_size=1)
+    assert torch.allclose(grads(micro), reference, atol=1e-6)
+    assert not torch.allclose(per_micro_mean, reference, atol=1e-4)  # what the denominator fixes
+
+
 def test_sft_labels_cover_the_response_only(ft_data, tmp_path):
     prepared = _prepare("sft", ft_data["sft"], tmp_path, val_fraction=0.0, test_fraction=0.0)
     tok = prepared.tokenizer

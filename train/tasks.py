@@ -33,6 +33,14 @@ def _mean_loss(sums: torch.Tensor) -> float:
     return (sums[0] / sums[1]).item() if sums[1] > 0 else float("nan")
 
 
+def _token_mean(losses: torch.Tensor, mask: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The micro-batch's loss sum over ``batch["loss_denominator"]`` when the loop set it (so the
+    step's gradient is the mean over every loss token of every micro-batch and rank, whatever
+    their spread), else over this micro-batch's own tokens."""
+    denominator = batch.get("loss_denominator")
+    return (losses * mask).sum() / (denominator if denominator is not None else mask.sum().clamp(min=1))
+
+
 def _weights(batch: dict) -> torch.Tensor:
     w = batch.get("sample_weight")
     return w.float() if w is not None else torch.ones(len(batch["input_ids"]), device=batch["input_ids"].device)
@@ -51,6 +59,11 @@ class Task:
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_tokens(self, batch: dict) -> Optional[torch.Tensor]:
+        """How many positions of ``batch`` carry loss, for tasks where that varies by micro-batch
+        (``None``: every micro-batch weighs the same, and its loss is its own mean)."""
+        return None
 
     def eval_sums(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -91,7 +104,10 @@ class SFT(Task):
 
     def loss(self, model, batch):
         losses, mask = self._token_losses(model, batch)
-        return losses.sum() / mask.sum().clamp(min=1)
+        return _token_mean(losses, mask, batch)
+
+    def loss_tokens(self, batch):
+        return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def eval_sums(self, model, batch):
         losses, mask = self._token_losses(model, batch)
@@ -138,8 +154,13 @@ class TokenClassification(Task):
     metric_names = TASK_METRICS["token_classification"][:5]
 
     def loss(self, model, batch):
-        logits = _forward(model, batch).float()
-        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+        logits, labels = _forward(model, batch).float(), batch["labels"]
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="none").view_as(labels)
+        return _token_mean(losses, (labels != IGNORE).float(), batch)
+
+    def loss_tokens(self, batch):
+        return (batch["labels"] != IGNORE).sum()
 
     def eval_sums(self, model, batch):
         logits = _forward(model, batch).float()
