@@ -218,11 +218,30 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+# files written by one rank: DCP's data files, DeepSpeed's ZeRO shards, our per-rank state
+_RANK_FILE = re.compile(r"(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt|rank-(\d+)\.pt)$")
+
+
+def share_of(files: list[str], rank: int, world: int) -> list[str]:
+    """This rank's share of ``files`` to fsync or hash: what rank r wrote goes to rank r (on shared
+    storage each node then reads its own shards once: the checksum read leaves them in its page
+    cache for the load); the rest are dealt out in turn."""
+    own, rest = [], []
+    for rel in sorted(files):
+        m = _RANK_FILE.search(rel)
+        writer = int(next(g for g in m.groups() if g is not None)) if m else None
+        if writer is not None and writer < world:
+            own += [rel] if writer == rank else []
+        else:
+            rest.append(rel)
+    return own + rest[rank::world]
+
+
 def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong.
 
-    With ``world`` > 1 this checks only this rank's share of the files (every ``world``-th in
-    manifest order), so ranks verify a large checkpoint in parallel.
+    With ``world`` > 1 this checks only this rank's share of the files (:func:`share_of`), so
+    ranks verify a large checkpoint in parallel.
     """
     manifest = ckpt / MANIFEST
     if not manifest.exists():
@@ -231,7 +250,7 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return f"{ckpt}: {MANIFEST} is unreadable"
-    mine = sorted(files.items())[rank::world]
+    mine = [(rel, files[rel]) for rel in share_of(list(files), rank, world)]
     for rel, _ in mine:
         if not (ckpt / rel).exists():
             return f"{ckpt}: {rel} is missing"
@@ -350,14 +369,14 @@ class Checkpointer:
 
     def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
         """fsync and sha256 every file of the save; a collective. The engine's writer hashed its own
-        files as it wrote them; the other files are shared out, every ``world``-th to each rank,
-        so a large checkpoint is hashed in parallel, not by rank 0 alone."""
+        files as it wrote them; the other files are shared out (:func:`share_of`), so a large
+        checkpoint is hashed in parallel, not by rank 0 alone."""
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         own = {str(Path(p).relative_to(tmp.absolute())): d for p, d in self._digests.items()}
         shares: list = [None] * self.world
         dist.all_gather_object(shares, own)
         written = {rel: digest for share in shares for rel, digest in share.items()}
-        rest = [rel for rel in files if rel not in written][self.rank::self.world]
+        rest = share_of([rel for rel in files if rel not in written], self.rank, self.world)
         for rel in [*own, *rest]:
             _fsync(tmp / rel)  # DCP fsynced its files already: this costs nothing there
         dist.all_gather_object(shares, dict(zip(rest, sha256_files([tmp / rel for rel in rest]))))

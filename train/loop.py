@@ -168,7 +168,7 @@ def train(run_dir: Path) -> int:
     loop_started = time.time()
     if d.is_main:
         write_status(run_dir, "running", counters.step, loop_started)
-    last_save_time = time.time()
+    last_save_time, last_save_step = time.time(), -1
 
     def step_seconds() -> float:
         return counters.elapsed_s / max(1, counters.step)
@@ -179,7 +179,8 @@ def train(run_dir: Path) -> int:
         log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
 
     def save(reason: str, protect: tuple = ()) -> bool:
-        nonlocal last_save_time
+        nonlocal last_save_time, last_save_step
+        last_save_step = counters.step
         nonfinite.check(counters.step)  # never commit a checkpoint after a step that should stop
         if watchdog:
             watchdog.beat(counters.step, f"checkpoint save ({reason})", restart=True)
@@ -365,6 +366,7 @@ def train(run_dir: Path) -> int:
             break
         if write_started is not None and (last or (not writing and counters.step >= write_started + 2)):
             commit_background()
+        save_now = save_now and last_save_step < counters.step - 1  # raised before the last step's save: stale
         if (ckpt_cfg.every_steps and counters.step % ckpt_cfg.every_steps == 0) or save_now \
                 or (last and ckpt_cfg.at_end):
             save("end" if last else "periodic", protect=(previous_best,) if new_best else ())
