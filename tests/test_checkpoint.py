@@ -191,3 +191,33 @@ def test_each_rank_hashes_the_files_it_wrote():
     for world in (1, 2, 3):
         shares = [share_of(files, r, world) for r in range(world)]
         assert sorted(f for share in shares for f in share) == sorted(files)
+
+
+def test_prune_uncommits_at_once_and_deletes_in_the_background(tmp_path):
+    """After a save returns, pruned checkpoints are already uncommitted; their files, and the
+    leftovers of crashed saves (a .tmp directory, a step directory that never got its manifest),
+    are deleted by rank 0's prune thread. One process, a real gloo group, a one-file engine."""
+    import torch.distributed as dist
+
+    from train.checkpoint import Checkpointer, Counters
+
+    class OneFileEngine:
+        def save(self, path: Path, background: bool = False, digests: dict | None = None):
+            (path / "weights.bin").write_bytes(os.urandom(1 << 16))
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        root = tmp_path / "checkpoints"
+        ckpt = Checkpointer(root, OneFileEngine(), {"counters": Counters()}, 0, 1, {"engine": "test"},
+                            log=lambda *_: None)
+        for step in (1, 2):
+            ckpt.save(step, keep_last=1, keep_every=0, extra_manifest={})
+        (root / ".tmp-step-000007").mkdir()  # a crashed save
+        (root / "step-000005").mkdir()  # renamed, then killed before its manifest
+        ckpt.save(3, keep_last=1, keep_every=0, extra_manifest={})
+        assert [p.name for p in committed_checkpoints(root)] == ["step-000003"]
+        ckpt._join_deleter()
+        assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
+        assert verify(root / "step-000003") is None
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,8 @@ Commit protocol for ``checkpoints/step-000120``:
    sha256 per file) last, atomically: the manifest *is* the commit marker.
 
 Only directories with a manifest whose checksums match count as checkpoints.
-Pruning happens only after the new checkpoint is committed.
+Pruning happens only after the new checkpoint is committed: a pruned checkpoint loses its
+manifest first, then rank 0 deletes its files in a thread while training goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -290,6 +292,7 @@ class Checkpointer:
         self.last_commit_s: Optional[float] = None
         self.pending: Optional[PendingSave] = None
         self._digests: dict[str, str] = {}  # filled by the engine's writer during a save
+        self._deleter: Optional[threading.Thread] = None  # rank 0 deleting pruned checkpoints
 
     def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
              protect: set[int] = frozenset(), background: bool = False) -> Path:
@@ -305,6 +308,7 @@ class Checkpointer:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if self.rank == 0:
+            self._join_deleter()
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
@@ -407,15 +411,25 @@ class Checkpointer:
     def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: set[int]) -> None:
         ckpts = committed_checkpoints(self.root)
         newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
+        doomed = []
         for ckpt in ckpts:
             step = int(_STEP_DIR.match(ckpt.name).group(1))
             if ckpt in newest or (keep_every and step % keep_every == 0) or step in protect:
                 continue
             fault_point("prune", saving_step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
-            shutil.rmtree(ckpt, ignore_errors=True)
-        for stale in self.root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            doomed.append(ckpt)
+        doomed += [p for p in self.root.iterdir() if p.name.startswith(".tmp-step-")  # left by crashes
+                   or (_STEP_DIR.match(p.name) and not (p / MANIFEST).exists())]
+        self._join_deleter()
+        self._deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                                         name="checkpoint-prune")
+        self._deleter.start()  # freeing the disk need not stall training; joined before the next save
+
+    def _join_deleter(self) -> None:
+        if self._deleter is not None:
+            self._deleter.join()
+            self._deleter = None
 
     def find_resume_point(self, resume: str) -> Optional[Path]:
         """The checkpoint to resume from (``auto``: the newest that verifies; ``never``; or a path),
