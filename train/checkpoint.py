@@ -174,6 +174,7 @@ class _HashingFileSystem(FileSystem):
     (absolute path → hex digest)."""
 
     def __init__(self, digests: dict[str, str]):
+        super().__init__()
         self.digests = digests
 
     @contextmanager
