@@ -160,8 +160,9 @@ def test_sft_chat_learns_assistant_turns_only(ft_data, tmp_path):
     learned = tok.decode([i for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
     ignored = tok.decode([i for i, lab, m in zip(row["input_ids"], row["labels"], row["attention_mask"])
                           if lab == IGNORE and m])
-    assert learned.count("< | assistant | >") == 2 and "user" not in learned
-    assert ignored.count("< | user | >") == 2 and "assistant" not in ignored
+    assert "<" not in learned and "user" not in learned and "assistant" not in learned  # content + EOS only
+    assert learned.count("[SEP]") == 2  # MiniLM's EOS ends each of the 2 assistant turns
+    assert ignored.count("< | user | >") == 2 and ignored.count("< | assistant | >") == 2  # headers are not learned
 
 
 def test_token_labels_go_on_the_first_sub_token(tmp_path):

@@ -29,9 +29,10 @@ import numpy as np
 from train.recipe import Recipe, SourceConfig
 from train.tasks import IGNORE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chat assistant headers are no longer learned
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}")
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 """Used for chat records when the tokenizer brings no chat template of its own."""
 
 
@@ -93,7 +94,8 @@ class Featurizer:
         return {"input_ids": ids, "labels": labels}
 
     def _chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """Render the chat turn by turn; learn the assistant turns, ignore the rest."""
+        """Render the chat turn by turn; learn the assistant turns' content and end, ignore the rest
+        (the other turns and each assistant turn's header)."""
         tok = self.tok
         if not getattr(tok, "chat_template", None):
             tok.chat_template = CHAT_TEMPLATE
@@ -106,11 +108,25 @@ class Featurizer:
             if not text.startswith(before):
                 raise self.Error(f"{self.where}: the tokenizer's chat template does not render turn "
                                  f"by turn (turn {i} rewrites earlier text); use prompt/response records")
-            part = tok(text[len(before):], add_special_tokens=False)["input_ids"]
-            ids += part
-            labels += part if message["role"] == "assistant" else [IGNORE] * len(part)
+            head = self._assistant_header(messages[:i], before, text) if message["role"] == "assistant" else ""
+            header = tok(head, add_special_tokens=False)["input_ids"] if head else []
+            part = tok(text[len(before) + len(head):], add_special_tokens=False)["input_ids"]
+            ids += header + part
+            labels += [IGNORE] * len(header) + (part if message["role"] == "assistant" else [IGNORE] * len(part))
             before = text
         return ids, labels
+
+    def _assistant_header(self, history: list[dict], before: str, text: str) -> str:
+        """The text the template puts before an assistant turn's content (its role header), which is
+        not learned: what ``add_generation_prompt`` adds to the history. "" when the template does
+        not render it as a prefix of the turn (then the whole turn is learned)."""
+        try:
+            prompt = self.tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template that cannot render this history alone (e.g. an empty one)
+            return ""
+        if prompt.startswith(before) and text.startswith(prompt):
+            return prompt[len(before):]
+        return ""
 
     def sequence_classification(self, row: dict) -> Optional[dict]:
         enc = self.tok(self._text(row), truncation=True, max_length=self.seq_len)
