@@ -256,6 +256,23 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     assert "| hamlet |" in (run_dir / "test_results.md").read_text()
     eval_record = next(m for m in metrics if m["step"] == 4 and "eval_accuracy" in m)
     assert {"eval_macro_f1", "eval_micro_f1", "eval_f1/hamlet", "eval_precision/tempest"} <= set(eval_record)
+    # the token counter sums every rank's own (trimmed) micro-batches, replayed here rank by rank;
+    # tokens/s comes from the same all-reduced sums
+    from train.data import TrainBatches
+
+    resolved = read_recipe(run_dir)
+    t, data = resolved.train, prepare_data(resolved, log=lambda *_: None)
+    expected = 0
+    for rank in range(2):
+        replay = TrainBatches(data.train, resolved.run.seed, t.global_batch_size, t.micro_batch_size,
+                              rank, 2, num_workers=0)
+        expected += sum(next(replay)["input_ids"].numel() for _ in range(12 * t.global_batch_size
+                                                                        // (t.micro_batch_size * 2)))
+    logs, previous, counted = [m for m in metrics if "loss" in m], 0, 0.0
+    for m in logs:
+        counted += m["tokens_per_s"] * m["step_time_s"] * (m["step"] - previous)
+        previous = m["step"]
+    assert logs[-1]["tokens"] == expected and abs(counted - expected) < 1e-6 * expected, (counted, expected)
 
     again = run_recipe(tmp_path, recipe)  # an early-stopped run stays stopped
     assert max(m["step"] for m in read_metrics(run_dir) if "loss" in m) == 12, again.stdout

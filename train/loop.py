@@ -279,7 +279,7 @@ def train(run_dir: Path) -> int:
                 if hang_at == counters.step + 1:
                     time.sleep(10**6)  # fault injection for the watchdog test
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
-            step_tokens += batch["input_ids"].numel() * d.world_size  # padding trimmed; rank 0's count
+            step_tokens += batch["input_ids"].numel()  # this rank's positions (padding trimmed)
             micro_batches.append(batch)
         set_loss_denominator(task, micro_batches, d.world_size)
         t1 = time.perf_counter()
@@ -302,20 +302,24 @@ def train(run_dir: Path) -> int:
         nonfinite.record(skipped, counters.step + 1)
         timers["optim_s"] += time.perf_counter() - t2
         counters.step += 1
-        counters.tokens += step_tokens
+        counters.tokens += step_tokens * d.world_size  # an estimate until the log step's exact sum
         counters.elapsed_s += time.time() - step_start
         window_steps, window_tokens = window_steps + 1, window_tokens + step_tokens
 
         if counters.step % t.log_every == 0 or counters.step == t.max_steps:
             good = torch.clamp(accum * window_steps - bad_micro, min=1)  # NaN losses are left out
-            stats = torch.stack([loss_sum / good, torch.nan_to_num(grad_norm.float().to(d.device), nan=-1.0)])
+            stats = torch.stack([(loss_sum / good).double(),  # float64: token sums stay exact
+                                 torch.nan_to_num(grad_norm.double().to(d.device), nan=-1.0),
+                                 torch.tensor(float(window_tokens), dtype=torch.float64, device=d.device)])
             dist.all_reduce(stats)  # the only host sync: at log steps
-            stats = (stats / d.world_size).tolist()
+            *stats, all_tokens = stats.tolist()
+            stats = [v / d.world_size for v in stats]
+            counters.tokens += round(all_tokens) - window_tokens * d.world_size  # ranks' lengths differ when not packed
             nonfinite.check(counters.step)
             telemetry_all = [None] * d.world_size
             dist.all_gather_object(telemetry_all, telemetry.drain())
             seconds = time.time() - window_start
-            tps = window_tokens / seconds
+            tps = all_tokens / seconds
             values = {"loss": stats[0], "grad_norm": stats[1], "lr": engine.lr,
                       "tokens_per_s": tps, "tokens_per_s_per_device": tps / d.world_size,
                       "samples_per_s": window_steps * t.global_batch_size / seconds,
