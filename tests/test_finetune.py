@@ -93,16 +93,17 @@ def _prepare(task: str, path: Path, tmp: Path, **data):
 
 
 @pytest.mark.parametrize("task_name", ["sft", "token_classification"])
-def test_accumulated_loss_weighs_every_token_equally(task_name, monkeypatch):
+def test_accumulated_loss_weighs_every_token_equally(task_name):
     """Two micro-batches with 2 and 14 loss tokens: with the step's loss denominator the accumulated
     gradient equals the gradient of one batch holding both (the mean over all 16 tokens), not the
-    mean of the two micro-batch means. ``dist.all_reduce`` is the identity here (one rank)."""
+    mean of the two micro-batch means. The denominator comes from the per-sample loss-token counts
+    of the training set (here 3 samples, of which the step takes 2), as in the loop."""
+    import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
     from train import loop
     from train.tasks import build_task
 
-    monkeypatch.setattr(loop.dist, "all_reduce", lambda tensor: tensor)
     torch.manual_seed(0)
     if task_name == "sft":
         config = AutoConfig.for_model("llama", vocab_size=50, hidden_size=16, intermediate_size=32,
@@ -129,7 +130,10 @@ def test_accumulated_loss_weighs_every_token_equally(task_name, monkeypatch):
 
     reference = grads([whole])
     per_micro_mean = grads([dict(b) for b in micro])
-    loop.set_loss_denominator(task, micro, world_size=1)
+    train_set = datasets.Dataset.from_dict({"labels": [labels[1].tolist(), [0] * 16, labels[0].tolist()]})
+    denominator = loop.step_loss_denominator(task.sample_loss_tokens(train_set), np.array([2, 0]), 2)
+    for b in micro:
+        b["loss_denominator"] = denominator
     assert torch.allclose(grads(micro), reference, atol=1e-6)
     assert not torch.allclose(per_micro_mean, reference, atol=1e-4)  # what the denominator fixes
 

@@ -233,10 +233,10 @@ def share_of(files: list[str], rank: int, world: int) -> list[str]:
     for rel in sorted(files):
         m = _RANK_FILE.search(rel)
         writer = int(next(g for g in m.groups() if g is not None)) if m else None
-        if writer is not None and writer < world:
-            own += [rel] if writer == rank else []
-        else:
+        if writer is None or writer >= world:
             rest.append(rel)
+        elif writer == rank:
+            own.append(rel)
     return own + rest[rank::world]
 
 

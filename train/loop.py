@@ -130,6 +130,7 @@ def train(run_dir: Path) -> int:
     data = prepare_on_rank0(recipe, d, run_dir, log)
     resolve_epochs(recipe, len(data.train), log)
     task = build_task(recipe.task, data.labels)
+    loss_tokens = task.sample_loss_tokens(data.train)  # None: every micro-batch weighs the same
     model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log)
     flops_token = flops_per_token(model, seq_len)
     engine = build_engine(recipe, model, d.device, run_dir)
@@ -271,27 +272,28 @@ def train(run_dir: Path) -> int:
         if kill_armed:  # the kill harness's points inside a step: before forward, before backward
             fault_point("forward", counters.step + 1, d.rank)
             loss_fn = killable(loss_fn, counters.step + 1, d.rank)
-        bad, step_tokens, micro_batches = torch.zeros((), device=d.device), 0, []
-        t0 = time.perf_counter()
-        for micro in range(accum):  # the whole step's data first: its loss tokens are counted
+        bad, step_tokens = torch.zeros((), device=d.device), 0
+        denominator = None if loss_tokens is None else \
+            step_loss_denominator(loss_tokens, batches.next_step_indices(), d.world_size * accum)
+        for micro in range(accum):
+            t0 = time.perf_counter()
             if watchdog:
                 watchdog.beat(counters.step + 1, "data")
                 if hang_at == counters.step + 1:
                     time.sleep(10**6)  # fault injection for the watchdog test
             batch = {k: v.to(d.device, non_blocking=True) for k, v in next(batches).items()}
             step_tokens += batch["input_ids"].numel()  # this rank's positions (padding trimmed)
-            micro_batches.append(batch)
-        set_loss_denominator(task, micro_batches, d.world_size)
-        t1 = time.perf_counter()
-        timers["data_wait_s"] += t1 - t0
-        for micro, batch in enumerate(micro_batches):
+            if denominator is not None:
+                batch["loss_denominator"] = denominator
+            t1 = time.perf_counter()
             if watchdog:
                 watchdog.beat(counters.step + 1, "forward-backward")
             loss = engine.forward_backward(batch, loss_fn, micro == accum - 1)
             finite = torch.isfinite(loss)
             loss_sum += torch.where(finite, loss, 0.0)  # a NaN step must not poison the logged mean
             bad += (~finite).float()
-        timers["fwd_bwd_s"] += time.perf_counter() - t1
+            timers["data_wait_s"] += t1 - t0
+            timers["fwd_bwd_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
         if watchdog:
             watchdog.beat(counters.step + 1, "optimizer")
@@ -431,22 +433,15 @@ class NonFiniteGuard:
             f"(ddp/fsdp), then run again to resume")
 
 
-def set_loss_denominator(task, micro_batches: list[dict], world_size: int) -> None:
-    """For tasks whose loss tokens vary by micro-batch (SFT, token classification), give each
-    micro-batch ``loss_denominator`` = the step's loss tokens on all ranks / (ranks × micro-batches).
+def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, micro_batches: int) -> float:
+    """For tasks whose loss tokens vary by sample (SFT, token classification): the step's loss
+    tokens over all ranks (``loss_tokens`` of its global sample indices) / micro-batches on all ranks.
 
     The engines divide each micro-batch's loss by the micro-batch count and average gradients over
-    ranks, so the step's gradient is then the mean over all its loss tokens: a micro-batch with
-    few response tokens no longer weighs as much as one with many. One all-reduce of a scalar per
-    step, with no host sync."""
-    counts = [task.loss_tokens(batch) for batch in micro_batches]
-    if counts[0] is None:
-        return
-    total = torch.stack(counts).sum().float()
-    dist.all_reduce(total)
-    denominator = (total / (world_size * len(micro_batches))).clamp(min=1e-6)  # no loss tokens: a zero loss
-    for batch in micro_batches:
-        batch["loss_denominator"] = denominator
+    ranks, so dividing each micro-batch's loss sum by this makes the step's gradient the mean over
+    all its loss tokens: a micro-batch with few response tokens no longer weighs as much as one
+    with many. Every rank knows the step's global indices, so this needs no collective."""
+    return max(float(loss_tokens[step_indices].sum()) / micro_batches, 1e-6)  # no loss tokens: a zero loss
 
 
 def fault_step(variable: str, rank: int) -> int:

@@ -12,8 +12,9 @@ matrix, entity counts); ranks all-reduce it once, and :meth:`Task.metrics` turns
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,11 +35,18 @@ def _mean_loss(sums: torch.Tensor) -> float:
 
 
 def _token_mean(losses: torch.Tensor, mask: torch.Tensor, batch: dict) -> torch.Tensor:
-    """The micro-batch's loss sum over ``batch["loss_denominator"]`` when the loop set it (so the
-    step's gradient is the mean over every loss token of every micro-batch and rank, whatever
-    their spread), else over this micro-batch's own tokens."""
+    """The micro-batch's loss sum over ``batch["loss_denominator"]`` (a float) when the loop set it
+    (so the step's gradient is the mean over every loss token of every micro-batch and rank,
+    whatever their spread), else over this micro-batch's own tokens."""
     denominator = batch.get("loss_denominator")
     return (losses * mask).sum() / (denominator if denominator is not None else mask.sum().clamp(min=1))
+
+
+def _count_per_sample(dataset, count: Callable[[np.ndarray], np.ndarray], chunk: int = 4096) -> np.ndarray:
+    """``count(labels)`` over the padded ``labels`` column, a chunk of samples at a time."""
+    rows = dataset.with_format("numpy")
+    return np.concatenate([count(np.asarray(rows[i:i + chunk]["labels"])) for i in range(0, len(dataset), chunk)]
+                          or [np.zeros(0, dtype=np.int64)])
 
 
 def _weights(batch: dict) -> torch.Tensor:
@@ -60,9 +68,10 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss_tokens(self, batch: dict) -> Optional[torch.Tensor]:
-        """How many positions of ``batch`` carry loss, for tasks where that varies by micro-batch
-        (``None``: every micro-batch weighs the same, and its loss is its own mean)."""
+    def sample_loss_tokens(self, dataset) -> Optional[np.ndarray]:
+        """How many positions of each sample carry loss, for tasks where that varies (``None``:
+        every micro-batch weighs the same, and its loss is its own mean). Counted once, so the loop
+        knows a step's loss tokens from its sample indices, without a collective."""
         return None
 
     def eval_sums(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -106,8 +115,8 @@ class SFT(Task):
         losses, mask = self._token_losses(model, batch)
         return _token_mean(losses, mask, batch)
 
-    def loss_tokens(self, batch):
-        return (batch["labels"][:, 1:] != IGNORE).sum()
+    def sample_loss_tokens(self, dataset):
+        return _count_per_sample(dataset, lambda labels: (labels[:, 1:] != IGNORE).sum(-1))
 
     def eval_sums(self, model, batch):
         losses, mask = self._token_losses(model, batch)
@@ -159,8 +168,8 @@ class TokenClassification(Task):
                                  reduction="none").view_as(labels)
         return _token_mean(losses, (labels != IGNORE).float(), batch)
 
-    def loss_tokens(self, batch):
-        return (batch["labels"] != IGNORE).sum()
+    def sample_loss_tokens(self, dataset):
+        return _count_per_sample(dataset, lambda labels: (labels != IGNORE).sum(-1))
 
     def eval_sums(self, model, batch):
         logits = _forward(model, batch).float()
