@@ -8,7 +8,7 @@ from typing import Optional
 
 from launch.recipe import RecipeError, load_recipe, recipe_yaml
 
-EXIT_BAD_INPUT = 2
+from train.rundir import EXIT_BAD_INPUT
 
 
 def _local_gpus() -> int:
@@ -49,6 +49,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from launch.local import EarlyStop
+
+    early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
     from launch.local import launch_local, write_run_dir
 
@@ -56,7 +59,7 @@ def cmd_run(args) -> int:
     run_dir = write_run_dir(recipe, engine_configs(recipe))
     print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
           f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
-    return launch_local(run_dir, recipe.parallel.nproc, cpu=_local_gpus() == 0)
+    return launch_local(run_dir, recipe.parallel.nproc, cpu=_local_gpus() == 0, early=early)
 
 
 def cmd_submit(args) -> int:

@@ -31,7 +31,7 @@ class ExportError(ValueError):
 def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     """The verified checkpoint of ``step``; else the best one (``checkpoints/best.json``, kept by
     fine-tuning runs) when it verifies; else the latest verified one."""
-    from train.loop import BEST_FILE
+    from train.rundir import BEST_FILE
 
     root = run_dir / "checkpoints"
     if step is None and (root / BEST_FILE).exists():
@@ -68,7 +68,7 @@ def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
 
 def build_export_model(recipe, run_dir: Path, vocab_size: int) -> torch.nn.Module:
     """The recipe's model on CPU, randomly initialised (LoRA adapters included), ready for a state dict."""
-    from train.loop import LABELS_FILE
+    from train.rundir import LABELS_FILE
     from train.model import add_lora, auto_model_class, build_config
 
     labels_file = run_dir / LABELS_FILE

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from launch.recipe import RecipeError
 from train.recipe import Recipe
+from train.rundir import EXIT_REQUEUE
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
-EXIT_REQUEUE = 75  # train.loop.EXIT_REQUEUE; kept literal so rendering imports nothing heavy
 _PLAIN = re.compile(r"^[A-Za-z0-9._:@+=,/-]+$")  # safe inside an #SBATCH line, unquoted
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from train.distributed import all_ranks_agree
+from train.faults import fault_point
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -107,16 +107,6 @@ class CheckpointSaveError(CheckpointError):
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return (text.splitlines()[0][:200] if text else type(err).__name__)
-
-
-def fault_point(name: str, step: int, rank: int) -> None:
-    """Fault injection for the kill tests: ``SHARDFORGE_KILL_AT=name:step[:rank]`` SIGKILLs that rank here."""
-    spec = os.environ.get("SHARDFORGE_KILL_AT")
-    if not spec:
-        return
-    where, at_step, *at_rank = spec.split(":")
-    if where == name and int(at_step) == step and int(at_rank[0] if at_rank else 0) == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:

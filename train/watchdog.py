@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-EXIT_HANG = 4
+from train.rundir import EXIT_HANG
 
 
 class Watchdog:

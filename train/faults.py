@@ -1,0 +1,90 @@
+"""Fault injection for the tests and the kill harness, switched on by environment variables.
+
+A real crash, divergence, deadlock or signal cannot be produced on cue at an exact point, so
+the rank program calls :func:`fault_point` at named points and the tests choose one:
+
+- ``SHARDFORGE_KILL_AT=point:step[:rank]`` SIGKILLs that rank at the point.
+- ``SHARDFORGE_RAISE_AT=point:step[:rank]`` raises a ``RuntimeError`` there (an unexpected crash).
+- ``SHARDFORGE_PAUSE_AT=point:step[:rank]`` pauses that rank there: it writes the file named by
+  ``SHARDFORGE_PAUSE_FILE`` (the test's cue to send a signal) and waits until a stop signal has
+  arrived (at most :data:`PAUSE_LIMIT_S`), then goes on as if nothing happened.
+- ``SHARDFORGE_NAN_AT=step[:rank]`` and ``SHARDFORGE_HANG_AT=step[:rank]``: see :func:`fault_step`.
+
+Points: ``prepare`` (step 0, before rank 0 prepares the data), ``forward``, ``backward`` and
+``optimizer`` of step N, and a checkpoint of step N's ``write``, ``rename``, ``manifest`` and
+``prune``. Rank defaults to 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+PAUSE_LIMIT_S = 120.0
+
+
+def _matches(variable: str, name: str, step: int, rank: int) -> bool:
+    spec = os.environ.get(variable)
+    if not spec:
+        return False
+    where, at_step, *at_rank = spec.split(":")
+    return where == name and int(at_step) == step and int(at_rank[0] if at_rank else 0) == rank
+
+
+POINT_VARIABLES = ("SHARDFORGE_KILL_AT", "SHARDFORGE_RAISE_AT", "SHARDFORGE_PAUSE_AT")
+
+
+def points_armed() -> bool:
+    """Whether any :func:`fault_point` can fire in this process (the loop skips the calls if not)."""
+    return any(os.environ.get(v) for v in POINT_VARIABLES)
+
+
+def fault_point(name: str, step: int, rank: int) -> None:
+    """A named point of the rank program: kill or pause here when the environment asks for it."""
+    if _matches("SHARDFORGE_KILL_AT", name, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _matches("SHARDFORGE_RAISE_AT", name, step, rank):
+        raise RuntimeError(f"injected fault at {name} of step {step} on rank {rank} (SHARDFORGE_RAISE_AT)")
+    if _matches("SHARDFORGE_PAUSE_AT", name, step, rank):
+        _pause_until_stop_requested(f"{name}:{step}:{rank}")
+
+
+def _pause_until_stop_requested(where: str) -> None:
+    from train.stop import StopRequest
+
+    cue = os.environ.get("SHARDFORGE_PAUSE_FILE")
+    if cue:
+        Path(cue).write_text(where)
+    stop = StopRequest.install()
+    deadline = time.monotonic() + PAUSE_LIMIT_S
+    while not stop.requested and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def fault_step(variable: str, rank: int) -> int:
+    """``VARIABLE=step[:rank]`` names the step for this rank (0: none).
+
+    ``SHARDFORGE_NAN_AT`` poisons that step's loss with NaN; ``SHARDFORGE_HANG_AT`` sleeps in its
+    data phase.
+    """
+    spec = os.environ.get(variable)
+    if not spec:
+        return 0
+    at_step, *at_rank = spec.split(":")
+    return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
+
+
+def nan_fault(loss_fn):
+    """``loss_fn`` times NaN: the non-finite tests' divergence."""
+    return lambda model, batch: loss_fn(model, batch) * float("nan")
+
+
+def with_backward_point(loss_fn, step: int, rank: int):
+    """``loss_fn`` followed by the ``backward`` point (the engine runs backward right after)."""
+    def wrapped(model, batch):
+        loss = loss_fn(model, batch)
+        fault_point("backward", step, rank)
+        return loss
+    return wrapped

@@ -1,0 +1,170 @@
+"""The run directory's shared vocabulary: file names, exit codes, ``status.json`` and the
+per-rank error reports.
+
+The launcher (``launch/``), the torchrun agent and the Slurm job script read what the ranks
+write here, so this module imports nothing heavy (no torch): ``launch`` may import it freely.
+
+How a launch ends is decided in one place, :func:`final_status`: the ranks write
+``status.json`` for the endings they control (``running``, ``completed``, ``stopped``, and the
+watchdog's ``hung``), and each failing rank writes ``logs/error-rank-NNNNN.json``. The agent
+that ran torchrun then picks the root cause among those reports (the first one that is not a
+collective error caused by another rank's exit) and records ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+STATUS_FILE = "status.json"
+LABELS_FILE = "labels.json"
+BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
+LAUNCH_ID_ENV = "SHARDFORGE_LAUNCH_ID"
+"""Set by whoever starts a launch (the local launcher, the Slurm job script, else the agent):
+ties ``status.json`` and error reports to the launch that wrote them."""
+
+EXIT_OK = 0
+EXIT_CRASH = 1  # an unexpected error (a bug, an OOM, a killed process)
+EXIT_BAD_INPUT = 2  # bad recipe, data or checkpoint; a save that failed with checkpoint.on_error=stop
+EXIT_NONFINITE = 3  # train.on_nonfinite=stop fired; nothing was saved after the bad step
+EXIT_HANG = 4  # the hang watchdog ended a stalled step
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request with a committed checkpoint; run again to resume
+EXIT_INTERRUPTED = 130  # interrupted twice: the trainers were killed without a final checkpoint
+
+STATE_EXIT = {"completed": EXIT_OK, "stopped": EXIT_REQUEUE, "hung": EXIT_HANG}
+"""Exit codes of the states that carry no code of their own (``failed`` records its code)."""
+
+KIND_EXIT = {"bad_input": EXIT_BAD_INPUT, "save_failed": EXIT_BAD_INPUT, "nonfinite": EXIT_NONFINITE,
+             "crash": EXIT_CRASH, "collective": EXIT_CRASH, "interrupted": EXIT_INTERRUPTED}
+"""Exit code of each kind of error report. ``collective``: a collective failed because another
+rank went away; it is reported only when no rank says why."""
+
+
+def launch_id() -> str:
+    """This launch's id, from the environment (a new one when nobody set it)."""
+    value = os.environ.get(LAUNCH_ID_ENV)
+    if not value:
+        value = os.environ[LAUNCH_ID_ENV] = uuid.uuid4().hex[:12]
+    return value
+
+
+def atomic_write(path: Path, text: str, fsync: bool = False) -> None:
+    """Replace ``path`` with ``text`` in one rename; readers see the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write one file
+    with open(tmp, "w") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: Optional[int] = None,
+                 exit_code: Optional[int] = None, started: Optional[float] = None) -> None:
+    """Record how this launch stands or ended (``running|completed|stopped|failed|hung``).
+
+    ``started``: when this launch's training loop began; kept from the previous write of the
+    same launch when not given (``None`` while the loop has not begun).
+    """
+    code = exit_code if exit_code is not None else STATE_EXIT.get(state)
+    launch = launch_id()
+    if started is None:
+        started = read_status(run_dir, launch).get("started")
+    atomic_write(run_dir / STATUS_FILE, json.dumps(
+        {"state": state, "step": step, "reason": reason, "rank": rank, "exit_code": code,
+         "launch_id": launch, "time": time.time(), "started": started}), fsync=state != "running")
+
+
+def read_status(run_dir: Path, launch: Optional[str] = None) -> dict:
+    """``status.json``, or ``{}`` when missing, unreadable or (given ``launch``) from another launch."""
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(status, dict) or (launch is not None and status.get("launch_id") != launch):
+        return {}
+    return status
+
+
+def error_report_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / "logs" / f"error-rank-{rank:05d}.json"
+
+
+def write_error_report(run_dir: Path, rank: int, kind: str, message: str, traceback_text: str = "",
+                       step: int = -1) -> None:
+    """One failing rank's account: what kind of error, the one-line message and the traceback."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    atomic_write(error_report_path(run_dir, rank), json.dumps(
+        {"rank": rank, "kind": kind, "message": message, "traceback": traceback_text, "step": step,
+         "exit_code": KIND_EXIT.get(kind, EXIT_CRASH), "launch_id": launch_id(), "time": time.time()}),
+        fsync=True)
+
+
+def read_error_reports(run_dir: Path, launch: str) -> list[dict]:
+    """This launch's error reports, root cause first: primary errors before collective ones, then by time."""
+    reports = []
+    for path in sorted((run_dir / "logs").glob("error-rank-*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and report.get("launch_id") == launch:
+            reports.append(report)
+    return sorted(reports, key=lambda r: (r.get("kind") == "collective", r.get("time", 0.0)))
+
+
+def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, str]] = (),
+                 interrupted: bool = False) -> dict:
+    """Settle how launch ``launch`` ended, write ``status.json`` if the ranks did not, and return it.
+
+    ``process_failures``: (rank, how it ended) for processes that exited non-zero, as the
+    agent saw them, for when no rank could write a report (``kill -9``, the OOM killer).
+    """
+    status = read_status(run_dir, launch)
+    if status.get("state") in ("completed", "stopped", "hung", "failed") and not interrupted:
+        return status
+    reports = read_error_reports(run_dir, launch)
+    step = status.get("step", -1)
+    if interrupted:
+        reason, rank, code = ("interrupted twice: the trainers were killed; the latest committed "
+                              "checkpoint stands, run again to resume"), None, EXIT_INTERRUPTED
+    elif reports:
+        root = reports[0]
+        reason, rank, code = root["message"], root["rank"], root["exit_code"]
+        step = root.get("step", step) if root.get("step", -1) >= 0 else step
+    elif process_failures:
+        rank, how = process_failures[0]
+        reason, code = f"rank {rank} {how} without reporting an error (killed? out of memory?)", EXIT_CRASH
+    else:
+        reason, rank, code = "the trainers exited without recording how they ended", None, EXIT_CRASH
+    write_status(run_dir, "failed", step, reason, rank, code)
+    return read_status(run_dir, launch)
+
+
+def exit_code(status: dict) -> int:
+    """The documented exit code for a final status."""
+    if status.get("exit_code") is not None:
+        return int(status["exit_code"])
+    return STATE_EXIT.get(status.get("state", ""), EXIT_CRASH)
+
+
+def describe(status: dict) -> str:
+    """The one line the launcher prints for a final status."""
+    state, step, reason = status.get("state", "failed"), status.get("step", -1), status.get("reason", "")
+    at = f" at step {step}" if isinstance(step, int) and step >= 0 else ""
+    code = exit_code(status)
+    if state == "completed":
+        return f"completed{at}"
+    if state == "stopped":
+        return f"stopped{at} ({reason}); run the same command again to resume (exit {code})"
+    if state == "hung":
+        return f"hung{at}: {reason.splitlines()[0] if reason else 'the watchdog fired'} (exit {code})"
+    if isinstance(step, int) and step >= 0:
+        at = f" after step {step}"  # the last step that completed
+    rank = status.get("rank")
+    who = f"rank {rank}: " if rank is not None and not reason.startswith(f"rank {rank}") else ""
+    return f"failed{at}: {who}{reason} (exit {code})"
