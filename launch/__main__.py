@@ -1,5 +1,21 @@
+"""``shardforge`` / ``python -m launch``: the CLI's entry point.
+
+For ``run`` the stop signals are blocked before anything heavy is imported, so a signal during
+the seconds of imports and validation waits for ``run``'s handlers (``launch.local.EarlyStop``)
+instead of killing the launcher.
+"""
+
+import signal
 import sys
 
-from launch.cli import main
 
-sys.exit(main())
+def main() -> int:
+    if sys.argv[1:2] == ["run"]:
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    from launch.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

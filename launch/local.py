@@ -8,11 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
+from typing import Optional
 
 from launch.recipe import recipe_yaml
 from train.recipe import Recipe
+from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, describe, exit_code, final_status, read_status,
+                          write_status)
+from train.stop import stop_signals_blocked
 
 
 def _write(path: Path, text: str) -> None:
@@ -40,67 +44,65 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     return run_dir
 
 
-# torchrun forwards these to the trainers; USR1 is not in its default list and would kill it.
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-SHUTDOWN_TIMEOUT_S = 300  # how long torchrun lets the trainers checkpoint after a signal
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # train.stop.STOP_SIGNALS
 
 
-def torchrun_command(run_dir: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-            f"--nproc_per_node={nproc}", f"--signals-to-handle={FORWARDED_SIGNALS}",
-            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "train", str(run_dir)]
+def agent_command(run_dir: Path, nproc: int) -> list[str]:
+    """The stop-safe torchrun (``launch.agent``) for one node of ``nproc`` ranks."""
+    return [sys.executable, "-m", "launch.agent", str(run_dir), "--", "--standalone", "--nnodes=1",
+            f"--nproc_per_node={nproc}"]
 
 
-def launch_local(run_dir: Path, nproc: int, cpu: bool) -> int:
-    """Run torchrun in the foreground, copying its output to ``logs/launch.log``; return the run's exit code.
+class EarlyStop:
+    """Remembers a stop signal that reaches ``shardforge run`` before the trainers are launched."""
 
-    TERM or USR1 asks the trainers to stop at the next step with a checkpoint (exit 75);
-    Ctrl-C interrupts them.
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        for sig in SIGNALS:
+            signal.signal(sig, self._record)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held since launch/__main__.py
+
+    def _record(self, signum, frame) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop] = None) -> int:
+    """Run the agent (torchrun) in the foreground, copying its output to ``logs/launch.log``;
+    return the run's documented exit code (see ``train.rundir``).
+
+    USR1, TERM, INT and HUP ask the trainers to stop at the next step with a checkpoint (exit 75);
+    a second Ctrl-C kills them. A stop that arrived before the launch ends it without starting.
     """
+    launch = os.environ[LAUNCH_ID_ENV] = uuid.uuid4().hex[:12]
+    if early is not None and early.signal_name:
+        write_status(run_dir, "stopped", -1, f"{early.signal_name} before the launch; nothing to save")
+        print(f"shardforge: {describe(read_status(run_dir, launch))}", flush=True)
+        return EXIT_REQUEUE
     env = dict(os.environ)
     if cpu and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     env.setdefault("PYTHONUNBUFFERED", "1")
     log_path = run_dir / "logs" / "launch.log"
-    launched = time.time()
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(torchrun_command(run_dir, nproc), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with stop_signals_blocked():  # the agent starts with them blocked: none can kill it early
+            proc = subprocess.Popen(agent_command(run_dir, nproc), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
 
-        def forward(signum, frame):  # torchrun passes it on to every trainer
-            proc.send_signal(signum)
+            def forward(signum, frame):  # the agent hands it to every trainer
+                proc.send_signal(signum)
 
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, forward)
+            for sig in SIGNALS:
+                signal.signal(sig, forward)
+            if early is not None and early.signal_name:
+                proc.send_signal(signal.Signals[early.signal_name])
         assert proc.stdout is not None
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
             log.write(chunk)
         code = proc.wait()
-    return exit_code_from_status(run_dir, code, launched)
-
-
-def exit_code_from_status(run_dir: Path, torchrun_code: int, launched: float) -> int:
-    """75 when this launch stopped on request with a committed checkpoint (run again to resume).
-
-    torchrun cannot carry the trainers' exit code (and exits non-zero after forwarding a
-    signal), so rank 0's ``status.json`` from this launch decides.
-    """
-    from train.loop import EXIT_REQUEUE, STATUS_FILE
-
-    try:
-        status = json.loads((run_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        status = {}
-    if status.get("started", 0) < launched:  # this launch never reached its training loop
-        return torchrun_code
-    if status.get("state") == "stopped":
-        return EXIT_REQUEUE
-    if status.get("state") == "completed":
-        return 0
-    if status.get("state") == "hung":
-        from train.watchdog import EXIT_HANG
-
-        return EXIT_HANG
-    return torchrun_code or 1
+    if code < 0:  # the agent itself was killed: settle status.json for it
+        status = final_status(run_dir, launch, [(0, f"'s agent was killed by {signal.Signals(-code).name}")])
+        print(f"shardforge: {describe(status)}", file=sys.stderr, flush=True)
+        return exit_code(status)
+    return code

@@ -24,6 +24,7 @@ import torch
 from train.recipe import DataConfig, Recipe, SourceConfig
 from train.sources import BUILDERS as _BUILDERS
 from train.sources import local_files as _local_files
+from train.stop import ignore_stop_signals, stop_signals_blocked
 
 DATA_FORMAT_VERSION = 1
 
@@ -438,8 +439,10 @@ class TrainBatches:
         loader = torch.utils.data.DataLoader(
             _PackedSamples(self.dataset), batch_sampler=sampler, collate_fn=_identity,
             num_workers=self.num_workers, pin_memory=self.pin_memory,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-        return iter(loader)
+        with stop_signals_blocked():  # the workers start with them blocked; see train.stop
+            return iter(loader)
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._it is None:

@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +17,21 @@ import torch.distributed as dist
 import yaml
 
 from train.checkpoint import (MANIFEST, Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState,
-                              fault_point, step_dir_name)
+                              step_dir_name)
 from train.data import DataError, TrainBatches, eval_batches, prepare_data
-from train.distributed import DistInfo, init_distributed
+from train.distributed import DistInfo, all_ranks_agree, init_distributed
 from train.engines import build_engine
+from train.faults import fault_point, fault_step, nan_fault, points_armed, with_backward_point
 from train.evaluation import evaluate, headline, write_test_results
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
 from train.model import build_model
-from train.recipe import Recipe, eval_batch_count, grad_accum_steps, recipe_from_dict
+from train.recipe import Recipe, RecipeProblems, eval_batch_count, grad_accum_steps, recipe_from_dict
+from train.rundir import (BEST_FILE, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE,
+                          write_error_report, write_status)
 from train.scores import EarlyStopping
 from train.tasks import build_task
 from train.stop import StopRequest
 from train.watchdog import Watchdog
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request after a committed checkpoint; run again to resume
-EXIT_NONFINITE = 3  # train.on_nonfinite=stop fired; nothing was saved after the bad step
-STATUS_FILE = "status.json"  # rank 0's last word: {"state": "running|completed|stopped", ...}
-
-
-def write_status(run_dir: Path, state: str, step: int, started: float, reason: str = "") -> None:
-    """Record how this launch ended; torchrun cannot carry a custom exit code, so the launcher reads this.
-
-    ``started`` is when this launch's training loop began (the launcher ignores older files).
-    """
-    tmp = run_dir / f"{STATUS_FILE}.{os.getpid()}.tmp"  # two ranks may write at once (watchdog)
-    tmp.write_text(json.dumps({"state": state, "step": step, "reason": reason, "started": started,
-                               "time": time.time()}))
-    os.replace(tmp, run_dir / STATUS_FILE)
-
 
 class StepAgreement:
     """Agree across ranks on 'stop', 'save now' and 'a background save is still being written'
@@ -87,6 +75,7 @@ def seed_rank(seed: int, rank: int) -> None:
 
 def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log):
     """Rank 0 tokenizes (when the cache is cold); the others wait, then read the cache."""
+    fault_point("prepare", 0, d.rank)
     data = prepare_data(recipe, log=log) if d.is_main else None
     try:
         dist.barrier()
@@ -102,9 +91,6 @@ def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log):
     return data
 
 
-LABELS_FILE = "labels.json"
-BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
-
 
 def resolve_epochs(recipe: Recipe, train_samples: int, log) -> None:
     """``train.epochs`` > 0 sets ``train.max_steps`` from the size of the training split."""
@@ -116,10 +102,31 @@ def resolve_epochs(recipe: Recipe, train_samples: int, log) -> None:
             f"global batch {t.global_batch_size}) = {t.max_steps} steps")
 
 
+def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step: int, phase: str, log) -> bool:
+    """A stop that arrived before the first step of this launch ends it here: nothing new to save."""
+    if not all_ranks_agree(stop.requested):
+        return False
+    reason = f"{stop.signal_name or 'stop signal on another rank'} {phase}; nothing new to save"
+    log(f"stop requested ({reason}): exiting with code {EXIT_REQUEUE}")
+    if d.is_main:
+        write_status(run_dir, "stopped", step, reason, d.rank)
+    dist.barrier()  # status.json is written before any rank exits
+    dist.destroy_process_group()
+    return True
+
+
+CURRENT = Counters()
+"""This process's progress counters (replaced by the run's own): error reports name the step."""
+
+
 def train(run_dir: Path) -> int:
+    global CURRENT
     recipe = read_recipe(run_dir)
     d = init_distributed(recipe.parallel.engine)
     log = print if d.is_main else (lambda *a, **k: None)
+    stop = StopRequest.install()
+    if d.is_main:
+        write_status(run_dir, "running", -1)
     if not d.is_main:  # one copy of transformers' load reports and warnings is enough
         import transformers
 
@@ -128,6 +135,8 @@ def train(run_dir: Path) -> int:
     accum = grad_accum_steps(recipe)
 
     data = prepare_on_rank0(recipe, d, run_dir, log)
+    if stopped_before_training(stop, run_dir, d, -1, "during data preparation", log):
+        return EXIT_REQUEUE
     resolve_epochs(recipe, len(data.train), log)
     task = build_task(recipe.task, data.labels)
     loss_tokens = task.sample_loss_tokens(data.train)  # None: every micro-batch weighs the same
@@ -138,7 +147,7 @@ def train(run_dir: Path) -> int:
                            d.rank, d.world_size, num_workers=recipe.data.num_workers,
                            pin_memory=d.device.type == "cuda")
     val = eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size, eval_batch_count(recipe))
-    counters = Counters()
+    counters = CURRENT = Counters()
     ckpt_cfg, ev = recipe.checkpoint, recipe.eval
     early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)
     keep_best = ev.keep_best if ev.keep_best is not None else recipe.task != "causal_lm"
@@ -165,10 +174,14 @@ def train(run_dir: Path) -> int:
                            counters.step) if d.is_main else None
     telemetry = Telemetry(d.local_rank if d.device.type == "cuda" else None,
                           recipe.logging.telemetry_interval_s, warn=log)
-    stop, agreement = StopRequest.install(), StepAgreement(d.device)
-    loop_started = time.time()
+    if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", log):
+        telemetry.close()
+        if writer:
+            writer.close()
+        return EXIT_REQUEUE
+    agreement = StepAgreement(d.device)
     if d.is_main:
-        write_status(run_dir, "running", counters.step, loop_started)
+        write_status(run_dir, "running", counters.step, started=time.time())
     last_save_time, last_save_step = time.time(), -1
 
     def step_seconds() -> float:
@@ -255,11 +268,11 @@ def train(run_dir: Path) -> int:
 
     nonfinite = NonFiniteGuard(t.on_nonfinite, engine.name, d.device, batches, run_dir)
     watchdog = Watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(  # any rank may be first
-        lambda msg: write_status(run_dir, "hung", counters.step, loop_started, msg))) \
+        lambda msg: write_status(run_dir, "hung", counters.step, msg, d.rank))) \
         if t.step_timeout_s > 0 else None
     hang_at = fault_step("SHARDFORGE_HANG_AT", d.rank)  # fault injection, read once
     nan_at = fault_step("SHARDFORGE_NAN_AT", d.rank)
-    kill_armed = "SHARDFORGE_KILL_AT" in os.environ
+    armed = points_armed()
 
     # ---- the loop: data → forward/backward per micro-batch → optimizer step → log/eval/save
     engine.train()
@@ -269,9 +282,9 @@ def train(run_dir: Path) -> int:
     while counters.step < t.max_steps and not early.stopped:
         step_start = time.time()
         loss_fn = nan_fault(task.loss) if nan_at == counters.step + 1 else task.loss
-        if kill_armed:  # the kill harness's points inside a step: before forward, before backward
+        if armed:  # fault injection inside a step: before forward, backward, the optimizer
             fault_point("forward", counters.step + 1, d.rank)
-            loss_fn = killable(loss_fn, counters.step + 1, d.rank)
+            loss_fn = with_backward_point(loss_fn, counters.step + 1, d.rank)
         bad, step_tokens = torch.zeros((), device=d.device), 0
         denominator = None if loss_tokens is None else \
             step_loss_denominator(loss_tokens, batches.next_step_indices(), d.world_size * accum)
@@ -297,7 +310,7 @@ def train(run_dir: Path) -> int:
         t2 = time.perf_counter()
         if watchdog:
             watchdog.beat(counters.step + 1, "optimizer")
-        if kill_armed:
+        if armed:
             fault_point("optimizer", counters.step + 1, d.rank)
         grad_norm, skipped = engine.optimizer_step(bad)
         bad_micro += bad
@@ -364,7 +377,7 @@ def train(run_dir: Path) -> int:
                                                          checkpointer.write_in_flight(), wait_now=last)
         if t.stop_after and counters.step - first_step >= t.stop_after and not last:
             stop_now, stop.signal_name = True, stop.signal_name or f"train.stop_after={t.stop_after}"
-        if stop_now:
+        if stop_now and not last:  # on the last step a stop changes nothing: the run completes
             log(f"stop requested ({stop.signal_name or 'signal on another rank'}) at step "
                 f"{counters.step}: saving and exiting with code {EXIT_REQUEUE}")
             save("signal")
@@ -388,8 +401,9 @@ def train(run_dir: Path) -> int:
     if writer:
         writer.close()
     if d.is_main:
-        write_status(run_dir, "stopped" if stopped else "completed", counters.step, loop_started,
-                     stop.signal_name or "" if stopped else "")
+        write_status(run_dir, "stopped" if stopped else "completed", counters.step,
+                     f"{stop.signal_name or 'stop signal on another rank'}; saved {step_dir_name(counters.step)}"
+                     if stopped else "", d.rank)
     dist.barrier()
     dist.destroy_process_group()
     return EXIT_REQUEUE if stopped else 0
@@ -444,33 +458,6 @@ def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, mic
     return max(float(loss_tokens[step_indices].sum()) / micro_batches, 1e-6)  # no loss tokens: a zero loss
 
 
-def fault_step(variable: str, rank: int) -> int:
-    """Fault injection for the tests: ``VARIABLE=step[:rank]`` names the step for this rank (0: none).
-
-    ``SHARDFORGE_NAN_AT`` poisons that step's loss with NaN; ``SHARDFORGE_HANG_AT`` sleeps in its
-    data phase.
-    """
-    spec = os.environ.get(variable)
-    if not spec:
-        return 0
-    at_step, *at_rank = spec.split(":")
-    return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
-
-
-def killable(loss_fn, step: int, rank: int):
-    """``loss_fn`` followed by the ``backward`` kill point (the engine runs backward right after)."""
-    def wrapped(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        loss = loss_fn(model, batch)
-        fault_point("backward", step, rank)
-        return loss
-    return wrapped
-
-
-def nan_fault(loss_fn):
-    """``loss_fn`` times NaN: fault injection for the non-finite tests."""
-    return lambda model, batch: loss_fn(model, batch) * float("nan")
-
-
 def write_best(run_dir: Path, early: EarlyStopping, step: int) -> None:
     """Point ``checkpoints/best.json`` at the best evaluation's checkpoint (called once it is committed)."""
     ckpt = run_dir / "checkpoints" / step_dir_name(step)
@@ -495,25 +482,62 @@ def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, dat
                           f"restore the original recipe or start a new run (checkpoint.resume=never)")
 
 
+def error_kind(err: BaseException) -> str:
+    """How a rank's error is reported (see ``train.rundir.KIND_EXIT``)."""
+    if isinstance(err, NonFiniteStop):
+        return "nonfinite"
+    if isinstance(err, CheckpointSaveError):
+        return "save_failed"
+    if isinstance(err, (DataError, CheckpointError, RecipeProblems)):
+        return "bad_input"
+    text = str(err)
+    if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+            s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                "ProcessGroup", "NCCL communicator was aborted", "Socket Timeout"))):
+        return "collective"  # a symptom: another rank went away
+    return "crash"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Train, and leave an account of any error for the agent: ``logs/error-rank-N.json``.
+
+    Under torchrun every ending the ranks agree on (completed, stopped) exits 0 and ``status.json``
+    carries it; an error exits non-zero, so torchrun ends the other ranks, and the agent picks the
+    root cause among the ranks' reports and prints it once.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m train RUN_DIR", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    run_dir, rank = Path(argv[0]), int(os.environ.get("RANK", "0"))
+    under_agent = "TORCHELASTIC_RUN_ID" in os.environ
     try:
-        code = train(Path(argv[0]))
-        # under torchrun a non-zero exit kills the other ranks; status.json carries the stop instead
-        return 0 if code == EXIT_REQUEUE and "TORCHELASTIC_RUN_ID" in os.environ else code
-    except CheckpointSaveError as err:  # every rank raises it together; rank 0 speaks
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            write_status(Path(argv[0]), "failed", -1, 0.0, str(err))
-        return 2
-    except (DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteStop as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-            write_status(Path(argv[0]), "failed", -1, 0.0, str(err))
-        return EXIT_NONFINITE
+        code = train(run_dir)
+        return 0 if code == EXIT_REQUEUE and under_agent else code
+    except BaseException as err:  # noqa: BLE001 - every ending is accounted for
+        kind = error_kind(err) if isinstance(err, Exception) else "crash"
+        message = f"{type(err).__name__}: {err}" if kind in ("crash", "collective") else str(err)
+        tb = traceback.format_exc() if kind in ("crash", "collective") else ""
+        try:
+            write_error_report(run_dir, rank, kind, message.strip() or type(err).__name__, tb, CURRENT.step)
+        except OSError:
+            pass  # the console below still says it
+        if not under_agent:  # nobody else will print it
+            print(tb + f"error: {message}", file=sys.stderr, flush=True)
+        return KIND_EXIT[kind]
+    finally:
+        stop_data_workers()
+
+
+def stop_data_workers() -> None:
+    """Kill this rank's DataLoader workers on the way out. They ignore the stop signals (see
+    ``train.stop``), so multiprocessing's exit handler, which terminates them with SIGTERM and
+    joins them, would wait forever for a loader that is still open (after an error, or when
+    reference cycles keep the loader alive until exit)."""
+    import multiprocessing
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise for the killed worker
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=10)

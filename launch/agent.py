@@ -1,0 +1,148 @@
+"""``python -m launch.agent RUN_DIR -- TORCHRUN_OPTIONS``: torchrun for one node, made stop-safe.
+
+It runs torchrun's agent in this process with the stop signals (USR1, TERM, INT, HUP) blocked
+from its first line, so a signal can neither kill it during its imports nor make torchrun
+tear the trainers down: a thread takes each signal with ``sigwait`` and hands it to the
+trainers, which stop at a step boundary with a checkpoint (see ``train.stop``). Under Slurm
+the trainers are signalled directly as well; they act once.
+
+When torchrun returns, the agent settles ``status.json`` (a rank may have died before it could
+write it), prints the root cause's traceback once and one line naming the ending, and exits
+with the documented code (0, 2, 3, 4, 75; 1 for a crash). ``--report-only`` exits 0 for
+``completed`` and ``stopped``, so ``srun --kill-on-bad-exit`` does not cut another node's
+agent short; the job script reads ``status.json`` itself.
+
+A second SIGINT kills the trainers at once (the latest committed checkpoint stands).
+"""
+
+import signal
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # train.stop's, unimported
+signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: before any import can take seconds
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from train.rundir import (EXIT_OK, EXIT_REQUEUE, describe, exit_code, final_status,  # noqa: E402
+                          launch_id)
+
+
+class SignalForwarder:
+    """Takes the blocked stop signals with ``sigwait`` and passes them to the trainer processes,
+    also to trainers that start later (they inherit the block, so it waits for their handler)."""
+
+    POLL_S = 0.2
+
+    def __init__(self) -> None:
+        self.first: Optional[str] = None
+        self.interrupted = False  # a second SIGINT: the trainers were killed
+        self._pending: Optional[signal.Signals] = None
+        self._told: set[int] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._wait, name="stop-signals", daemon=True).start()
+        threading.Thread(target=self._deliver, name="stop-delivery", daemon=True).start()
+
+    @staticmethod
+    def trainers() -> list:
+        import psutil
+
+        found = []
+        for child in psutil.Process().children():
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if any(a == "-m" and b == "train" for a, b in zip(cmd, cmd[1:])):
+                found.append(child)
+        return found
+
+    def _wait(self) -> None:
+        while True:
+            sig = signal.Signals(signal.sigwait(STOP_SIGNALS))
+            with self._lock:
+                if self._pending is None:
+                    self.first, self._pending = sig.name, sig
+                    print(f"shardforge: {sig.name}: asking the trainers to stop at the next step with a "
+                          f"checkpoint (Ctrl-C again to kill them)", file=sys.stderr, flush=True)
+                elif sig == signal.SIGINT and not self.interrupted:
+                    self.interrupted = True
+                    print("shardforge: second SIGINT: killing the trainers; the latest committed checkpoint "
+                          "stands", file=sys.stderr, flush=True)
+                    for proc in self.trainers():
+                        try:
+                            os.killpg(proc.pid, signal.SIGKILL)  # with its DataLoader workers
+                        except OSError:
+                            pass
+
+    def _deliver(self) -> None:
+        while True:
+            time.sleep(self.POLL_S)
+            with self._lock:
+                if self._pending is None or self.interrupted:
+                    continue
+                for proc in self.trainers():
+                    if proc.pid not in self._told:
+                        try:
+                            proc.send_signal(self._pending)
+                            self._told.add(proc.pid)
+                        except Exception:  # gone already
+                            pass
+
+
+def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str]]:
+    """Run torchrun's agent here; return (rank, how it ended) for the trainers that failed."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if os.environ.get("SHARDFORGE_TORCHRUN_LOG") is None:  # torchrun's own failure log repeats ours
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args([*torchrun_args, "-m", "train", str(run_dir)]))
+    except ChildFailedError as err:
+        failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
+        return [(rank, f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}")
+                for rank, f in failures]
+    return []
+
+
+def report(run_dir: Path, status: dict) -> None:
+    """The root cause's traceback once (for a crash), then the one line."""
+    from train.rundir import read_error_reports
+
+    reports = read_error_reports(run_dir, status.get("launch_id", ""))
+    if status.get("state") == "failed" and reports and reports[0].get("traceback"):
+        print(f"shardforge: rank {reports[0]['rank']} raised:\n{reports[0]['traceback'].rstrip()}",
+              file=sys.stderr, flush=True)
+    print(f"shardforge: {describe(status)}", file=sys.stderr if status.get("state") == "failed" else sys.stdout,
+          flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.agent", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--report-only", action="store_true",
+                        help="exit 0 for completed and stopped (the Slurm job script reads status.json)")
+    parser.add_argument("torchrun", nargs=argparse.REMAINDER, help="-- then torchrun's options")
+    args = parser.parse_args(argv)
+    torchrun_args = args.torchrun[1:] if args.torchrun[:1] == ["--"] else args.torchrun
+    launch = launch_id()  # exported: the trainers tag status.json and their reports with it
+    forwarder = SignalForwarder()
+    failures = run_torchrun(torchrun_args, args.run_dir)
+    status = final_status(args.run_dir, launch, failures, interrupted=forwarder.interrupted)
+    node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")) or 0)
+    if node_rank == 0:
+        report(args.run_dir, status)
+    code = exit_code(status)
+    if args.report_only and code in (EXIT_OK, EXIT_REQUEUE):
+        return EXIT_OK
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
