@@ -39,8 +39,7 @@ def tiny_recipe(corpus: Path, cache: Path, run_dir: Path, **sections) -> dict:
                              "num_hidden_layers": 2, "num_attention_heads": 2,
                              "num_key_value_heads": 2, "max_position_embeddings": 64}},
         "data": {"sources": [{"path": str(corpus)}], "seq_len": 32, "val_fraction": 0.05,
-                 "tokenizer": {"train": {"vocab_size": 400}}, "cache_dir": str(cache),
-                 "num_workers": 0},
+                 "tokenizer": {"train": {"vocab_size": 400}}, "cache_dir": str(cache)},
         "optim": {"lr": 1e-2, "warmup_steps": 2, "decay": "cosine"},
         "train": {"max_steps": 6, "micro_batch_size": 2, "global_batch_size": 8, "log_every": 1,
                   "eval_every": 0, "eval_batches": 2},
@@ -81,7 +80,10 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     extra = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     saved_env = {k: os.environ.get(k) for k in extra}
-    saved_signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    from train.stop import STOP_SIGNALS
+
+    saved_signals = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
     err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
     saved_streams = sys.stdout, sys.stderr
@@ -98,6 +100,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
                 os.environ[key] = value
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
     return subprocess.CompletedProcess(["shardforge", *args], code, out.buffer.getvalue().decode(),
                                        err.buffer.getvalue().decode())
 
@@ -192,7 +195,7 @@ def finetune_recipe(task: str, data_path: Path, cache: Path, run_dir: Path, **se
                               else "text"}],
                  "label_field": "tags" if task == "token_classification" else "label",
                  "seq_len": 64, "val_fraction": 0.1, "test_fraction": 0.1,
-                 "tokenizer": {"path": str(minilm_dir())}, "cache_dir": str(cache), "num_workers": 0},
+                 "tokenizer": {"path": str(minilm_dir())}, "cache_dir": str(cache)},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "decay": "linear"},
         "train": {"max_steps": 12, "micro_batch_size": 4, "global_batch_size": 16, "log_every": 2,
                   "eval_every": 4},  # eval_batches unset: fine-tuning evaluates the whole split

@@ -64,11 +64,13 @@ def test_nan_stop_exits_without_saving_and_names_the_step(world):
                            parallel={"engine": "zero2", "precision": "fp32", "nproc": 2},
                            checkpoint={"every_steps": 2, "at_end": True})
     out = proc.stdout + proc.stderr  # the launcher tees the trainers' stderr into its stdout
-    assert proc.returncode != 0
+    assert proc.returncode == 3, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
     assert "non-finite loss or gradient norm at step 3 (batch fingerprint " in out, out[-3000:]
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "failed" and "step 3" in status["reason"]
+    assert status["state"] == "failed" and "step 3" in status["reason"] and status["exit_code"] == 3, status
+    assert out.strip().splitlines()[-1].startswith("shardforge: failed after step "), out[-1000:]
 
 
 def test_zero_cannot_skip_nonfinite_steps(world, tmp_path):
@@ -199,7 +201,10 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
         assert "checkpoint step-000004 failed" in out and "MiB are free" in out and "needs about" in out, out[-3000:]
         assert "latest checkpoint is still step-000002" in out
         if policy == "stop":
-            assert proc.returncode != 0
+            assert proc.returncode == 2, out[-3000:]
+            assert "Traceback" not in out, out[-3000:]
+            status = json.loads((run_dir / "status.json").read_text())
+            assert status["state"] == "failed" and status["exit_code"] == 2 and "step-000004" in status["reason"]
             assert max(m["step"] for m in read_metrics(run_dir)) == 4
         else:
             assert proc.returncode == 0, out[-3000:]

@@ -219,3 +219,69 @@ def test_time_limit_signal_checkpoints_requeues_and_honours_max_restarts(cluster
     assert "max restarts (1) reached" in log
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] == int(stops[1])
+
+
+def _wait_for_steps(job: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < steps:
+        assert time.time() < deadline and job_info(job)["JobState"] in ("PENDING", "RUNNING"), job_info(job)
+        time.sleep(0.2)
+
+
+def _assert_finished_like_the_straight_run(cluster, run_dir: Path, job: str, info: dict) -> str:
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
+    assert steps == list(range(1, 151)), "metrics.jsonl continues without gaps or duplicates"
+    assert train_losses(run_dir) == train_losses(cluster["straight"]), "the stop changed the training"
+    return log
+
+
+@needs_cluster
+def test_scancel_saves_a_checkpoint_and_ends_the_job_cancelled_not_requeued(cluster):
+    from train.checkpoint import committed_checkpoints
+
+    path, run_dir = cluster["recipe"]("cancelled")
+    job = submit(path)
+    _wait_for_steps(job, run_dir, 5)
+    subprocess.run(["scancel", job], check=True)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"})
+    time.sleep(5)  # a job that requeued itself would be PENDING or RUNNING again by now
+    info = job_info(job)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-3000:]
+    assert "the job was cancelled, so it is not requeued" in log, log[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "stopped" and "SIGTERM" in status["reason"], status
+    saved = committed_checkpoints(run_dir / "checkpoints")
+    assert saved and saved[-1].name == f"step-{status['step']:06d}", (saved, status)
+    assert "Traceback" not in log, log[-3000:]
+
+
+@needs_cluster
+def test_scancel_signal_usr1_checkpoints_requeues_and_finishes_bit_identically(cluster):
+    path, run_dir = cluster["recipe"]("usr1")
+    job = submit(path)
+    _wait_for_steps(job, run_dir, 5)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = _assert_finished_like_the_straight_run(cluster, run_dir, job, info)
+    assert info["Restarts"] == "1" and re.search(r"stop requested \(SIGUSR1\) at step \d+", log), log[-3000:]
+    assert "requeueing (restart 1 of 2)" in log and "Traceback" not in log, log[-3000:]
+
+
+@needs_cluster
+def test_usr1_one_second_into_the_job_step_requeues_and_finishes_bit_identically(cluster):
+    """The signal lands while the agent and the trainers are still starting (importing torch)."""
+    path, run_dir = cluster["recipe"]("early-usr1")
+    job = submit(path)
+    deadline = time.time() + 120
+    while not subprocess.run(["squeue", "-h", "-s", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline, job_info(job)
+        time.sleep(0.05)  # the job step (srun) exists: its agent is starting
+    time.sleep(1)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = _assert_finished_like_the_straight_run(cluster, run_dir, job, info)
+    assert info["Restarts"] == "1" and "requeueing (restart 1 of 2)" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
