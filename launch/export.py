@@ -92,7 +92,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     from transformers import AutoTokenizer
 
     from launch.recipe import RecipeError
-    from train.loop import read_recipe
+    from train.rundir import read_recipe
 
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run directory (no recipe.yaml); pass runs/<name>")
@@ -101,7 +101,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     try:
         recipe = read_recipe(run_dir)
     except ValueError as err:
-        raise RecipeError(f"{run_dir / 'recipe.yaml'}: {err}") from None
+        raise RecipeError(str(run_dir / "recipe.yaml"), [str(err)]) from None
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     model = build_export_model(recipe, run_dir, len(tokenizer))

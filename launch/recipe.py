@@ -88,10 +88,6 @@ def apply_override(data: dict, path: list[str], value: Any) -> Optional[str]:
     return None
 
 
-def _defaults_as_dict() -> dict:
-    return dataclasses.asdict(Recipe())
-
-
 def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None,
                 for_slurm: bool = False) -> Recipe:
     """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem.

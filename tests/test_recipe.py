@@ -137,3 +137,11 @@ def test_engine_config_matches_golden(case):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(configs, indent=2) + "\n")
     assert configs == json.loads(path.read_text())
+
+
+def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("train: {max_steps: 5}\nbogus: 1\n")
+    proc = shardforge("export", str(tmp_path), str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "recipe.yaml" in proc.stderr and "bogus: unknown key" in proc.stderr

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from train.checkpoint import (MANIFEST, Checkpointer, CheckpointError, CheckpointSaveError, Counters, RNGState,
                               step_dir_name)
@@ -25,8 +24,8 @@ from train.faults import fault_point, fault_step, nan_fault, points_armed, with_
 from train.evaluation import evaluate, headline, write_test_results
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
 from train.model import build_model
-from train.recipe import Recipe, RecipeProblems, eval_batch_count, grad_accum_steps, recipe_from_dict
-from train.rundir import (BEST_FILE, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE,
+from train.recipe import Recipe, RecipeProblems, eval_batch_count, grad_accum_steps
+from train.rundir import (BEST_FILE, read_recipe, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE,
                           write_error_report, write_status)
 from train.scores import EarlyStopping
 from train.tasks import build_task
@@ -61,10 +60,6 @@ class StepAgreement:
             return agreed[0] or now[0], agreed[1] or now[1], now[2]
         self._pending = (work, flags)
         return agreed[0], agreed[1], agreed[2]
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    return recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
 
 
 def seed_rank(seed: int, rank: int) -> None:

@@ -448,11 +448,6 @@ def recipe_from_dict(data: dict) -> Recipe:
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain data for YAML; the inverse of :func:`recipe_from_dict`."""
-    return dataclasses.asdict(recipe)
-
-
 def world_size(recipe: Recipe) -> int:
     """Total ranks: processes per node × nodes (``nproc`` must be resolved)."""
     return (recipe.parallel.nproc or 1) * recipe.parallel.nodes

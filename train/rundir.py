@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+RECIPE_FILE = "recipe.yaml"
 STATUS_FILE = "status.json"
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
@@ -42,6 +43,15 @@ KIND_EXIT = {"bad_input": EXIT_BAD_INPUT, "save_failed": EXIT_BAD_INPUT, "nonfin
              "crash": EXIT_CRASH, "collective": EXIT_CRASH, "interrupted": EXIT_INTERRUPTED}
 """Exit code of each kind of error report. ``collective``: a collective failed because another
 rank went away; it is reported only when no rank says why."""
+
+
+def read_recipe(run_dir: Path):
+    """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`)."""
+    import yaml
+
+    from train.recipe import recipe_from_dict
+
+    return recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
 
 
 def launch_id() -> str:
