@@ -8,10 +8,12 @@ instead of killing the launcher.
 import signal
 import sys
 
+from train.stop import STOP_SIGNALS  # a light module: signal and contextlib only
+
 
 def main() -> int:
     if sys.argv[1:2] == ["run"]:
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     from launch.cli import main as cli_main
 
     return cli_main()

@@ -17,7 +17,8 @@ A second SIGINT kills the trainers at once (the latest committed checkpoint stan
 
 import signal
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # train.stop's, unimported
+from train.stop import STOP_SIGNALS  # a light module: signal and contextlib only
+
 signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: before any import can take seconds
 
 import argparse  # noqa: E402

@@ -16,7 +16,7 @@ from launch.recipe import recipe_yaml
 from train.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, describe, exit_code, final_status, read_status,
                           write_status)
-from train.stop import stop_signals_blocked
+from train.stop import STOP_SIGNALS, stop_signals_blocked
 
 
 def _write(path: Path, text: str) -> None:
@@ -44,9 +44,6 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     return run_dir
 
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # train.stop.STOP_SIGNALS
-
-
 def agent_command(run_dir: Path, nproc: int) -> list[str]:
     """The stop-safe torchrun (``launch.agent``) for one node of ``nproc`` ranks."""
     return [sys.executable, "-m", "launch.agent", str(run_dir), "--", "--standalone", "--nnodes=1",
@@ -58,9 +55,9 @@ class EarlyStop:
 
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
-        for sig in SIGNALS:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._record)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held since launch/__main__.py
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since launch/__main__.py
 
     def _record(self, signum, frame) -> None:
         self.signal_name = self.signal_name or signal.Signals(signum).name
@@ -91,7 +88,7 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop
             def forward(signum, frame):  # the agent hands it to every trainer
                 proc.send_signal(signum)
 
-            for sig in SIGNALS:
+            for sig in STOP_SIGNALS:
                 signal.signal(sig, forward)
             if early is not None and early.signal_name:
                 proc.send_signal(signal.Signals[early.signal_name])
