@@ -69,8 +69,10 @@ def test_corrupted_checkpoint_falls_back_to_previous(world):
 def test_changed_batch_size_is_refused_on_resume(world):
     r = world["recipe"]("changed", stop_after=2)
     run_recipe(world["tmp"], r, expect=75)
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", expect=1)
-    assert "changed: train.global_batch_size" in out.stdout + out.stderr
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", expect=2)  # bad input
+    text = out.stdout + out.stderr
+    assert "changed: train.global_batch_size" in text and "Traceback" not in text
+    assert text.strip().splitlines()[-1].endswith("(checkpoint.resume=never) (exit 2)"), text[-2000:]
 
 
 def test_every_minutes_saves_on_wall_clock(world):
