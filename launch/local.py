@@ -14,15 +14,9 @@ from typing import Optional
 
 from launch.recipe import recipe_yaml
 from train.recipe import Recipe
-from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, describe, exit_code, final_status, read_status,
-                          write_status)
+from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, atomic_write, describe, exit_code, final_status,
+                          read_status, write_status)
 from train.stop import STOP_SIGNALS, stop_signals_blocked
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
@@ -31,12 +25,12 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     created = not run_dir.exists()
     try:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        _write(run_dir / "recipe.yaml", recipe_yaml(recipe))
+        atomic_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
         for stale in ("deepspeed.json", "fsdp.json"):
             if stale not in configs:
                 (run_dir / stale).unlink(missing_ok=True)
         for name, cfg in configs.items():
-            _write(run_dir / name, json.dumps(cfg, indent=2) + "\n")
+            atomic_write(run_dir / name, json.dumps(cfg, indent=2) + "\n")
     except OSError as err:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -25,8 +25,8 @@ from train.evaluation import evaluate, headline, write_test_results
 from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu, peak_tflops
 from train.model import build_model
 from train.recipe import Recipe, RecipeProblems, eval_batch_count, grad_accum_steps
-from train.rundir import (BEST_FILE, read_recipe, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE,
-                          write_error_report, write_status)
+from train.rundir import (BEST_FILE, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, atomic_write,
+                          read_recipe, write_error_report, write_status)
 from train.scores import EarlyStopping
 from train.tasks import build_task
 from train.stop import StopRequest
@@ -455,11 +455,8 @@ def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, mic
 
 def write_best(run_dir: Path, early: EarlyStopping, step: int) -> None:
     """Point ``checkpoints/best.json`` at the best evaluation's checkpoint (called once it is committed)."""
-    ckpt = run_dir / "checkpoints" / step_dir_name(step)
-    tmp = run_dir / "checkpoints" / f".{BEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "checkpoint": ckpt.name, "metric": early.metric,
-                               "value": early.best}, indent=1))
-    os.replace(tmp, run_dir / "checkpoints" / BEST_FILE)
+    atomic_write(run_dir / "checkpoints" / BEST_FILE, json.dumps(
+        {"step": step, "checkpoint": step_dir_name(step), "metric": early.metric, "value": early.best}, indent=1))
 
 
 def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:
