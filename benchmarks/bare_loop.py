@@ -20,7 +20,7 @@ import yaml  # noqa: E402
 
 
 def main(recipe_path: str, out_path: str) -> None:
-    from train.data import prepare_data
+    from train.data.prepare import prepare_data
     from train.model import build_model
     from train.optim import build_scheduler, param_groups
     from train.recipe import recipe_from_dict

@@ -190,7 +190,9 @@ def bench_logging(b: Bench, rounds: int, steps: int, every: int) -> list[Row]:
 def bench_tokenize(b: Bench, rounds: int) -> list[Row]:
     import datasets
 
-    from train.data import load_or_train_tokenizer, load_source, tokenize_and_pack
+    from train.data.pretraining import tokenize_and_pack
+    from train.data.sources import load_source
+    from train.data.tokenizer import load_or_train_tokenizer
     from train.recipe import recipe_from_dict
 
     datasets.disable_caching()  # time the work, not a cache hit
@@ -218,8 +220,11 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     import torch
     import torch.distributed as dist
 
-    from train.checkpoint import Checkpointer, Counters, _fsync, io_threads, sha256_file, sha256_files
-    from train.engines import DDPEngine
+    from train.checkpoint import Checkpointer
+    from train.checkpoint_files import io_threads, sha256_file, sha256_files
+    from train.rundir import fsync_path as _fsync
+    from train.state import Counters
+    from train.engines.torch_engines import DDPEngine
     from train.model import build_model
     from train.recipe import recipe_from_dict
 

@@ -122,7 +122,7 @@ def run_hf_trainer(recipe: dict, steps: int, warmup: int, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from train.data import prepare_data
+    from train.data.prepare import prepare_data
     from train.model import build_config
     from train.recipe import recipe_from_dict
 

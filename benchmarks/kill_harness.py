@@ -98,7 +98,7 @@ def losses(run_dir: Path) -> list[float]:
 def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, straight_s: float,
               rng: random.Random, log) -> tuple[int, list]:
     """Launch ``name`` again and again, killing it, until it completes; return (kills, events)."""
-    from train.checkpoint import latest_valid
+    from train.checkpoint_files import latest_valid
 
     recipe = write_recipe(tmp, name, engine, steps)
     run_dir = tmp / name

@@ -79,7 +79,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from train.data import prepare_data
+    from train.data.prepare import prepare_data
 
     recipe = _load(args)
     data = prepare_data(recipe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from train.engines import capabilities
 from train.recipe import Recipe, grad_accum_steps, world_size
 
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -56,7 +57,7 @@ def fsdp_config(recipe: Recipe, block_classes: list[str]) -> dict:
 def deepspeed_config(recipe: Recipe) -> dict:
     """DeepSpeed ZeRO config; ``train_batch_size`` = micro × accumulation × world size."""
     t, par, o = recipe.train, recipe.parallel, recipe.optim
-    stage = int(par.engine[-1])
+    stage = capabilities(par.engine).zero_stage
     bucket = par.reduce_bucket_mb * 1_000_000
     zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                   "reduce_bucket_size": bucket}
@@ -90,11 +91,11 @@ def deepspeed_config(recipe: Recipe) -> dict:
 
 def engine_configs(recipe: Recipe) -> dict[str, dict]:
     """File name → config for the recipe's engine (empty for DDP)."""
-    engine = recipe.parallel.engine
-    if engine == "fsdp":
-        return {"fsdp.json": fsdp_config(recipe, shard_block_classes(recipe))}
-    if engine.startswith("zero"):
-        return {"deepspeed.json": deepspeed_config(recipe)}
+    name = capabilities(recipe.parallel.engine).config_file
+    if name == "fsdp.json":
+        return {name: fsdp_config(recipe, shard_block_classes(recipe))}
+    if name == "deepspeed.json":
+        return {name: deepspeed_config(recipe)}
     return {}
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from train.checkpoint import MANIFEST, committed_checkpoints, latest_valid, step_dir_name, verify
+from train.checkpoint_files import MANIFEST, committed_checkpoints, latest_valid, step_dir_name, verify
 
 
 class ExportError(ValueError):
@@ -54,8 +54,10 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
 
 def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded fp32 model state saved in ``ckpt`` by any engine."""
+    from train.engines import capabilities
+
     engine = json.loads((ckpt / MANIFEST).read_text())["engine"]
-    if engine.startswith("zero"):
+    if capabilities(engine).checkpoint_format == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.recipe import recipe_yaml
+from train.engines import ENGINE_CONFIG_FILES
 from train.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, atomic_write, describe, exit_code, final_status,
                           read_status, write_status)
@@ -26,7 +27,7 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     try:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
-        for stale in ("deepspeed.json", "fsdp.json"):
+        for stale in ENGINE_CONFIG_FILES:
             if stale not in configs:
                 (run_dir / stale).unlink(missing_ok=True)
         for name, cfg in configs.items():

@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 import yaml
 
-from train.sources import local_files as _local_files
-from train.recipe import TASK_METRICS, Recipe, RecipeProblems, recipe_from_dict
+from train.engines import capabilities, engines_that
+from train.data.files import local_files as _local_files
+from train.recipe import TASK_METRICS, Recipe, recipe_from_dict, resolve_defaults
+from train.schema import RecipeProblems
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -120,15 +122,10 @@ def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] 
         raise RecipeError(str(path), problems + err.problems) from None
     if for_slurm:
         local_gpus = None
-        if recipe.parallel.nproc is None:
-            recipe.parallel.nproc = recipe.slurm.gpus_per_node or 1
-    elif recipe.parallel.nproc is None:
-        recipe.parallel.nproc = local_gpus or 1
+    resolve_defaults(recipe, nproc=recipe.slurm.gpus_per_node if for_slurm else local_gpus)
     problems += check_recipe(recipe, local_gpus)
     if problems:
         raise RecipeError(str(path), problems)
-    if recipe.run.dir is None:
-        recipe.run.dir = str(Path("runs") / recipe.run.name)
     return recipe
 
 
@@ -164,12 +161,13 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if local_gpus and par.nodes == 1 and par.nproc > local_gpus:
         p.append(f"parallel.nproc: {par.nproc} processes but this node has {local_gpus} GPUs; "
                  f"set parallel.nproc={local_gpus}")
-    if t.on_nonfinite == "skip" and par.engine.startswith("zero"):
-        p.append("train.on_nonfinite: skip needs parallel.engine ddp or fsdp (DeepSpeed applies its "
-                 "step before the gradient norm is known); set train.on_nonfinite=stop")
+    caps = capabilities(par.engine)
+    if t.on_nonfinite == "skip" and not caps.skip_nonfinite:
+        p.append(f"train.on_nonfinite: skip needs parallel.engine {' or '.join(engines_that(skip_nonfinite=True))} "
+                 f"(DeepSpeed applies its step before the gradient norm is known); set train.on_nonfinite=stop")
     if t.step_timeout_s < 0:
         p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
-    if par.offload and par.engine == "ddp":
+    if par.offload and not caps.offload:
         p.append("parallel.offload: DDP keeps every replica on the device; use parallel.engine=zero2, "
                  "zero3 or fsdp to offload, or set parallel.offload=false")
     m = r.model
@@ -231,9 +229,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
         p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or an existing checkpoint "
                  f"directory; fix the path")
-    if c.async_save and r.parallel.engine.startswith("zero"):
-        p.append("checkpoint.async_save: needs parallel.engine ddp or fsdp (DeepSpeed saves "
-                 "synchronously); set checkpoint.async_save=false")
+    if c.async_save and not capabilities(r.parallel.engine).async_save:
+        p.append(f"checkpoint.async_save: needs parallel.engine {' or '.join(engines_that(async_save=True))} "
+                 f"(DeepSpeed saves synchronously); set checkpoint.async_save=false")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     return p
@@ -271,9 +269,9 @@ def _check_task(r: Recipe, model_config) -> list[str]:
         p.append(f"model.freeze_layers: {m.freeze_layers} is not between 0 and the model's {layers} layers")
     if m.lora is not None:
         lora = m.lora
-        if r.parallel.engine not in ("ddp", "fsdp"):
-            p.append(f"model.lora: supported (and tested) with parallel.engine ddp or fsdp, not "
-                     f"{r.parallel.engine}; set parallel.engine=fsdp")
+        if not capabilities(r.parallel.engine).lora:
+            p.append(f"model.lora: supported (and tested) with parallel.engine "
+                     f"{' or '.join(engines_that(lora=True))}, not {r.parallel.engine}; set parallel.engine=fsdp")
         if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
             p.append(f"model.lora: need r >= 1, alpha > 0 and dropout in [0, 1) (got r={lora.r}, "
                      f"alpha={lora.alpha}, dropout={lora.dropout})")

@@ -9,9 +9,13 @@ import datasets
 import numpy as np
 import pytest
 
-import train.data as data_mod
+import train.data.pretraining as pretraining
 from tests.helpers import make_corpus, tiny_recipe
-from train.data import DataError, TrainBatches, prepare_data, tokenize_and_pack
+from train.data.batches import TrainBatches
+from train.data.prepare import prepare_data
+from train.data.pretraining import tokenize_and_pack
+from train.data.sources import DataError, load_source
+from train.data.tokenizer import load_or_train_tokenizer
 from train.recipe import recipe_from_dict
 
 
@@ -104,8 +108,8 @@ def make_recipe(corpus: Path, tmp: Path, **data):
 
 def test_packing_conserves_tokens(corpus, tmp_path):
     recipe = make_recipe(corpus, tmp_path)
-    tok = data_mod.load_or_train_tokenizer(recipe, tmp_path / "cache")
-    src = data_mod.load_source(recipe.data.sources[0], "data.sources[0]")
+    tok = load_or_train_tokenizer(recipe, tmp_path / "cache")
+    src = load_source(recipe.data.sources[0], "data.sources[0]")
     packed, stats = tokenize_and_pack(src, tok, 32, 1, "test")
     docs = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in src["text"]]
     flat = [t for d in docs for t in d]
@@ -116,13 +120,13 @@ def test_packing_conserves_tokens(corpus, tmp_path):
 
 def test_second_prepare_reuses_the_cache(corpus, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = data_mod._tokenize_batch
+    real = pretraining._tokenize_batch
 
     def counting(batch, tokenizer, eos_id):
         calls["n"] += 1
         return real(batch, tokenizer, eos_id)
 
-    monkeypatch.setattr(data_mod, "_tokenize_batch", counting)
+    monkeypatch.setattr(pretraining, "_tokenize_batch", counting)
     recipe = make_recipe(corpus, tmp_path)
     first = prepare_data(recipe, log=lambda *_: None)
     assert calls["n"] > 0 and not first.stats["cache_hit"]

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from launch.recipe import RecipeError, load_recipe
 from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, write_recipe
-from train.checkpoint import committed_checkpoints
+from train.checkpoint_files import committed_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,9 @@ def test_hang_watchdog_dumps_stacks_names_the_late_rank_and_exits(world):
     for rank in (0, 1):
         dump = (run_dir / "logs" / f"hang-rank-{rank:05d}.txt").read_text()
         assert "Thread" in dump or "File" in dump, dump[:500]
-    assert "time.sleep" in (run_dir / "logs" / "hang-rank-00001.txt").read_text() or \
-        "loop.py" in (run_dir / "logs" / "hang-rank-00001.txt").read_text()
+    late = (run_dir / "logs" / "hang-rank-00001.txt").read_text()
+    assert "faulty_next_batch" in late and "step.py" in late, late  # stuck where the fault sleeps: its data phase
+    assert "forward_backward" in (run_dir / "logs" / "hang-rank-00000.txt").read_text()  # waiting for rank 1
     assert json.loads((run_dir / "status.json").read_text())["state"] == "hung"
     assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
 
@@ -213,6 +214,7 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
         subprocess.run(["umount", str(run_dir / "checkpoints")], check=False)
 
 
+@pytest.mark.launch  # through benchmarks.kill_harness
 def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
     """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
     out = tmp_path / "kills.json"

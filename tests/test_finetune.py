@@ -17,63 +17,7 @@ import torch
 from tests.helpers import (finetune_recipe, launch_in_process, make_finetune_data, make_pretrained, minilm_dir,
                            read_metrics, run_recipe, train_losses)
 from train.recipe import recipe_from_dict
-from train.scores import EarlyStopping, bio_entities, classification_scores, entity_counts, entity_scores
 from train.tasks import IGNORE
-
-
-# ---------------------------------------------------------------- arithmetic, by hand
-
-
-def test_classification_scores_match_hand_computation():
-    confusion = np.array([[5, 1, 0],   # gold a: 5 right, 1 taken for b
-                          [2, 3, 1],   # gold b
-                          [0, 0, 4]])  # gold c
-    s = classification_scores(confusion, ["a", "b", "c"])
-    assert s["accuracy"] == pytest.approx(12 / 16)
-    # a: precision 5/7, recall 5/6, F1 10/13; b: 3/4, 3/6, 0.6; c: 4/5, 4/4, 8/9
-    assert (s["precision/a"], s["recall/a"], s["f1/a"]) == pytest.approx((5 / 7, 5 / 6, 10 / 13))
-    assert (s["precision/b"], s["recall/b"], s["f1/b"]) == pytest.approx((0.75, 0.5, 0.6))
-    assert (s["precision/c"], s["recall/c"], s["f1/c"]) == pytest.approx((0.8, 1.0, 8 / 9))
-    assert s["macro_f1"] == pytest.approx((10 / 13 + 0.6 + 8 / 9) / 3)
-    assert s["macro_precision"] == pytest.approx((5 / 7 + 0.75 + 0.8) / 3)
-    assert s["micro_precision"] == s["micro_recall"] == s["micro_f1"] == pytest.approx(0.75)
-    # a class absent from gold and predictions does not dilute the macro average
-    wider = classification_scores(np.pad(confusion, ((0, 1), (0, 1))), ["a", "b", "c", "unused"])
-    assert wider["macro_f1"] == pytest.approx(s["macro_f1"])
-
-
-def test_entity_scores_match_hand_computation():
-    gold = ["B-PER", "I-PER", "O", "B-LOC", "O", "B-PER"]
-    pred = ["B-PER", "I-PER", "O", "B-PER", "O", "I-PER"]  # wrong type at 3; I- after O starts an entity
-    assert bio_entities(gold) == {("PER", 0, 2), ("LOC", 3, 4), ("PER", 5, 6)}
-    assert bio_entities(pred) == {("PER", 0, 2), ("PER", 3, 4), ("PER", 5, 6)}
-    assert entity_counts(gold, pred) == (2, 3, 3)
-    assert bio_entities(["B-A", "I-B", "I-B", "B-A", "B-A"]) == {("A", 0, 1), ("B", 1, 3), ("A", 3, 4), ("A", 4, 5)}
-    s = entity_scores(2, 3, 4)
-    assert (s["entity_precision"], s["entity_recall"], s["entity_f1"]) == pytest.approx((2 / 3, 0.5, 4 / 7))
-
-
-def test_early_stopping_stops_at_the_right_evaluation():
-    accuracy = [0.50, 0.62, 0.61, 0.65, 0.64, 0.649, 0.70]  # patience 2, min_delta 0.01
-    es = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
-    improved = []
-    for epoch, value in enumerate(accuracy):
-        improved.append(es.update(value, step=10 * (epoch + 1)))
-        if es.stopped:
-            break
-    assert improved == [True, True, False, True, False, False]  # 0.649 is not 0.01 better than 0.65
-    assert (epoch, es.best, es.best_step) == (5, 0.65, 40)
-
-    loss = EarlyStopping("loss", "auto", patience=1)  # lower is better; a NaN never improves
-    assert [loss.update(v, s) for s, v in enumerate([2.0, 1.5, float("nan")])] == [True, True, False]
-    assert loss.stopped and loss.best == 1.5
-
-    resumed = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)  # state survives a restart
-    first = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
-    for epoch, value in enumerate(accuracy[:4]):
-        first.update(value, 10 * (epoch + 1))
-    resumed.load_state_dict(first.state_dict())
-    assert [resumed.update(v, 0) for v in accuracy[4:6]] == [False, False] and resumed.stopped
 
 
 # ---------------------------------------------------------------- labels, without a launch
@@ -85,7 +29,7 @@ def ft_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def _prepare(task: str, path: Path, tmp: Path, **data):
-    from train.data import prepare_data
+    from train.data.prepare import prepare_data
 
     raw = finetune_recipe(task, path, tmp / "cache", tmp / "run")
     raw["data"].update(data)
@@ -101,7 +45,7 @@ def test_accumulated_loss_weighs_every_token_equally(task_name):
     import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from train import loop
+    from train.step import step_loss_denominator
     from train.tasks import build_task
 
     torch.manual_seed(0)
@@ -131,7 +75,7 @@ def test_accumulated_loss_weighs_every_token_equally(task_name):
     reference = grads([whole])
     per_micro_mean = grads([dict(b) for b in micro])
     train_set = datasets.Dataset.from_dict({"labels": [labels[1].tolist(), [0] * 16, labels[0].tolist()]})
-    denominator = loop.step_loss_denominator(task.sample_loss_tokens(train_set), np.array([2, 0]), 2)
+    denominator = step_loss_denominator(task.sample_loss_tokens(train_set), np.array([2, 0]), 2)
     for b in micro:
         b["loss_denominator"] = denominator
     assert torch.allclose(grads(micro), reference, atol=1e-6)
@@ -189,7 +133,7 @@ def test_token_labels_go_on_the_first_sub_token(tmp_path):
 
 
 def test_a_label_missing_from_training_is_one_clear_error(tmp_path):
-    from train.data import DataError
+    from train.data.sources import DataError
 
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps({"text": f"text {i}", "label": "a" if i % 2 else "b"}) + "\n" for i in range(8)))
@@ -223,7 +167,7 @@ def test_bad_finetune_recipes_are_refused_in_one_line(ft_data, tmp_path, change,
 def _state(run_dir: Path, step: int | None = None) -> dict:
     """The full fp32 state of a run's checkpoint (the best one by default), as export reads it."""
     from launch.export import build_export_model, full_state_dict, pick_checkpoint
-    from train.loop import read_recipe
+    from train.rundir import read_recipe
 
     recipe = read_recipe(run_dir)
     from transformers import AutoTokenizer
@@ -236,8 +180,9 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     """Freeze embeddings + layer 0; stop early after 2 evaluations without gain; keep the best."""
     from transformers import AutoModelForSequenceClassification
 
-    from train.data import eval_batches, prepare_data
-    from train.loop import read_recipe
+    from train.data.batches import eval_batches
+    from train.data.prepare import prepare_data
+    from train.rundir import read_recipe
     from train.model import build_model
 
     run_dir = tmp_path / "cls"
@@ -262,7 +207,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     assert {"eval_macro_f1", "eval_micro_f1", "eval_f1/hamlet", "eval_precision/tempest"} <= set(eval_record)
     # the token counter sums every rank's own (trimmed) micro-batches, replayed here rank by rank;
     # tokens/s comes from the same all-reduced sums
-    from train.data import TrainBatches
+    from train.data.batches import TrainBatches
 
     resolved = read_recipe(run_dir)
     t, data = resolved.train, prepare_data(resolved, log=lambda *_: None)
@@ -331,7 +276,7 @@ def test_token_classification_fsdp_lora(ft_data, tmp_path):
     from safetensors.torch import load_file
 
     from launch.export import build_export_model
-    from train.loop import read_recipe
+    from train.rundir import read_recipe
 
     pretrained = make_pretrained(tmp_path / "pretrained", "token_classification")
     run_dir = tmp_path / "ner-lora"
@@ -417,8 +362,8 @@ def test_minilm_demo_beats_the_majority_baseline(tmp_path):
     """The shipped recipe, kept short: the real pretrained MiniLM-L6 on 2 CPU processes."""
     from launch.shakespeare_plays import build
     from tests.helpers import SHAKESPEARE
-    from train.data import prepare_data
-    from train.loop import read_recipe
+    from train.data.prepare import prepare_data
+    from train.rundir import read_recipe
 
     passages = build(SHAKESPEARE, tmp_path / "plays")
     run_dir = tmp_path / "minilm"

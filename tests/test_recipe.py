@@ -13,7 +13,8 @@ from launch.cli import main as cli_main
 from launch.engine_config import engine_configs
 from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
 from tests.helpers import shardforge
-from train.recipe import Recipe, field_docs, grad_accum_steps, recipe_from_dict
+from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
+from train.schema import field_docs
 
 GOLDEN = Path(__file__).parent / "golden"
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))

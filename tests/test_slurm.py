@@ -145,6 +145,10 @@ def submit(path: Path, *overrides: str) -> str:
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
 
+STEPS = 40
+"""Steps of the straight job and of every job compared with it: a stop lands after step 5."""
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     assert _cluster_up(), "SHARDFORGE_REQUIRE_SLURM=1 but no Slurm answers; see slurm/local-cluster.sh"
@@ -152,7 +156,7 @@ def cluster(tmp_path_factory):
     corpus = make_corpus(tmp / "corpus")
 
     def recipe(name: str, **slurm):
-        r = tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": 150, "log_every": 1},
+        r = tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": STEPS, "log_every": 1},
                         checkpoint={"every_steps": 0, "at_end": True},
                         slurm={"gpus_per_node": 0, "cpus_per_task": 2, "mem": "0", "time": "10",
                                "signal_lead_s": 30, "max_restarts": 2, **slurm})
@@ -179,7 +183,7 @@ def _final_weights(run_dir: Path, out: Path) -> dict:
 def test_job_completes(cluster):
     assert cluster["info"]["Restarts"] == "0"
     assert "shardforge: training completed" in cluster["log"]
-    assert len(train_losses(cluster["straight"])) == 150
+    assert len(train_losses(cluster["straight"])) == STEPS
 
 
 @needs_cluster
@@ -197,7 +201,7 @@ def test_requeue_mid_run_checkpoints_resumes_and_ends_like_an_uninterrupted_run(
     assert "restart 1 of at most 2" in log and "resumed from" in log
     assert re.search(r"stop requested \(SIGTERM\) at step \d+", log), log[-3000:]
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    assert steps == list(range(1, 151)), "metrics.jsonl continues without gaps or duplicates"
+    assert steps == list(range(1, STEPS + 1)), "metrics.jsonl continues without gaps or duplicates"
     assert train_losses(run_dir) == train_losses(cluster["straight"])
     ours, straight = _final_weights(run_dir, tmp_path / "a"), _final_weights(cluster["straight"], tmp_path / "b")
     assert ours.keys() == straight.keys()
@@ -236,14 +240,14 @@ def _assert_finished_like_the_straight_run(cluster, run_dir: Path, job: str, inf
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log[-3000:]
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    assert steps == list(range(1, 151)), "metrics.jsonl continues without gaps or duplicates"
+    assert steps == list(range(1, STEPS + 1)), "metrics.jsonl continues without gaps or duplicates"
     assert train_losses(run_dir) == train_losses(cluster["straight"]), "the stop changed the training"
     return log
 
 
 @needs_cluster
 def test_scancel_saves_a_checkpoint_and_ends_the_job_cancelled_not_requeued(cluster):
-    from train.checkpoint import committed_checkpoints
+    from train.checkpoint_files import committed_checkpoints
 
     path, run_dir = cluster["recipe"]("cancelled")
     job = submit(path)

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, train_losses, write_recipe
-from train.checkpoint import committed_checkpoints
+from train.checkpoint_files import committed_checkpoints
 from train.rundir import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_HANG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_REQUEUE,
                           describe, exit_code, final_status, read_status, write_error_report, write_status)
 

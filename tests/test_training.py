@@ -137,8 +137,9 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.helpers import launch_in_process
-    from train.data import eval_batches, prepare_data
-    from train.loop import read_recipe
+    from train.data.batches import eval_batches
+    from train.data.prepare import prepare_data
+    from train.rundir import read_recipe
     from train.model import causal_lm_loss
 
     out = tmp_path / "hf"

@@ -17,71 +17,24 @@ manifest first, then rank 0 deletes its files in a thread while training goes on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
-import re
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
 
+from train.checkpoint_files import (MANIFEST, STEP_DIR, committed_checkpoints, sha256_files, share_of, step_dir_name,
+                                    verify)
 from train.distributed import all_ranks_agree
 from train.faults import fault_point
+from train.rundir import atomic_write, first_line, fsync_path
+from train.state import Stateful
 
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-@dataclass
-class Counters:
-    """Progress counters saved with every checkpoint."""
-
-    step: int = 0
-    tokens: int = 0
-    elapsed_s: float = 0.0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens, self.elapsed_s = state["step"], state["tokens"], state["elapsed_s"]
-
-
-class RNGState:
-    """Python, numpy, torch CPU and CUDA generator states of this rank."""
-
-    def state_dict(self) -> dict:
-        np_state = np.random.get_state()
-        return {"python": random.getstate(),
-                "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-    def load_state_dict(self, state: dict) -> None:
-        random.setstate(state["python"])
-        kind, keys, *rest = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        torch.set_rng_state(state["torch"])
-        if torch.cuda.is_available() and state["cuda"]:
-            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class PendingSave(NamedTuple):
@@ -102,174 +55,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointSaveError(CheckpointError):
     """A save failed on some rank; nothing of it was committed."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0][:200] if text else type(err).__name__)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def io_threads() -> int:
-    """Threads per rank for writing and hashing checkpoint files: this rank's share of the CPUs, 1-4.
-
-    hashlib releases the GIL on large buffers, so sha256 runs in parallel across threads.
-    """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(4, cpus // local))
-
-
-def sha256_files(paths: list[Path]) -> list[str]:
-    """sha256 of each file, :func:`io_threads` at a time."""
-    if len(paths) <= 1:
-        return [sha256_file(p) for p in paths]
-    with ThreadPoolExecutor(min(io_threads(), len(paths))) as pool:
-        return list(pool.map(sha256_file, paths))
-
-
-class _HashingStream:
-    """A file being written whose bytes also feed sha256 on their way out (hash-on-write), so a save
-    need not read its files back to checksum them. A seek voids the digest (then the file is hashed
-    from disk as usual)."""
-
-    def __init__(self, raw):
-        self.raw, self.hash, self.sequential = raw, hashlib.sha256(), True
-
-    def write(self, data) -> int:
-        self.hash.update(data)
-        return self.raw.write(data)
-
-    def seek(self, *args) -> int:
-        self.sequential = False
-        return self.raw.seek(*args)
-
-    def __getattr__(self, name: str):
-        return getattr(self.raw, name)
-
-
-class _HashingFileSystem(FileSystem):
-    """DCP's local file system, recording the sha256 of every file it writes into ``digests``
-    (absolute path → hex digest)."""
-
-    def __init__(self, digests: dict[str, str]):
-        super().__init__()
-        self.digests = digests
-
-    @contextmanager
-    def create_stream(self, path, mode: str):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
-                yield stream
-            return
-        with Path(path).open(mode) as raw:
-            stream = _HashingStream(raw)
-            yield stream
-        if stream.sequential:
-            self.digests[str(Path(path).absolute())] = stream.hash.hexdigest()
-
-    def rename(self, path, new_path) -> None:
-        super().rename(path, new_path)
-        digest = self.digests.pop(str(Path(path).absolute()), None)
-        if digest:
-            self.digests[str(Path(new_path).absolute())] = digest
-
-
-def dcp_writer(directory: Path, digests: dict[str, str]) -> FileSystemWriter:
-    """DCP's file writer (fsyncing each file, :func:`io_threads` files at once) that hashes as it writes."""
-    writer = FileSystemWriter(str(directory), thread_count=io_threads())
-    writer.fs = _HashingFileSystem(digests)
-    return writer
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-# files written by one rank: DCP's data files, DeepSpeed's ZeRO shards, our per-rank state
-_RANK_FILE = re.compile(r"(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt|rank-(\d+)\.pt)$")
-
-
-def share_of(files: list[str], rank: int, world: int) -> list[str]:
-    """This rank's share of ``files`` to fsync or hash: what rank r wrote goes to rank r (on shared
-    storage each node then reads its own shards once: the checksum read leaves them in its page
-    cache for the load); the rest are dealt out in turn."""
-    own, rest = [], []
-    for rel in sorted(files):
-        m = _RANK_FILE.search(rel)
-        writer = int(next(g for g in m.groups() if g is not None)) if m else None
-        if writer is None or writer >= world:
-            rest.append(rel)
-        elif writer == rank:
-            own.append(rel)
-    return own + rest[rank::world]
-
-
-def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
-    """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong.
-
-    With ``world`` > 1 this checks only this rank's share of the files (:func:`share_of`), so
-    ranks verify a large checkpoint in parallel.
-    """
-    manifest = ckpt / MANIFEST
-    if not manifest.exists():
-        return f"{ckpt}: no {MANIFEST} (the save never committed)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return f"{ckpt}: {MANIFEST} is unreadable"
-    mine = [(rel, files[rel]) for rel in share_of(list(files), rank, world)]
-    for rel, _ in mine:
-        if not (ckpt / rel).exists():
-            return f"{ckpt}: {rel} is missing"
-    for (rel, digest), actual in zip(mine, sha256_files([ckpt / rel for rel, _ in mine])):
-        if actual != digest:
-            return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
-    return None
-
-
-def committed_checkpoints(root: Path) -> list[Path]:
-    """Directories with a manifest, oldest first (not yet checksum-verified)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).exists()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_valid(root: Path, warn=print) -> Optional[Path]:
-    """The newest committed checkpoint whose files pass their checksums."""
-    for ckpt in reversed(committed_checkpoints(root)):
-        problem = verify(ckpt)
-        if problem is None:
-            return ckpt
-        warn(f"checkpoint: skipping {problem}; trying the previous one")
-    return None
 
 
 class Checkpointer:
@@ -354,11 +139,11 @@ class Checkpointer:
             if final.exists():  # an uncommitted or older copy of the same step
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(self.root)
+            fsync_path(self.root)
             fault_point("manifest", step, self.rank)
             manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
                         "saved_at": time.time(), "files": digests}
-            _write_atomic(final / MANIFEST, json.dumps(manifest, indent=1))
+            atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
             self._prune(keep_last, keep_every, step, protect)
         dist.barrier()
 
@@ -373,7 +158,7 @@ class Checkpointer:
         written = {rel: digest for share in shares for rel, digest in share.items()}
         rest = share_of([rel for rel in files if rel not in written], self.rank, self.world)
         for rel in [*own, *rest]:
-            _fsync(tmp / rel)  # DCP fsynced its files already: this costs nothing there
+            fsync_path(tmp / rel)  # DCP fsynced its files already: this costs nothing there
         dist.all_gather_object(shares, dict(zip(rest, sha256_files([tmp / rel for rel in rest]))))
         return dict(sorted({**written, **{rel: d for share in shares for rel, d in share.items()}}.items()))
 
@@ -392,7 +177,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(self.root).free
-        reason = f"rank {self.rank}: {_first_line(error)}" if error else "another rank failed to write"
+        reason = f"rank {self.rank}: {first_line(error)}" if error else "another rank failed to write"
         kept = previous[-1].name if previous else "none"
         return CheckpointSaveError(
             f"checkpoint {step_dir_name(step)} failed ({reason}); it needs about {needed / 2**20:.1f} MiB "
@@ -404,14 +189,14 @@ class Checkpointer:
         newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
         doomed = []
         for ckpt in ckpts:
-            step = int(_STEP_DIR.match(ckpt.name).group(1))
+            step = int(STEP_DIR.match(ckpt.name).group(1))
             if ckpt in newest or (keep_every and step % keep_every == 0) or step in protect:
                 continue
             fault_point("prune", saving_step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
             doomed.append(ckpt)
         doomed += [p for p in self.root.iterdir() if p.name.startswith(".tmp-step-")  # left by crashes
-                   or (_STEP_DIR.match(p.name) and not (p / MANIFEST).exists())]
+                   or (STEP_DIR.match(p.name) and not (p / MANIFEST).exists())]
         self._join_deleter()
         self._deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
                                          name="checkpoint-prune")

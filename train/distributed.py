@@ -35,8 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(engine: str, timeout_s: float = 1800) -> DistInfo:
-    """Join the job's process group (a one-rank group when not started by torchrun)."""
+def init_distributed(deepspeed: bool = False, timeout_s: float = 1800) -> DistInfo:
+    """Join the job's process group (a one-rank group when not started by torchrun); through
+    DeepSpeed's own initialisation for its engines."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -48,10 +49,10 @@ def init_distributed(engine: str, timeout_s: float = 1800) -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    if engine.startswith("zero"):
-        import deepspeed
+    if deepspeed:
+        import deepspeed as ds
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)

@@ -1,16 +1,18 @@
-"""Validation and test evaluation: sums on each rank, one all-reduce, the task's metrics; the
-final test report as JSON and a readable table."""
+"""Validation and test evaluation: sums on each rank, one all-reduce, the task's metrics; when to
+evaluate and early stopping (:class:`Evaluator`); the final test report as JSON and a table."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from train.checkpoint_files import MANIFEST, step_dir_name
+from train.rundir import atomic_write
+from train.scores import EarlyStopping
 from train.tasks import Task
 
 TEST_JSON, TEST_TABLE = "test_results.json", "test_results.md"
@@ -54,6 +56,49 @@ def write_test_results(run_dir: Path, metrics: dict[str, float], labels: Optiona
     payload = {"step": step, "checkpoint": checkpoint, "samples": samples, "metrics": metrics}
     for name, text in ((TEST_JSON, json.dumps(payload, indent=1)),
                        (TEST_TABLE, test_table(metrics, labels, samples, checkpoint))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, run_dir / name)
+        atomic_write(run_dir / name, text)
+
+
+class Evaluator:
+    """Evaluates the validation split every ``train.eval_every`` steps and at the end, keeps the
+    early-stopping score, and evaluates the test split once at the end with the best weights."""
+
+    def __init__(self, engine, task: Task, val: list[dict], early: EarlyStopping, eval_every: int,
+                 keep_best: bool, device: torch.device, writer, watchdog, log: Callable[[str], None]):
+        self.engine, self.task, self.val, self.early, self.eval_every = engine, task, val, early, eval_every
+        self.keep_best, self.device, self.writer, self.watchdog, self.log = keep_best, device, writer, watchdog, log
+
+    def maybe_eval(self, step: int, last: bool) -> bool:
+        """Evaluate when due; return whether this is the best evaluation yet."""
+        if not ((self.eval_every and step % self.eval_every == 0) or last):
+            return False
+        self.watchdog.beat(step, "evaluation", restart=True)
+        metrics = evaluate(self.engine, self.task, self.val, self.device)
+        early, name = self.early, self.early.metric
+        improved = early.update(metrics.get(name, float("nan")), step)
+        if self.writer:
+            self.writer.write(step, {"eval_loss": metrics["loss"], "eval_ppl": metrics.get("perplexity"),
+                                     **{f"eval_{k}": v for k, v in metrics.items() if k not in ("loss", "perplexity")}})
+        self.log(f"step {step}: eval {headline(metrics, self.task)}"
+                 + (f" (best {name})" if improved and name != "loss" else ""))
+        if early.stopped:
+            self.log(f"early stopping: {name} did not improve for {early.bad_evals} evaluations "
+                     f"(eval.patience={early.patience}); best {early.best:.4f} at step {early.best_step}")
+        return improved
+
+    def test(self, test_set, batches: list[dict], labels, run_dir: Path, step: int, is_main: bool) -> None:
+        """Evaluate the test split once, with the best checkpoint's weights when it is kept."""
+        source = f"{step_dir_name(step)} (final weights)"
+        best_step = self.early.best_step
+        best = run_dir / "checkpoints" / step_dir_name(best_step or 0)
+        if self.keep_best and best_step and best_step != step and (best / MANIFEST).exists():
+            self.engine.load(best, json.loads((best / MANIFEST).read_text())["world_size"])
+            source = f"{best.name} (best {self.early.metric})"
+        self.watchdog.beat(step, "test evaluation", restart=True)
+        metrics = evaluate(self.engine, self.task, batches, self.device)
+        if self.writer:
+            self.writer.write(step, {f"test_{k}": v for k, v in metrics.items()})
+        if is_main:
+            write_test_results(run_dir, metrics, labels, len(test_set), source, step)
+        self.log(f"test ({len(test_set)} samples, {source}): {headline(metrics, self.task)}; "
+                 f"wrote {run_dir / 'test_results.md'}")

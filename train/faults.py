@@ -88,3 +88,33 @@ def with_backward_point(loss_fn, step: int, rank: int):
         fault_point("backward", step, rank)
         return loss
     return wrapped
+
+
+def install(train_step, rank: int) -> None:
+    """Arm the faults the environment asks for on a :class:`train.step.TrainStep`, by wrapping its
+    ``loss_for``, ``next_batch`` and ``optimizer_step`` (nothing changes when none is set)."""
+    nan_at, hang_at = fault_step("SHARDFORGE_NAN_AT", rank), fault_step("SHARDFORGE_HANG_AT", rank)
+    armed = points_armed()
+    if not (nan_at or hang_at or armed):
+        return
+    loss_for, next_batch, optimizer_step = train_step.loss_for, train_step.next_batch, train_step.optimizer_step
+
+    def faulty_loss_for(step: int):
+        fn = nan_fault(loss_for(step)) if step == nan_at else loss_for(step)
+        if armed:  # forward now, backward right after the loss
+            fault_point("forward", step, rank)
+            fn = with_backward_point(fn, step, rank)
+        return fn
+
+    def faulty_next_batch(step: int):
+        if step == hang_at:
+            time.sleep(10**6)  # a rank stuck in its data phase, for the watchdog
+        return next_batch(step)
+
+    def faulty_optimizer_step(step: int, nonfinite):
+        if armed:
+            fault_point("optimizer", step, rank)
+        return optimizer_step(step, nonfinite)
+
+    train_step.loss_for, train_step.next_batch = faulty_loss_for, faulty_next_batch
+    train_step.optimizer_step = faulty_optimizer_step

@@ -135,6 +135,12 @@ class Telemetry:
             out["gpu_throttle"] = samples[-1].get("gpu_throttle", 0.0)
         return out
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2 * self.interval_s + 1)
@@ -238,6 +244,12 @@ class MetricsWriter:
             post["mfu"] = f"{100 * values['mfu']:.1f}%"
         self.bar.n = step
         self.bar.set_postfix(post, refresh=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.bar is not None:

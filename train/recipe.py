@@ -9,13 +9,14 @@ malformed tree raises :class:`RecipeProblems`.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import re
-import types
-import typing
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional
+
+from train.schema import from_dict
+
+LOWER_IS_BETTER = ("loss", "perplexity")
+"""Validation metrics where lower is better (``eval.mode: auto``)."""
 
 
 @dataclass
@@ -315,148 +316,52 @@ class Recipe:
     """Slurm job settings for ``shardforge submit``."""
 
 
-class RecipeProblems(ValueError):
-    """All problems found in a recipe; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name → the docstring written under it in the class body."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
-            docs[stmt.target.id] = str(nxt.value.value)
-    return docs
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(arg)}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted or record a problem."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        if len(non_none) == 1:
-            return _convert(value, non_none[0], key, problems)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
-            return None
-        return _build(tp, value, key, problems)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}; {hint}"
-                            f"set {key}={choices[0]}")
-        return value
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            problems.append(f"{key}: expected a list, got {value!r}")
-            return None
-        return [_convert(v, arg, f"{key}[{i}]", problems) for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{key}: expected a number, got {value!r}")
-            return value
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.append(f"{key}: expected a string, got {value!r}; quote it in YAML")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, data: dict, prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close else \
-                f"valid keys: {', '.join(names)}"
-            problems.append(f"{path}: unknown key; {hint}")
-            continue
-        kwargs[key] = _convert(value, hints[key], path, problems)
-    try:
-        return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
-    except TypeError as err:  # only reachable through earlier recorded problems
-        problems.append(f"{prefix or 'recipe'}: {err}")
-        return cls()
-
-
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
 def recipe_from_dict(data: dict) -> Recipe:
     """Build a :class:`Recipe` from plain data; raise :class:`RecipeProblems` listing every problem."""
-    problems: list[str] = []
-    if not isinstance(data, dict):
-        raise RecipeProblems([f"recipe: expected a mapping at the top level, got {type(data).__name__}"])
-    recipe = _build(Recipe, data, "", problems)
-    if problems:
-        raise RecipeProblems(problems)
+    return from_dict(Recipe, data)
+
+
+def resolve_defaults(recipe: Recipe, nproc: Optional[int] = None) -> Recipe:
+    """Every default that depends on other settings, resolved in one place (in place; idempotent).
+
+    The launcher resolves before it writes ``recipe.yaml``, so the file shows what runs; each rank
+    resolves again (a no-op then). ``nproc``: processes per node when ``parallel.nproc`` is unset
+    (the local GPU count, or ``slurm.gpus_per_node`` for a job). Only ``train.epochs`` waits for
+    the data: :func:`resolve_epochs`.
+    """
+    from train.engines import capabilities  # a table; imports nothing heavy
+
+    if recipe.parallel.nproc is None:
+        recipe.parallel.nproc = nproc or 1
+    if recipe.run.dir is None:
+        recipe.run.dir = f"runs/{recipe.run.name}"
+    t, ev = recipe.train, recipe.eval
+    if t.eval_batches is None:  # fine-tuning metrics need every sample
+        t.eval_batches = 4 if recipe.task == "causal_lm" else 0
+    if ev.keep_best is None:
+        ev.keep_best = recipe.task != "causal_lm"
+    if ev.mode == "auto":
+        ev.mode = "min" if ev.metric in LOWER_IS_BETTER else "max"
+    if t.on_nonfinite == "auto":
+        t.on_nonfinite = "skip" if capabilities(recipe.parallel.engine).skip_nonfinite else "stop"
     return recipe
+
+
+def resolve_epochs(recipe: Recipe, train_samples: int) -> Optional[str]:
+    """``train.epochs`` > 0 sets ``train.max_steps`` from the size of the training split (known only
+    once the data is prepared); returns a line saying so, or ``None``."""
+    t = recipe.train
+    if t.epochs <= 0:
+        return None
+    per_epoch = max(1, train_samples // t.global_batch_size)
+    t.max_steps = max(1, math.ceil(t.epochs * per_epoch))
+    return (f"train: {t.epochs:g} epochs of {per_epoch} steps ({train_samples} samples / "
+            f"global batch {t.global_batch_size}) = {t.max_steps} steps")
 
 
 def world_size(recipe: Recipe) -> int:
     """Total ranks: processes per node × nodes (``nproc`` must be resolved)."""
     return (recipe.parallel.nproc or 1) * recipe.parallel.nodes
-
-
-def eval_batch_count(recipe: Recipe) -> int:
-    """``train.eval_batches`` resolved: ``None`` is 4 for causal_lm, 0 (the whole split) otherwise."""
-    n = recipe.train.eval_batches
-    return n if n is not None else (4 if recipe.task == "causal_lm" else 0)
 
 
 def grad_accum_steps(recipe: Recipe) -> int:

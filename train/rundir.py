@@ -49,9 +49,9 @@ def read_recipe(run_dir: Path):
     """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`)."""
     import yaml
 
-    from train.recipe import recipe_from_dict
+    from train.recipe import recipe_from_dict, resolve_defaults
 
-    return recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text()))
+    return resolve_defaults(recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
 
 
 def launch_id() -> str:
@@ -63,7 +63,8 @@ def launch_id() -> str:
 
 
 def atomic_write(path: Path, text: str, fsync: bool = False) -> None:
-    """Replace ``path`` with ``text`` in one rename; readers see the old or the new file, never half."""
+    """Replace ``path`` with ``text`` in one rename; readers see the old or the new file, never half.
+    With ``fsync`` the file and the rename are on disk when this returns (a commit marker)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write one file
     with open(tmp, "w") as f:
         f.write(text)
@@ -71,6 +72,23 @@ def atomic_write(path: Path, text: str, fsync: bool = False) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+    if fsync:
+        fsync_path(path.parent)
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (at most 200 characters), or its type when it has no text."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') changes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: Optional[int] = None,

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from train.recipe import LOWER_IS_BETTER
+
 
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else 0.0
@@ -73,7 +75,6 @@ def entity_scores(true_pos: float, predicted: float, gold: float) -> dict[str, f
     return {"entity_precision": p, "entity_recall": r, "entity_f1": _f1(p, r)}
 
 
-LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 class EarlyStopping:

@@ -63,6 +63,12 @@ class Watchdog:
         """Long phases the timeout does not cover (evaluation, the first step's compilation)."""
         self._armed = False
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
@@ -134,3 +140,25 @@ class Watchdog:
                 time.sleep(0.2)
         finally:
             os._exit(EXIT_HANG)
+
+
+class NoWatchdog:
+    """``train.step_timeout_s: 0``: the same calls, doing nothing."""
+
+    def beat(self, step: int, phase: str, restart: bool = False) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+def start_watchdog(run_dir: Path, rank: int, world: int, timeout_s: float,
+                   on_fire: Optional[Callable[[str], None]] = None) -> "Watchdog | NoWatchdog":
+    """A running :class:`Watchdog`, or a :class:`NoWatchdog` when ``timeout_s`` is 0 (off)."""
+    return Watchdog(run_dir, rank, world, timeout_s, on_fire) if timeout_s > 0 else NoWatchdog()

@@ -1,4 +1,5 @@
-"""Which local files a data source names; kept free of torch so the launcher can check paths quickly."""
+"""Which local files a data source names; kept free of torch and datasets so the launcher can check
+paths quickly."""
 
 from __future__ import annotations
 

@@ -16,9 +16,6 @@ of the records (a seeded shuffle). The cache key covers everything that shapes t
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from train.data.cache import PreparedData, fingerprint, read_cache, source_stamps, write_cache
+from train.data.sources import DataError, check_template, load_records
+from train.data.tokenizer import tokenizer_fingerprint
 from train.recipe import Recipe, SourceConfig
 from train.tasks import IGNORE
 
@@ -44,8 +44,6 @@ class Featurizer:
     """Turns one source's records into samples for the recipe's task."""
 
     def __init__(self, recipe: Recipe, tokenizer, where: str, src: SourceConfig):
-        from train.data import DataError
-
         self.recipe, self.tok, self.where, self.src = recipe, tokenizer, where, src
         self.seq_len, self.d, self.Error = recipe.data.seq_len, recipe.data, DataError
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -159,8 +157,6 @@ class Featurizer:
 
 
 def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, log=print):
-    from train.data import check_template, load_records
-
     records = load_records(src, where)
     check_template(src, records, where)
     f = Featurizer(recipe, tokenizer, where, src)
@@ -183,8 +179,6 @@ def _label_names(train, task: str) -> list:
 
 def _encode(ds, recipe: Recipe, names: list, pad_id: int, where: str):
     """Labels → ids, padding to ``seq_len``, an attention mask."""
-    from train.data import DataError
-
     task, seq_len = recipe.task, recipe.data.seq_len
     index = {v: i for i, v in enumerate(names)}
 
@@ -221,10 +215,8 @@ def _split(ds, fraction: float, seed: int, salt: int):
 
 
 def task_cache_key(recipe: Recipe, tokenizer) -> str:
-    from train.data import _hash, source_stamps, tokenizer_fingerprint
-
     d = recipe.data
-    return _hash({"task": recipe.task, "sources": [asdict(s) for s in d.sources], "files": source_stamps(recipe),
+    return fingerprint({"task": recipe.task, "sources": [asdict(s) for s in d.sources], "files": source_stamps(recipe),
                   "seq_len": d.seq_len,
                   "val": [d.val_fraction, d.val_source and asdict(d.val_source)],
                   "test": [d.test_fraction, d.test_source and asdict(d.test_source)],
@@ -236,8 +228,6 @@ def task_cache_key(recipe: Recipe, tokenizer) -> str:
 def prepare_task_data(recipe: Recipe, tokenizer, log=print):
     """Tokenize, label, split and cache the data of a fine-tuning task; a :class:`PreparedData`."""
     import datasets
-
-    from train.data import DataError, PreparedData
 
     d = recipe.data
     key = task_cache_key(recipe, tokenizer)
@@ -255,8 +245,8 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
         if d.max_samples is not None:
             train = train.select(range(min(d.max_samples, len(train))))
         if len(train) == 0:
-            raise DataError(f"data: no training records left after holding out validation and test "
-                            f"records; lower data.val_fraction / data.test_fraction or add data")
+            raise DataError("data: no training records left after holding out validation and test "
+                            "records; lower data.val_fraction / data.test_fraction or add data")
         names = _label_names(train, recipe.task) if recipe.task != "sft" else []
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         splits = {"train": _encode(train, recipe, names, pad_id, "data.sources"),
@@ -267,16 +257,7 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
                  "label_tokens": int(sum(np.sum(np.asarray(x) != IGNORE) for x in splits["train"]["labels"]))
                  if recipe.task != "sequence_classification" else None,
                  "seconds": round(time.time() - start, 2)}
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, split in splits.items():
-            if len(split):
-                split.flatten_indices().save_to_disk(str(tmp / name))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-        if out.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
+        write_cache(out, splits, stats)
         log(f"data: {recipe.task}: {stats['train_samples']:,} train, {stats['val_samples']:,} val, "
             f"{stats['test_samples']:,} test records of at most {d.seq_len} tokens"
             + (f"; {len(names)} labels: {', '.join(stats['labels'][:10])}" if names else "")
@@ -284,13 +265,7 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
         cache_hit = False
     else:
         cache_hit = True
-    stats = json.loads((out / "stats.json").read_text())
+    stats, load = read_cache(out, ("train", "val", "test"), ("input_ids", "attention_mask", "labels"))
     stats["cache_hit"] = cache_hit
-
-    def load(name: str):
-        if not (out / name).exists():
-            return datasets.Dataset.from_dict({"input_ids": [], "attention_mask": [], "labels": []})
-        return datasets.load_from_disk(str(out / name))
-
     return PreparedData(load("train"), load("val"), tokenizer, key, stats, test=load("test"),
                         labels=stats["labels"] or None)

@@ -1,0 +1,60 @@
+"""Fine-tuning metrics and early stopping, checked against hand computation (no launch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from train.scores import EarlyStopping, bio_entities, classification_scores, entity_counts, entity_scores
+
+
+def test_classification_scores_match_hand_computation():
+    confusion = np.array([[5, 1, 0],   # gold a: 5 right, 1 taken for b
+                          [2, 3, 1],   # gold b
+                          [0, 0, 4]])  # gold c
+    s = classification_scores(confusion, ["a", "b", "c"])
+    assert s["accuracy"] == pytest.approx(12 / 16)
+    # a: precision 5/7, recall 5/6, F1 10/13; b: 3/4, 3/6, 0.6; c: 4/5, 4/4, 8/9
+    assert (s["precision/a"], s["recall/a"], s["f1/a"]) == pytest.approx((5 / 7, 5 / 6, 10 / 13))
+    assert (s["precision/b"], s["recall/b"], s["f1/b"]) == pytest.approx((0.75, 0.5, 0.6))
+    assert (s["precision/c"], s["recall/c"], s["f1/c"]) == pytest.approx((0.8, 1.0, 8 / 9))
+    assert s["macro_f1"] == pytest.approx((10 / 13 + 0.6 + 8 / 9) / 3)
+    assert s["macro_precision"] == pytest.approx((5 / 7 + 0.75 + 0.8) / 3)
+    assert s["micro_precision"] == s["micro_recall"] == s["micro_f1"] == pytest.approx(0.75)
+    # a class absent from gold and predictions does not dilute the macro average
+    wider = classification_scores(np.pad(confusion, ((0, 1), (0, 1))), ["a", "b", "c", "unused"])
+    assert wider["macro_f1"] == pytest.approx(s["macro_f1"])
+
+
+def test_entity_scores_match_hand_computation():
+    gold = ["B-PER", "I-PER", "O", "B-LOC", "O", "B-PER"]
+    pred = ["B-PER", "I-PER", "O", "B-PER", "O", "I-PER"]  # wrong type at 3; I- after O starts an entity
+    assert bio_entities(gold) == {("PER", 0, 2), ("LOC", 3, 4), ("PER", 5, 6)}
+    assert bio_entities(pred) == {("PER", 0, 2), ("PER", 3, 4), ("PER", 5, 6)}
+    assert entity_counts(gold, pred) == (2, 3, 3)
+    assert bio_entities(["B-A", "I-B", "I-B", "B-A", "B-A"]) == {("A", 0, 1), ("B", 1, 3), ("A", 3, 4), ("A", 4, 5)}
+    s = entity_scores(2, 3, 4)
+    assert (s["entity_precision"], s["entity_recall"], s["entity_f1"]) == pytest.approx((2 / 3, 0.5, 4 / 7))
+
+
+def test_early_stopping_stops_at_the_right_evaluation():
+    accuracy = [0.50, 0.62, 0.61, 0.65, 0.64, 0.649, 0.70]  # patience 2, min_delta 0.01
+    es = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
+    improved = []
+    for epoch, value in enumerate(accuracy):
+        improved.append(es.update(value, step=10 * (epoch + 1)))
+        if es.stopped:
+            break
+    assert improved == [True, True, False, True, False, False]  # 0.649 is not 0.01 better than 0.65
+    assert (epoch, es.best, es.best_step) == (5, 0.65, 40)
+
+    loss = EarlyStopping("loss", "auto", patience=1)  # lower is better; a NaN never improves
+    assert [loss.update(v, s) for s, v in enumerate([2.0, 1.5, float("nan")])] == [True, True, False]
+    assert loss.stopped and loss.best == 1.5
+
+    resumed = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)  # state survives a restart
+    first = EarlyStopping("accuracy", "auto", patience=2, min_delta=0.01)
+    for epoch, value in enumerate(accuracy[:4]):
+        first.update(value, 10 * (epoch + 1))
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.update(v, 0) for v in accuracy[4:6]] == [False, False] and resumed.stopped

@@ -1,0 +1,165 @@
+"""The checkpoint format on disk: step directories, the manifest (the commit marker) with a
+digest per file, hashing as files are written, verification, and listing what is committed.
+Nothing here needs a process group: ``export`` and the tests read checkpoints offline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
+
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def io_threads() -> int:
+    """Threads per rank for writing and hashing checkpoint files: this rank's share of the CPUs, 1-4.
+
+    hashlib releases the GIL on large buffers, so sha256 runs in parallel across threads.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(4, cpus // local))
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256 of each file, :func:`io_threads` at a time."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(min(io_threads(), len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+class HashingStream:
+    """A file being written whose bytes also feed sha256 on their way out (hash-on-write), so a save
+    need not read its files back to checksum them. A seek voids the digest (then the file is hashed
+    from disk as usual)."""
+
+    def __init__(self, raw):
+        self.raw, self.hash, self.sequential = raw, hashlib.sha256(), True
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.raw.write(data)
+
+    def seek(self, *args) -> int:
+        self.sequential = False
+        return self.raw.seek(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+
+class HashingFileSystem(FileSystem):
+    """DCP's local file system, recording the sha256 of every file it writes into ``digests``
+    (absolute path → hex digest)."""
+
+    def __init__(self, digests: dict[str, str]):
+        super().__init__()
+        self.digests = digests
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with Path(path).open(mode) as raw:
+            stream = HashingStream(raw)
+            yield stream
+        if stream.sequential:
+            self.digests[str(Path(path).absolute())] = stream.hash.hexdigest()
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        digest = self.digests.pop(str(Path(path).absolute()), None)
+        if digest:
+            self.digests[str(Path(new_path).absolute())] = digest
+
+
+def dcp_writer(directory: Path, digests: dict[str, str]) -> FileSystemWriter:
+    """DCP's file writer (fsyncing each file, :func:`io_threads` files at once) that hashes as it writes."""
+    writer = FileSystemWriter(str(directory), thread_count=io_threads())
+    writer.fs = HashingFileSystem(digests)
+    return writer
+
+
+# files written by one rank: DCP's data files, DeepSpeed's ZeRO shards, our per-rank state
+_RANK_FILE = re.compile(r"(?:__(\d+)_\d+\.distcp|zero_pp_rank_(\d+)_mp_rank_\d+_\w+\.pt|rank-(\d+)\.pt)$")
+
+
+def share_of(files: list[str], rank: int, world: int) -> list[str]:
+    """This rank's share of ``files`` to fsync or hash: what rank r wrote goes to rank r (on shared
+    storage each node then reads its own shards once: the checksum read leaves them in its page
+    cache for the load); the rest are dealt out in turn."""
+    own, rest = [], []
+    for rel in sorted(files):
+        m = _RANK_FILE.search(rel)
+        writer = int(next(g for g in m.groups() if g is not None)) if m else None
+        if writer is None or writer >= world:
+            rest.append(rel)
+        elif writer == rank:
+            own.append(rel)
+    return own + rest[rank::world]
+
+
+def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """``None`` when ``ckpt`` is committed and intact, else one line saying what is wrong.
+
+    With ``world`` > 1 this checks only this rank's share of the files (:func:`share_of`), so
+    ranks verify a large checkpoint in parallel.
+    """
+    manifest = ckpt / MANIFEST
+    if not manifest.exists():
+        return f"{ckpt}: no {MANIFEST} (the save never committed)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{ckpt}: {MANIFEST} is unreadable"
+    mine = [(rel, files[rel]) for rel in share_of(list(files), rank, world)]
+    for rel, _ in mine:
+        if not (ckpt / rel).exists():
+            return f"{ckpt}: {rel} is missing"
+    for (rel, digest), actual in zip(mine, sha256_files([ckpt / rel for rel, _ in mine])):
+        if actual != digest:
+            return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
+    return None
+
+
+def committed_checkpoints(root: Path) -> list[Path]:
+    """Directories with a manifest, oldest first (not yet checksum-verified)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid(root: Path, warn=print) -> Optional[Path]:
+    """The newest committed checkpoint whose files pass their checksums."""
+    for ckpt in reversed(committed_checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None:
+            return ckpt
+        warn(f"checkpoint: skipping {problem}; trying the previous one")
+    return None

@@ -1,0 +1,225 @@
+"""Per-rank batches from a prepared split.
+
+Order of samples is defined globally, independent of the world size: epoch ``e`` uses a
+permutation of all packed samples seeded by ``(seed, e)``; each optimizer step takes the next
+``global_batch_size`` indices of it. Rank ``r`` of ``W`` takes the ``r``-th slice of those and
+splits it into micro-batches. The position is the number of samples consumed, so resuming is
+O(1) and works on any world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from train.data.sources import DataError
+from train.stop import ignore_stop_signals, stop_signals_blocked
+
+
+class GlobalSampleStream:
+    """Which global sample indices each optimizer step consumes.
+
+    The position is ``consumed`` samples in total; the stream is a pure
+    function of ``(num_samples, seed)`` and the position, never of the world size.
+    """
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, 3, epoch]).permutation(self.num_samples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def locate(self, consumed: int, global_batch: int) -> tuple[int, int]:
+        """(epoch, offset in that epoch) of the step starting after ``consumed`` samples."""
+        per_epoch = (self.num_samples // global_batch) * global_batch
+        return consumed // per_epoch, consumed % per_epoch
+
+    def step_indices(self, consumed: int, global_batch: int) -> np.ndarray:
+        """The ``global_batch`` sample indices of the step that starts at position ``consumed``.
+
+        An epoch holds ``num_samples // global_batch`` whole steps; the
+        ``num_samples % global_batch`` samples left in its permutation are skipped.
+        """
+        if global_batch > self.num_samples:
+            raise DataError(f"train.global_batch_size={global_batch} exceeds the {self.num_samples} "
+                            f"training samples; lower it or add data")
+        epoch, offset = self.locate(consumed, global_batch)
+        return self.permutation(epoch)[offset: offset + global_batch]
+
+
+def rank_slice(step_indices: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous share of one step's global indices."""
+    per_rank = len(step_indices) // world
+    return step_indices[rank * per_rank: (rank + 1) * per_rank]
+
+
+class _PackedSamples(torch.utils.data.Dataset):
+    """Batches of samples as a dict of int64 tensors, one per column.
+
+    Padded (fine-tuning) samples are trimmed to the longest in the batch, so a batch of short
+    records costs what it holds, not ``seq_len``.
+    """
+
+    def __init__(self, ds):
+        self.ds = ds.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.ds[indices]
+        batch = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in rows.items()}
+        mask = batch.get("attention_mask")
+        if mask is not None and len(mask):
+            width = int(mask.sum(1).max())
+            batch = {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+        return batch
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+def _identity(batch):
+    return batch
+
+
+class _MicroBatchSampler:
+    """Yields this rank's micro-batches of indices from position ``start`` on, forever."""
+
+    def __init__(self, stream: GlobalSampleStream, start: int, global_batch: int, micro: int,
+                 rank: int, world: int):
+        self.stream, self.start, self.gb, self.micro = stream, start, global_batch, micro
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        consumed = self.start
+        while True:
+            mine = rank_slice(self.stream.step_indices(consumed, self.gb), self.rank, self.world)
+            for j in range(0, len(mine), self.micro):
+                yield mine[j: j + self.micro].tolist()
+            consumed += self.gb
+
+
+class TrainBatches:
+    """Stateful iterator over this rank's micro-batches; the state is the global sample position.
+
+    Only batches handed to the caller count: prefetched ones do not, so a checkpoint
+    taken at a step boundary resumes at exactly the next unseen step.
+    """
+
+    def __init__(self, dataset, seed: int, global_batch: int, micro: int, rank: int, world: int,
+                 num_workers: int = 1, pin_memory: bool = False):
+        self.dataset, self.seed = dataset, seed
+        self.global_batch, self.micro, self.rank, self.world = global_batch, micro, rank, world
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.stream = GlobalSampleStream(len(dataset), seed)
+        self.stream.step_indices(0, global_batch)  # validates the sizes up front
+        self.micro_per_step = global_batch // (micro * world)
+        self.consumed = 0
+        self._yielded = 0
+        self._it: Optional[Iterator] = None
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.locate(self.consumed, self.global_batch)[0]
+
+    def _start(self) -> Iterator:
+        sampler = _MicroBatchSampler(self.stream, self.consumed, self.global_batch, self.micro,
+                                     self.rank, self.world)
+        loader = torch.utils.data.DataLoader(
+            _PackedSamples(self.dataset), batch_sampler=sampler, collate_fn=_identity,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
+            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        with stop_signals_blocked():  # the workers start with them blocked; see train.stop
+            return iter(loader)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._it is None:
+            self._it = self._start()
+        batch = next(self._it)
+        self._yielded += 1
+        if self._yielded == self.micro_per_step:
+            self._yielded = 0
+            self.consumed += self.global_batch
+        return batch
+
+    def next_step_indices(self) -> np.ndarray:
+        """Global indices of the next step (for fingerprints and tests)."""
+        return self.stream.step_indices(self.consumed, self.global_batch)
+
+    def fingerprint(self, steps_back: int = 0) -> str:
+        """sha256 of the token ids of the next optimizer step's global batch (or of one ``steps_back``)."""
+        idx = self.stream.step_indices(self.consumed - steps_back * self.global_batch, self.global_batch)
+        tokens = np.asarray(self.dataset.with_format("numpy")[np.sort(idx).tolist()]["input_ids"])
+        return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        if self._yielded:
+            raise RuntimeError("data position saved mid-step; checkpoints happen at step boundaries")
+        return {"consumed": self.consumed, "epoch": self.epoch, "num_samples": len(self.dataset),
+                "global_batch": self.global_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.consumed = int(state["consumed"])
+        self._yielded = 0
+
+    def close(self) -> None:
+        """Shut this rank's DataLoader workers down; the trainer calls it on every ending.
+
+        The workers ignore the stop signals (see ``train.stop``), so one that does not leave
+        through its queue is killed: multiprocessing's exit handler, which ends children with
+        SIGTERM and joins them, would otherwise wait for it forever.
+        """
+        it, self._it = self._it, None
+        workers = list(getattr(it, "_workers", ()))
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's own orderly shutdown (also run by __del__)
+        if shutdown is not None:
+            shutdown()  # also stops torch's SIGCHLD check for these workers before any is killed
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+
+    def __enter__(self) -> "TrainBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def eval_batches(dataset, micro: int, rank: int, world: int, num_batches: int) -> list[dict]:
+    """A fixed, rank-sharded list of validation micro-batches (the same at every evaluation).
+
+    ``num_batches`` > 0: that many micro-batches per rank from the start of the split.
+    ``num_batches`` = 0: the whole split; every rank gets the same number of batches (sharded
+    engines run collectives in forward), the last ones filled up with repeats whose
+    ``sample_weight`` is 0 so they count for nothing.
+    """
+    samples = _PackedSamples(dataset)
+    if num_batches > 0:
+        n = min(len(dataset), micro * world * num_batches)
+        per_rank = n // world
+        idx = list(range(rank * per_rank, (rank + 1) * per_rank))
+        return [samples.__getitems__(idx[j: j + micro]) for j in range(0, per_rank, micro)]
+    if len(dataset) == 0:
+        return []
+    per_rank = -(-len(dataset) // world)
+    per_rank = -(-per_rank // micro) * micro
+    mine = [rank * per_rank + i for i in range(per_rank)]
+    batches = []
+    for j in range(0, per_rank, micro):
+        chunk = mine[j: j + micro]
+        real = [i < len(dataset) for i in chunk]
+        batch = samples.__getitems__([i if ok else 0 for i, ok in zip(chunk, real)])
+        batch["sample_weight"] = torch.tensor(real, dtype=torch.float32)
+        batches.append(batch)
+    return batches

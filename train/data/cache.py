@@ -1,0 +1,79 @@
+"""The prepared-data cache: a directory per fingerprint of everything that shapes the samples,
+written under a temporary name and renamed into place, so readers never see half of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from train.data.files import local_files
+from train.recipe import Recipe
+
+DATA_FORMAT_VERSION = 1
+"""Bump when packed pre-training samples change for the same recipe (old caches are then ignored)."""
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able data: the name of a cache directory."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    """Packed training samples (a ``datasets.Dataset`` of ``input_ids``)."""
+    val: Any
+    """Packed validation samples."""
+    tokenizer: Any
+    """The fast tokenizer used."""
+    key: str
+    """Fingerprint of the data recipe and tokenizer; names the cache directory."""
+    stats: dict
+    """Token counts and whether the cache was hit."""
+    test: Any = None
+    """Fine-tuning tasks: the test split (may be empty)."""
+    labels: Optional[list[str]] = None
+    """Classification tasks: label names by class id."""
+
+
+def source_stamps(recipe: Recipe) -> list:
+    """(file, size, mtime) of every local data file, so editing data in place refreshes the cache."""
+    d = recipe.data
+    stamps = []
+    for src in [*d.sources, d.val_source, d.test_source]:
+        for f in (local_files(src.path) or []) if src is not None else []:
+            st = os.stat(f)
+            stamps.append([f, st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def write_cache(out: Path, splits: dict, stats: dict) -> None:
+    """Save the non-empty ``splits`` and ``stats.json`` into ``out`` atomically (another process that
+    got there first wins; its copy is kept)."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, split in splits.items():
+        if len(split):  # an empty split is not written (datasets cannot reload one)
+            split.flatten_indices().save_to_disk(str(tmp / name))
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    if out.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
+
+
+def read_cache(out: Path, names: tuple[str, ...], columns: tuple[str, ...]) -> tuple[dict, Callable]:
+    """(``stats.json`` with ``cache_hit`` unset, ``load(name)``); a missing split loads empty."""
+    import datasets
+
+    def load(name: str):
+        if not (out / name).exists():
+            return datasets.Dataset.from_dict({c: [] for c in columns})
+        return datasets.load_from_disk(str(out / name))
+
+    return json.loads((out / "stats.json").read_text()), load

@@ -1,0 +1,72 @@
+"""What the training step needs from an engine: a micro-step, an optimizer step, an eval
+forward, save and load. Every engine saves and loads model + optimizer + LR schedule (+ loss
+scale) itself; the checkpointer adds the rest."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Engine:
+    """What the loop needs: a micro-step, an optimizer step, eval forward, save and load."""
+
+    name = "engine"
+    model: torch.nn.Module
+
+    def forward_backward(self, batch: dict, loss_fn: LossFn, last_micro: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; return the (detached) unscaled loss."""
+        raise NotImplementedError
+
+    def optimizer_step(self, nonfinite_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step the optimizer and the LR schedule, zero grads; return (grad norm, skipped).
+
+        ``nonfinite_loss`` > 0 when this rank saw a NaN/inf loss in the step. Every rank agrees
+        (an all-reduce, no host sync) on ``skipped`` = 1.0 when any rank saw a non-finite loss
+        or the gradient norm is non-finite; engines that can, skip the update on the device.
+        """
+        raise NotImplementedError
+
+    def eval_forward(self, batch: dict, fn: LossFn) -> torch.Tensor:
+        """``fn(model, batch)`` without gradients, in the engine's compute precision."""
+        with torch.no_grad(), self.autocast():
+            return fn(self.model, batch).detach()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def lr(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped by the fp16 loss scaler."""
+        return 0
+
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
+        """Write model + optimizer + schedule state into ``path``. With ``background`` (DDP/FSDP),
+        copy it to CPU memory, start the write in a thread and return its future. An engine that
+        hashes files as it writes them records ``absolute path → sha256`` in ``digests``."""
+        raise NotImplementedError
+
+    def load(self, path: Path, saved_world_size: int) -> None:
+        """Restore from ``path``, saved by ``saved_world_size`` ranks (resharding when it differs)."""
+        raise NotImplementedError
+
+    def full_model_state(self) -> Optional[dict]:
+        """The unsharded model state dict on rank 0 (``None`` elsewhere); a collective."""
+        raise NotImplementedError
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()

@@ -1,0 +1,136 @@
+"""DeepSpeed ZeRO 1/2/3: ``deepspeed.initialize`` with ``deepspeed.json``; ``engine.backward`` /
+``engine.step`` on every micro-batch (DeepSpeed accumulates); resharding through universal
+checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from train.engines.base import Engine
+from train.optim import build_adamw, lr_factor, param_groups
+from train.recipe import Recipe
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+        import deepspeed
+
+        self.name = recipe.parallel.engine
+        self.recipe, self.device = recipe, device
+        # With offload the config names DeepSpeed's CPU AdamW; otherwise torch's AdamW is the client.
+        client_optimizer, params = None, param_groups(model, recipe.optim.weight_decay)
+        if "optimizer" not in cfg:
+            client_optimizer, params = build_adamw(model, recipe.optim, device), None
+        factor = lr_factor(recipe.optim, recipe.train.max_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=params, config=cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.model = self.engine
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        loss = loss_fn(self.engine, batch)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        return loss.detach().float()
+
+    def optimizer_step(self, nonfinite_loss):
+        # DeepSpeed already stepped (inside engine.step()); a non-finite step can only be reported.
+        value = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(0.0 if value is None else float(value), device=self.device)
+        found = (nonfinite_loss > 0).float()
+        if self.recipe.parallel.precision != "fp16":  # fp16 overflow is the loss scaler's business
+            found = torch.maximum(found, (~torch.isfinite(norm)).float())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return norm, found
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(getattr(self.engine, "skipped_steps", 0))
+
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
+        if background:
+            raise ValueError("checkpoint.async_save is for ddp and fsdp; DeepSpeed saves synchronously")
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="state")
+
+    def load(self, path: Path, saved_world_size: int) -> None:
+        tag = "state"
+        if saved_world_size != dist.get_world_size():
+            # ZeRO shards are laid out per rank: go through DeepSpeed's universal checkpoint.
+            tag = "state_universal"
+            if dist.get_rank() == 0:
+                to_universal(path / "deepspeed", "state", tag)
+            dist.barrier()
+            self.engine._config.load_universal_checkpoint = True
+        groups = self.engine.optimizer.param_groups
+        weight_decay = [g.get("weight_decay") for g in groups]
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag=tag,
+                                                       load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if tag != "state":
+            self._repair_universal_load(groups, weight_decay)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path / 'deepspeed'}")
+
+    def _repair_universal_load(self, groups: list, weight_decay: list) -> None:
+        """Undo two side effects of DeepSpeed 0.19's ZeRO-3 universal load.
+
+        It copies group 0's hyper-parameters onto every group (weight decay would reach
+        biases and norms), and it gives every sub-group the *same* ``step`` tensor, which
+        Adam increments in place once per sub-group, skewing bias correction.
+        """
+        for group, wd in zip(groups, weight_decay):
+            group["weight_decay"] = wd
+        inner = getattr(self.engine.optimizer, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else ()):
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def full_model_state(self) -> Optional[dict]:
+        if self.engine.zero_optimization_stage() == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict()
+        if dist.get_rank() != 0:
+            return None
+        return {k: v.detach().float().cpu() for k, v in sd.items()}
+
+
+def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
+    """Convert ``ds_dir/tag`` into ``ds_dir/universal_tag`` once (atomically), with ``ds_to_universal``.
+
+    ``--inject_missing_state`` adds the parameter-shape metadata that ZeRO-1/2 checkpoints
+    written without Megatron lack. The converted copy lives inside the checkpoint directory,
+    so pruning removes it with the checkpoint; it is not in the manifest.
+    """
+    import subprocess
+    import sys
+
+    out = ds_dir / universal_tag
+    if (out / ".converted").exists():
+        return out
+    tmp = ds_dir / f".tmp-{universal_tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(ds_dir / tag), "--output_folder", str(tmp), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {ds_dir / tag} to a DeepSpeed universal checkpoint failed "
+                           f"(exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    (tmp / ".converted").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

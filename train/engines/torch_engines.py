@@ -1,0 +1,183 @@
+"""The torch engines: DDP and FSDP2, with torch AdamW, LambdaLR and DCP checkpoints.
+
+* DDP: ``no_sync`` on every micro-batch but the last; autocast for bf16/fp16, a GradScaler for fp16.
+* FSDP2: ``fully_shard`` on each transformer block, then the root, with the MixedPrecisionPolicy
+  from ``fsdp.json``; ``set_requires_gradient_sync`` for accumulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from train.engines.base import DTYPES, Engine
+from train.optim import build_adamw, build_scheduler
+from train.recipe import Recipe, grad_accum_steps
+
+
+class _TorchEngine(Engine):
+    """Shared by DDP and FSDP2: torch AdamW, LambdaLR, DCP checkpoints."""
+
+    def __init__(self, recipe: Recipe, device: torch.device):
+        self.recipe, self.device = recipe, device
+        self.accum = grad_accum_steps(recipe)
+        self.clip = recipe.optim.grad_clip
+        self._skipped = 0
+        self._scale_before: Optional[float] = None
+        self._save_group = None
+
+    def _setup_optim(self, params_model: torch.nn.Module) -> None:
+        self.optimizer = build_adamw(params_model, self.recipe.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, self.recipe.optim, self.recipe.train.max_steps)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        scaled = loss / self.accum
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+
+    def optimizer_step(self, nonfinite_loss):
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip if self.clip > 0 else math.inf,
+                                              foreach=self.device.type == "cuda" or None)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        found = (nonfinite_loss > 0).float()
+        if not self.scaler:  # with fp16 the scaler owns overflowing gradients: not an error
+            found = torch.maximum(found, (~torch.isfinite(norm)).float())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._skipped += int(self.scaler.get_scale() < scale)  # a skipped step lowers the scale
+        else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found  # fused AdamW skips on it
+            self.optimizer.step()
+            self.optimizer.found_inf = None
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, found
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+    def _extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "skipped": self._skipped,
+                "scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from train.checkpoint_files import dcp_writer
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        if dist.get_rank() == 0:
+            torch.save(self._extra_state(), path / "engine_extra.pt")
+        writer = dcp_writer(path / "dcp", digests if digests is not None else {})
+        if not background:
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
+            return None
+        if self._save_group is None:  # the writer thread's collectives must not interleave with training's
+            self._save_group = dist.new_group(backend="gloo")
+        return dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
+                              process_group=self._save_group)
+
+    def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        extra = torch.load(path / "engine_extra.pt", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self._skipped = extra["skipped"]
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
+
+    def full_model_state(self) -> Optional[dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                          cpu_offload=True))
+        return sd if dist.get_rank() == 0 else None
+
+
+class DDPEngine(_TorchEngine):
+    name = "ddp"
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device):
+        super().__init__(recipe, device)
+        from torch.nn.parallel import DistributedDataParallel
+
+        model.to(device)
+        self.precision = recipe.parallel.precision
+        # One process has nothing to synchronise: skip the wrapper's bucket copies and hooks.
+        self.model = model if dist.get_world_size() == 1 else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        self._setup_optim(self.model)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        wrapped = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        sync = self.model.no_sync() if wrapped and not last_micro else contextlib.nullcontext()
+        with sync:
+            with self.autocast():
+                loss = loss_fn(self.model, batch)
+            self._backward(loss)
+        return loss.detach().float()
+
+
+class FSDPEngine(_TorchEngine):
+    name = "fsdp"
+
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+        super().__init__(recipe, device)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg["param_dtype"]],
+                                  reduce_dtype=DTYPES[cfg["reduce_dtype"]])
+        kwargs = {"mesh": mesh, "mp_policy": mp}
+        if cfg.get("cpu_offload"):
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        else:
+            model.to(device)
+        blocks = [m for m in model.modules() if type(m).__name__ in set(cfg["shard_modules"])]
+        if not blocks:
+            raise RuntimeError(f"fsdp.json shard_modules {cfg['shard_modules']} match no module of "
+                               f"{type(model).__name__}; regenerate fsdp.json with `shardforge plan`")
+        for block in blocks:
+            fully_shard(block, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
+        fully_shard(model, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
+        self.model = model
+        self._setup_optim(model)
+        self.scaler = None
+        if recipe.parallel.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device.type)
+
+    def forward_backward(self, batch, loss_fn, last_micro):
+        self.model.set_requires_gradient_sync(last_micro)
+        loss = loss_fn(self.model, batch)
+        self._backward(loss)
+        return loss.detach().float()

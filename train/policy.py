@@ -1,0 +1,111 @@
+"""When the ranks stop: agreement on stop / save-now / write-in-flight one step late, the
+``train.stop_after`` time box, and the non-finite guard. Each decides from flags the other parts
+raise; none of them runs the step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from train.stop import StopRequest
+
+
+class Agreed(NamedTuple):
+    """What every rank acts on after a step (each true when any rank raised it)."""
+
+    stop: bool
+    """Save and stop now."""
+    save: bool
+    """A save is due by the clock (``checkpoint.every_minutes``)."""
+    writing: bool
+    """A background save is still being written somewhere."""
+
+
+class StepAgreement:
+    """Agree across ranks on 'stop', 'save now' and 'a background save is still being written'
+    without a host sync in the step.
+
+    Each step launches a non-blocking all-reduce (MAX) of this rank's flags and reads the
+    previous step's result, so every rank acts on the same step, one step late.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self._pending = device, None
+
+    def exchange(self, stop: bool, save: bool, writing: bool, wait_now: bool = False) -> Agreed:
+        """Each flag true when any rank raised it one step ago (now, with ``wait_now``)."""
+        agreed = [False, False, True]  # before any result: assume a write may be in flight
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()
+            agreed = [bool(f > 0) for f in flags.tolist()]
+            self._pending = None
+        flags = torch.tensor([float(stop), float(save), float(writing)], device=self.device)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        if wait_now:  # the last step: settle everything now
+            work.wait()
+            now = [bool(f > 0) for f in flags.tolist()]
+            return Agreed(agreed[0] or now[0], agreed[1] or now[1], now[2])
+        self._pending = (work, flags)
+        return Agreed(*agreed)
+
+
+class Stopper:
+    """Turns stop signals (on any rank) and ``train.stop_after`` into one decision per step."""
+
+    def __init__(self, request: StopRequest, device: torch.device, stop_after: int, first_step: int):
+        self.request, self.stop_after, self.first_step = request, stop_after, first_step
+        self.agreement = StepAgreement(device)
+
+    def agree(self, step: int, last: bool, save_due: bool, writing: bool) -> Agreed:
+        """The ranks' agreement after ``step``; on the last step a stop changes nothing (the run completes)."""
+        stop, save, writing = self.agreement.exchange(self.request.requested, save_due, writing, wait_now=last)
+        if self.stop_after and step - self.first_step >= self.stop_after and not last:
+            stop = True
+            self.request.signal_name = self.request.signal_name or f"train.stop_after={self.stop_after}"
+        return Agreed(stop and not last, save, writing)
+
+    @property
+    def reason(self) -> str:
+        return self.request.signal_name or "stop signal on another rank"
+
+
+class NonFiniteStop(RuntimeError):
+    """``train.on_nonfinite=stop`` and a step had a NaN/inf loss or gradient norm."""
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradient norm was non-finite on any rank, on the device.
+
+    The engines agree on the flag with an all-reduce and (DDP/FSDP) skip the update on the
+    device, so nothing here synchronises with the host except :meth:`check`, which runs at log
+    steps, before every save and at the end.
+    """
+
+    def __init__(self, policy: str, device: torch.device, batches, run_dir: Path):
+        self.policy, self.batches, self.run_dir = policy, batches, run_dir
+        self.count = torch.zeros((), device=device)
+        self.first_step = torch.zeros((), device=device)
+
+    def record(self, skipped: torch.Tensor, step: int) -> None:
+        self.count += skipped
+        self.first_step = torch.where((self.first_step == 0) & (skipped > 0),
+                                      torch.full_like(self.first_step, step), self.first_step)
+
+    def total(self) -> int:
+        return int(self.count.item())
+
+    def check(self, step: int) -> None:
+        """Raise :class:`NonFiniteStop` when the policy is ``stop`` and any step so far was non-finite."""
+        if self.policy != "stop" or self.count.item() == 0:
+            return
+        bad = int(self.first_step.item())
+        fingerprint: Optional[str] = self.batches.fingerprint(steps_back=step - bad + 1)
+        raise NonFiniteStop(
+            f"non-finite loss or gradient norm at step {bad} (batch fingerprint {fingerprint}); "
+            f"stopped without saving, so the latest checkpoint in {self.run_dir / 'checkpoints'} is the "
+            f"last good state. Lower optim.lr or check that batch, or set train.on_nonfinite=skip "
+            f"(ddp/fsdp), then run again to resume")

@@ -1,0 +1,87 @@
+"""One optimizer step: micro-batches → forward/backward (gradients synchronised on the last one
+only, by the engine) → optimizer step. Device-side sums only: nothing here waits for the host."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepResult:
+    losses: list[torch.Tensor]
+    """Each micro-batch's (detached) loss, in order; non-finite ones are left out of the logged mean."""
+    nonfinite: torch.Tensor
+    """How many of those were non-finite on this rank."""
+    grad_norm: torch.Tensor
+    """The clipped-before gradient norm (on the device)."""
+    tokens: int
+    """Positions this rank trained on (padding trimmed)."""
+    seconds: float
+    """Wall time of the step."""
+    timers: dict[str, float] = field(default_factory=dict)
+    """``data_wait_s``, ``fwd_bwd_s``, ``optim_s`` of this step."""
+
+
+def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, micro_batches: int) -> float:
+    """For tasks whose loss tokens vary by sample (SFT, token classification): the step's loss
+    tokens over all ranks (``loss_tokens`` of its global sample indices) / micro-batches on all ranks.
+
+    The engines divide each micro-batch's loss by the micro-batch count and average gradients over
+    ranks, so dividing each micro-batch's loss sum by this makes the step's gradient the mean over
+    all its loss tokens: a micro-batch with few response tokens no longer weighs as much as one
+    with many. Every rank knows the step's global indices, so this needs no collective."""
+    return max(float(loss_tokens[step_indices].sum()) / micro_batches, 1e-6)  # no loss tokens: a zero loss
+
+
+class TrainStep:
+    """Runs step N on this rank: ``accum`` micro-batches of ``batches`` through ``engine`` with the
+    task's loss, then the optimizer step; reports phases to the watchdog and non-finite steps to
+    the guard. Fault injection (``train.faults.install``) wraps its parts from the outside."""
+
+    def __init__(self, engine, loss_fn, batches, accum: int, world_size: int, device: torch.device,
+                 guard, watchdog, loss_tokens: Optional[np.ndarray] = None):
+        self.engine, self.loss_fn, self.batches, self.accum = engine, loss_fn, batches, accum
+        self.world_size, self.device, self.guard, self.watchdog = world_size, device, guard, watchdog
+        self.loss_tokens = loss_tokens  # None: every micro-batch weighs the same
+
+    def next_batch(self, step: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
+
+    def loss_for(self, step: int):
+        return self.loss_fn
+
+    def run(self, step: int) -> StepResult:
+        start = time.time()
+        timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
+        losses, bad, tokens = [], torch.zeros((), device=self.device), 0
+        loss_fn = self.loss_for(step)
+        denominator = None if self.loss_tokens is None else step_loss_denominator(
+            self.loss_tokens, self.batches.next_step_indices(), self.world_size * self.accum)
+        for micro in range(self.accum):
+            t0 = time.perf_counter()
+            self.watchdog.beat(step, "data")
+            batch = self.next_batch(step)
+            tokens += batch["input_ids"].numel()
+            if denominator is not None:
+                batch["loss_denominator"] = denominator
+            t1 = time.perf_counter()
+            self.watchdog.beat(step, "forward-backward")
+            loss = self.engine.forward_backward(batch, loss_fn, micro == self.accum - 1)
+            losses.append(loss)
+            bad += (~torch.isfinite(loss)).float()
+            timers["data_wait_s"] += t1 - t0
+            timers["fwd_bwd_s"] += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self.watchdog.beat(step, "optimizer")
+        grad_norm, skipped = self.optimizer_step(step, bad)
+        self.guard.record(skipped, step)
+        timers["optim_s"] += time.perf_counter() - t2
+        return StepResult(losses, bad, grad_norm, tokens, time.time() - start, timers)
+
+    def optimizer_step(self, step: int, nonfinite: torch.Tensor):
+        return self.engine.optimizer_step(nonfinite)

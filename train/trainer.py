@@ -1,0 +1,289 @@
+"""The per-rank program: ``python -m train RUN_DIR`` (started by torchrun or Slurm).
+
+:func:`train` builds the parts, then runs the loop: step → metrics → evaluation → save → stop.
+Each part decides its own timing (``train.saving``, ``train.evaluation``, ``train.policy``,
+``train.step_metrics``); the engine hides every data-parallel detail (``train.engines``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from train import faults
+from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
+from train.checkpoint_files import step_dir_name
+from train.data.batches import TrainBatches, eval_batches
+from train.data.cache import PreparedData
+from train.data.prepare import prepare_data
+from train.data.sources import DataError
+from train.distributed import DistInfo, all_ranks_agree, init_distributed
+from train.engines import capabilities
+from train.engines.base import Engine
+from train.engines.build import build_engine
+from train.evaluation import Evaluator
+from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
+from train.model import build_model
+from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
+from train.recipe import Recipe, grad_accum_steps, resolve_epochs
+from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
+                          write_status)
+from train.saving import Saver
+from train.schema import RecipeProblems
+from train.scores import EarlyStopping
+from train.state import Counters, RNGState
+from train.step import TrainStep
+from train.step_metrics import StepMetrics
+from train.stop import StopRequest
+from train.tasks import Task, build_task
+from train.watchdog import start_watchdog
+
+CURRENT = Counters()
+"""This process's progress counters (replaced by the run's own): error reports name the step."""
+
+
+def train(run_dir: Path) -> int:
+    """Train the run in ``run_dir`` on this rank; ``EXIT_REQUEUE`` when stopped, 0 when done."""
+    global CURRENT
+    recipe = read_recipe(run_dir)
+    d = init_distributed(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
+    log = print if d.is_main else (lambda *a, **k: None)
+    stop = StopRequest.install()
+    if d.is_main:
+        write_status(run_dir, "running", -1)
+    quiet_other_ranks(d)
+    data = prepare_on_rank0(recipe, d, run_dir, log)
+    if stopped_before_training(stop, run_dir, d, -1, "during data preparation", log):
+        return EXIT_REQUEUE
+    t, ev, closing = recipe.train, recipe.eval, contextlib.ExitStack()
+    with closing:
+        counters = CURRENT = Counters()
+        parts = build_parts(recipe, data, d, run_dir, counters, log, closing)
+        engine, task, batches, early = parts.engine, parts.task, parts.batches, parts.early
+        guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir)
+        writer = closing.enter_context(MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console,
+                                                     t.max_steps, counters.step)) if d.is_main else None
+        telemetry = closing.enter_context(Telemetry(d.local_rank if d.device.type == "cuda" else None,
+                                                    recipe.logging.telemetry_interval_s, warn=log))
+        if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", log, closing):
+            return EXIT_REQUEUE
+        watchdog = closing.enter_context(start_watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(
+            lambda msg: write_status(run_dir, "hung", counters.step, msg, d.rank))))  # any rank may be first
+        accum = grad_accum_steps(recipe)
+        step = TrainStep(engine, task.loss, batches, accum, d.world_size, d.device, guard, watchdog,
+                         task.sample_loss_tokens(data.train))
+        faults.install(step, d.rank)
+        saver = Saver(parts.checkpointer, recipe, counters, batches, early, guard, watchdog, run_dir, d.is_main, log)
+        evaluator = Evaluator(engine, task, eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size,
+                                                         t.eval_batches),
+                              early, t.eval_every, ev.keep_best, d.device, writer, watchdog, log)
+        stopper = Stopper(stop, d.device, t.stop_after, first_step=counters.step)
+        metrics = StepMetrics(engine, guard, telemetry, writer, d.device, d.world_size, accum, t.global_batch_size,
+                              t.log_every, t.max_steps, parts.flops_token,
+                              peak_flops(recipe, d, log))
+        if d.is_main:
+            write_status(run_dir, "running", counters.step, started=time.time())
+
+        # ---- the loop
+        stopped = False
+        while counters.step < t.max_steps and not early.stopped:
+            result = step.run(counters.step + 1)
+            counters.advance(result.tokens * d.world_size, result.seconds)
+            metrics.record(result, counters)
+            last = counters.step == t.max_steps
+            if last:
+                guard.check(counters.step)
+            previous_best = early.best_step
+            improved = evaluator.maybe_eval(counters.step, last)
+            last = last or early.stopped
+            if improved:
+                saver.save_best(counters.step, last, previous_best)
+            agreed = stopper.agree(counters.step, last, *saver.flags())
+            if agreed.stop:
+                log(f"stop requested ({stopper.reason}) at step {counters.step}: saving and exiting with code "
+                    f"{EXIT_REQUEUE}")
+                saver.save("signal")
+                stopped = True
+                break
+            saver.after_step(counters.step, last, agreed, protect=(previous_best,) if improved else ())
+        saver.finish()
+
+        if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
+            evaluator.test(data.test, eval_batches(data.test, t.micro_batch_size, d.rank, d.world_size, 0),
+                           data.labels, run_dir, counters.step, d.is_main)
+    if d.is_main:
+        write_status(run_dir, "stopped" if stopped else "completed", counters.step,
+                     f"{stopper.reason}; saved {step_dir_name(counters.step)}" if stopped else "", d.rank)
+    dist.barrier()  # every rank has ended the same way; the process groups end with the process (train/__main__.py)
+    return EXIT_REQUEUE if stopped else 0
+
+
+@dataclass
+class Parts:
+    """What :func:`build_parts` makes, resumed from the latest checkpoint when there is one."""
+
+    engine: Engine
+    task: Task
+    batches: TrainBatches
+    early: EarlyStopping
+    checkpointer: Checkpointer
+    flops_token: float
+
+
+def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters, log,
+                closing: contextlib.ExitStack) -> Parts:
+    """Model, engine, data position, early stopping and checkpointer; then resume into them."""
+    t, ev = recipe.train, recipe.eval
+    line = resolve_epochs(recipe, len(data.train))
+    if line:
+        log(line)
+    task = build_task(recipe.task, data.labels)
+    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log)
+    flops_token = flops_per_token(model, recipe.data.seq_len)
+    engine = build_engine(recipe, model, d.device, run_dir)
+    batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
+                                                 d.rank, d.world_size, num_workers=recipe.data.num_workers,
+                                                 pin_memory=d.device.type == "cuda"))
+    early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)
+    checkpointer = Checkpointer(run_dir / "checkpoints", engine,
+                                {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early},
+                                d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key},
+                                log=log)
+    seed_rank(recipe.run.seed, d.rank)
+    resume_from = checkpointer.find_resume_point(recipe.checkpoint.resume)
+    if resume_from is not None:
+        manifest = checkpointer.load(resume_from)
+        if manifest["world_size"] != d.world_size:
+            seed_rank(recipe.run.seed + counters.step, d.rank)
+        check_fingerprint(manifest, batches, recipe, data.key)
+        log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
+    return Parts(engine, task, batches, early, checkpointer, flops_token)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def quiet_other_ranks(d: DistInfo) -> None:
+    """One copy of transformers' load reports and warnings is enough."""
+    if not d.is_main:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log) -> PreparedData:
+    """Rank 0 tokenizes (when the cache is cold); the others wait, then read the cache."""
+    faults.fault_point("prepare", 0, d.rank)
+    data = prepare_data(recipe, log=log) if d.is_main else None
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        raise RuntimeError(f"rank {d.rank}: timed out waiting for rank 0 to prepare the data "
+                           f"({err}); run `shardforge prepare` before launching") from None
+    if data is None:
+        data = prepare_data(recipe, log=lambda *_: None)
+    if d.is_main:
+        data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        if data.labels:  # the label map, for export and for reading the metrics
+            (run_dir / LABELS_FILE).write_text(json.dumps(data.labels, indent=1))
+    return data
+
+
+def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step: int, phase: str, log,
+                            closing: Optional[contextlib.ExitStack] = None) -> bool:
+    """A stop that arrived before the first step of this launch ends it here: nothing new to save."""
+    if not all_ranks_agree(stop.requested):
+        return False
+    if closing is not None:
+        closing.close()
+    reason = f"{stop.signal_name or 'stop signal on another rank'} {phase}; nothing new to save"
+    log(f"stop requested ({reason}): exiting with code {EXIT_REQUEUE}")
+    if d.is_main:
+        write_status(run_dir, "stopped", step, reason, d.rank)
+    dist.barrier()  # status.json is written before any rank exits
+    return True
+
+
+def peak_flops(recipe: Recipe, d: DistInfo, log) -> Optional[float]:
+    """Per-device peak TFLOP/s for MFU: the recipe's, or the device's from the table."""
+    device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
+    peak = recipe.logging.peak_tflops or peak_tflops(device_name, recipe.parallel.precision)
+    if peak is None:
+        log(f"metrics: no peak TFLOP/s known for {device_name!r} in {recipe.parallel.precision}; "
+            f"MFU is omitted (set logging.peak_tflops to report it)")
+    return peak
+
+
+def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, data_key: str) -> None:
+    """Refuse to resume when the next batch is not the one the checkpoint expected."""
+    expected = manifest.get("next_batch_fingerprint")
+    if expected is None or batches.fingerprint() == expected:
+        return
+    changed = [name for name, old, new in (
+        ("data (sources, tokenizer or seq_len)", manifest.get("data_key"), data_key),
+        ("run.seed", manifest.get("seed"), recipe.run.seed),
+        ("train.global_batch_size", manifest.get("global_batch_size"), recipe.train.global_batch_size))
+        if old != new]
+    raise CheckpointError(f"resume: the next batch differs from the one saved with the checkpoint; "
+                          f"changed: {', '.join(changed) or 'unknown (data files edited in place?)'}; "
+                          f"restore the original recipe or start a new run (checkpoint.resume=never)")
+
+
+def error_kind(err: BaseException) -> str:
+    """How a rank's error is reported (see ``train.rundir.KIND_EXIT``)."""
+    if isinstance(err, NonFiniteStop):
+        return "nonfinite"
+    if isinstance(err, CheckpointSaveError):
+        return "save_failed"
+    if isinstance(err, (DataError, CheckpointError, RecipeProblems)):
+        return "bad_input"
+    text = str(err)
+    if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+            s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                "ProcessGroup", "NCCL communicator was aborted", "Socket Timeout"))):
+        return "collective"  # a symptom: another rank went away
+    return "crash"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Train, and leave an account of any error for the agent: ``logs/error-rank-N.json``.
+
+    Under torchrun every ending the ranks agree on (completed, stopped) exits 0 and ``status.json``
+    carries it; an error exits non-zero, so torchrun ends the other ranks, and the agent picks the
+    root cause among the ranks' reports and prints it once.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m train RUN_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    run_dir, rank = Path(argv[0]), int(os.environ.get("RANK", "0"))
+    under_agent = "TORCHELASTIC_RUN_ID" in os.environ
+    try:
+        code = train(run_dir)
+        return 0 if code == EXIT_REQUEUE and under_agent else code
+    except BaseException as err:  # noqa: BLE001 - every ending is accounted for
+        kind = error_kind(err) if isinstance(err, Exception) else "crash"
+        message = f"{type(err).__name__}: {err}" if kind in ("crash", "collective") else str(err)
+        tb = traceback.format_exc() if kind in ("crash", "collective") else ""
+        try:
+            write_error_report(run_dir, rank, kind, message.strip() or type(err).__name__, tb, CURRENT.step)
+        except OSError:
+            pass  # the console below still says it
+        if not under_agent:  # nobody else will print it
+            print(tb + f"error: {message}", file=sys.stderr, flush=True)
+        return KIND_EXIT[kind]
