@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
 
-.PHONY: demo demo-finetune test install data finetune-data bench gpu-wheels clean
+.PHONY: demo demo-finetune test test-fast test-bench install data finetune-data bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -46,8 +46,17 @@ demo-finetune: install data finetune-data
 	rm -rf runs/minilm-plays/export   # the demo's own export: rewritten from the best checkpoint
 	$(VENV)/bin/shardforge export runs/minilm-plays runs/minilm-plays/export
 
+# Every promise, with real multi-process launches (CI also runs test-bench).
 test: install data finetune-data
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests --ignore=tests/test_benchmarks.py
+
+# The edit loop: everything that starts no training processes (tests/conftest.py marks the rest).
+test-fast: install data finetune-data
+	$(PY) -m pytest -q -m "not launch" tests --ignore=tests/test_benchmarks.py
+
+# The benchmark scripts still run (seconds-long smoke modes), and reject bad arguments.
+test-bench: install data
+	$(PY) -m pytest -q tests/test_benchmarks.py
 
 bench: install data
 	$(PY) -m benchmarks.cpu
