@@ -30,8 +30,9 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from train.rundir import (EXIT_OK, EXIT_REQUEUE, describe, exit_code, final_status,  # noqa: E402
-                          launch_id)
+from launch.runlock import RunLock, RunLocked  # noqa: E402
+from train.rundir import (EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, describe, exit_code,  # noqa: E402
+                          final_status, launch_id)
 
 
 class SignalForwarder:
@@ -129,14 +130,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--report-only", action="store_true",
                         help="exit 0 for completed and stopped (the Slurm job script reads status.json)")
+    parser.add_argument("--lock", action="store_true",
+                        help="hold the run directory's lock (launch.runlock) on node 0 while training")
     parser.add_argument("torchrun", nargs=argparse.REMAINDER, help="-- then torchrun's options")
     args = parser.parse_args(argv)
     torchrun_args = args.torchrun[1:] if args.torchrun[:1] == ["--"] else args.torchrun
     launch = launch_id()  # exported: the trainers tag status.json and their reports with it
     forwarder = SignalForwarder()
-    failures = run_torchrun(torchrun_args, args.run_dir)
-    status = final_status(args.run_dir, launch, failures, interrupted=forwarder.interrupted)
     node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")) or 0)
+    lock = RunLock(args.run_dir) if args.lock and node_rank == 0 else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLocked as err:
+            print(f"shardforge: {err}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+    try:
+        failures = run_torchrun(torchrun_args, args.run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+    status = final_status(args.run_dir, launch, failures, interrupted=forwarder.interrupted)
     if node_rank == 0:
         report(args.run_dir, status)
     code = exit_code(status)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from launch.recipe import RecipeError, load_recipe, recipe_yaml
+from launch.runlock import RunLock, RunLocked
 
 from train.rundir import EXIT_BAD_INPUT
 
@@ -56,21 +59,34 @@ def cmd_run(args) -> int:
     from launch.local import launch_local, write_run_dir
 
     recipe = _load(args)
-    run_dir = write_run_dir(recipe, engine_configs(recipe))
-    print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
-          f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
-    return launch_local(run_dir, recipe.parallel.nproc, cpu=_local_gpus() == 0, early=early)
+    gpus, cpus = _local_gpus(), os.cpu_count() or 1
+    if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
+        raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "
+                                        f"no GPU and {cpus} CPUs; set parallel.nproc={cpus} or fewer"])
+    try:  # before anything is written: a live launch's recipe.yaml must stay as it is
+        lock = RunLock(Path(recipe.run.dir)).acquire()
+    except RunLocked as err:
+        raise RecipeError("run.dir", [str(err)]) from None
+    try:
+        run_dir = write_run_dir(recipe, engine_configs(recipe))
+        print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
+              f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
+        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early)
+    finally:
+        lock.release()
 
 
 def cmd_submit(args) -> int:
-    from pathlib import Path
-
     from launch.engine_config import engine_configs
     from launch.local import write_run_dir
     from launch.slurm import render_sbatch, submit
 
     recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
     run_dir = Path(recipe.run.dir).resolve()
+    try:
+        RunLock(run_dir).check()  # a live run there: its recipe.yaml must not be rewritten
+    except RunLocked as err:
+        raise RecipeError("run.dir", [str(err)]) from None
     if args.dry_run:
         return submit(recipe, run_dir, dry_run=True)
     render_sbatch(recipe, run_dir, sys.executable, ".")  # refuse bad values before writing anything
@@ -90,8 +106,6 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from pathlib import Path
-
     from launch.report import write_report
 
     png, page = write_report(Path(args.run_dir))
@@ -100,8 +114,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from pathlib import Path
-
     from launch.export import export
 
     export(Path(args.run_dir), Path(args.out_dir), args.step, lora_export=args.lora)
