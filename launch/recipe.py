@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,42 @@ class RecipeError(ValueError):
         else:
             text = f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems)
         super().__init__(text)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML silently keeps the
+    last: a second ``train:`` section would replace the first) and aliases that expand beyond
+    :attr:`MAX_NODES` nodes (an alias bomb)."""
+
+    MAX_NODES = 100_000
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def size(n) -> int:  # an alias is the anchored node itself: count it once per use
+            if id(n) not in sizes:
+                sizes[id(n)] = self.MAX_NODES + 1  # meanwhile: a structure that contains itself is refused
+                children = n.value if isinstance(n, yaml.SequenceNode) else \
+                    [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else []
+                sizes[id(n)] = 1 + sum(size(c) for c in children)
+            return sizes[id(n)]
+
+        if node is not None and size(node) > self.MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"it expands to more than {self.MAX_NODES:,} values through aliases", node.start_mark)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (the second would silently replace the first)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def find_recipe(name: str) -> Path:
@@ -103,7 +140,7 @@ def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] 
     except OSError as err:
         raise RecipeError(str(path), [f"cannot read the recipe: {err.strerror}; check the path"]) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=StrictLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -139,7 +176,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem."""
     p: list[str] = []
     t, par = r.train, r.parallel
-    if not SAFE_NAME.match(r.run.name):
+    if not SAFE_NAME.fullmatch(r.run.name):  # match() would let a trailing newline through
         p.append(f"run.name: {r.run.name!r} may hold only letters, digits, '.', '_' and '-'; rename the run")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
         if getattr(t, key) < 1:
@@ -165,6 +202,8 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if t.on_nonfinite == "skip" and not caps.skip_nonfinite:
         p.append(f"train.on_nonfinite: skip needs parallel.engine {' or '.join(engines_that(skip_nonfinite=True))} "
                  f"(DeepSpeed applies its step before the gradient norm is known); set train.on_nonfinite=stop")
+    if r.run.seed < 0:
+        p.append(f"run.seed: must be 0 or more (numpy takes unsigned seeds), got {r.run.seed}")
     if t.step_timeout_s < 0:
         p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
     if par.offload and not caps.offload:
@@ -209,6 +248,15 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
             p.append(f"{where}.weight: must be positive, got {src.weight}")
     if not 0 <= d.val_fraction < 1:
         p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    elif d.val_fraction == 0 and d.val_source is None:
+        p.append("data.val_fraction: 0 and no data.val_source leaves nothing to evaluate, yet the run "
+                 "evaluates at its end (and every train.eval_every steps); set data.val_fraction=0.01 "
+                 "or data.val_source")
+    if d.num_workers < 0 or d.num_proc < 1:
+        p.append(f"data: num_workers must be 0 (load in the training process) or more and num_proc at "
+                 f"least 1 (num_workers={d.num_workers}, num_proc={d.num_proc})")
+    if d.max_samples is not None and d.max_samples < 1:
+        p.append(f"data.max_samples: must be at least 1 (or unset for all samples), got {d.max_samples}")
     tok = d.tokenizer
     if tok.train is None and tok.path is None and m.pretrained is None:
         p.append("data.tokenizer: no tokenizer; set data.tokenizer.path, model.pretrained, or "
@@ -217,8 +265,11 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
         p.append(f"data.tokenizer.train.vocab_size: {tok.train.vocab_size} is below the 256 byte "
                  f"symbols plus merges; use at least 300")
     o = r.optim
-    if o.lr <= 0:
-        p.append(f"optim.lr: must be positive, got {o.lr}")
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        p.append(f"optim.lr: must be a positive finite number, got {o.lr}")
+    for key in ("eps", "weight_decay", "grad_clip", "min_lr_ratio"):
+        if not math.isfinite(getattr(o, key)):
+            p.append(f"optim.{key}: must be a finite number, got {getattr(o, key)}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
@@ -232,6 +283,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if c.async_save and not capabilities(r.parallel.engine).async_save:
         p.append(f"checkpoint.async_save: needs parallel.engine {' or '.join(engines_that(async_save=True))} "
                  f"(DeepSpeed saves synchronously); set checkpoint.async_save=false")
+    for key in ("every_steps", "every_minutes", "keep_every"):
+        if getattr(c, key) < 0 or not math.isfinite(getattr(c, key)):
+            p.append(f"checkpoint.{key}: must be 0 (off) or more, got {getattr(c, key)}")
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     return p

@@ -177,3 +177,16 @@ def test_bad_inputs_name_the_source_and_fix(corpus, tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not a parquet file at all")
     msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "bad.parquet")}])
     assert "could not read" in msg and "as parquet" in msg
+    (tmp_path / "holes.jsonl").write_text('{"text": "hello world"}\n' * 5 + '{"other": 1}\n' + '{"text": "x"}\n')
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(tmp_path / "holes.jsonl")}])
+    assert "data.sources[0].text_field: record 6 of" in msg and "has no 'text' value" in msg, msg
+
+
+def test_empty_documents_add_no_bare_eos(corpus, tmp_path):
+    import datasets
+
+    tok = load_or_train_tokenizer(make_recipe(corpus, tmp_path), tmp_path / "cache")
+    docs = datasets.Dataset.from_dict({"text": ["to be", "", "or not", ""]})
+    packed, stats = tokenize_and_pack(docs, tok, 2, 1, "test")
+    ids = [tok("to be", add_special_tokens=False)["input_ids"], tok("or not", add_special_tokens=False)["input_ids"]]
+    assert stats["tokens_total"] == len(ids[0]) + len(ids[1]) + 2  # one EOS per non-empty document

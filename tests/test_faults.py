@@ -50,6 +50,8 @@ def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world):
     assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]
     assert [m["nonfinite_steps"] for m in records] == [0, 0, 1, 1, 1, 1]
     assert all(math.isfinite(m["loss"]) for m in records), "NaN must not reach the logged mean"
+    # step 3's loss is rank 0's alone: rank 1's NaN micro-batches are left out, not averaged in as 0
+    assert records[2]["loss"] > 0.8 * records[1]["loss"], [m["loss"] for m in records]
     evals = [m["eval_loss"] for m in read_metrics(run_dir) if "eval_loss" in m]
     assert evals and all(math.isfinite(e) for e in evals), "weights stayed finite: the update was skipped"
     # run-directory permissions follow the umask (0o077 here): nothing readable by others

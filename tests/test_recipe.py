@@ -146,3 +146,55 @@ def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "recipe.yaml" in proc.stderr and "bogus: unknown key" in proc.stderr
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("checkpoint.every_steps=-1", "checkpoint.every_steps: must be 0 (off) or more"),
+    ("checkpoint.every_minutes=-5", "checkpoint.every_minutes: must be 0 (off) or more"),
+    ("data.val_fraction=0", "data.val_fraction: 0 and no data.val_source leaves nothing to evaluate"),
+    ("data.num_workers=-1", "data: num_workers must be 0"),
+    ("data.max_samples=0", "data.max_samples: must be at least 1"),
+    ("run.seed=-1", "run.seed: must be 0 or more"),
+    ("optim.lr=.nan", "optim.lr: must be a positive finite number"),
+    ("optim.lr=.inf", "optim.lr: must be a positive finite number"),
+    ("optim.grad_clip=.nan", "optim.grad_clip: must be a finite number"),
+])
+def test_values_that_used_to_fail_inside_the_run_are_refused_before_launch(override, fragment):
+    (p,) = problems(override)
+    assert p.startswith(fragment), p
+
+
+def test_run_name_with_a_trailing_newline_is_refused(tmp_path):
+    """``re.match(r"...$")`` accepts "x\\n": the name would end an #SBATCH line and run as a command."""
+    path = tmp_path / "r.yaml"
+    path.write_text((CONFIG_DIR / "tiny-cpu.yaml").read_text().replace("name: tiny-cpu", 'name: "x\\n"'))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(str(path))
+    (p,) = err.value.problems
+    assert p.startswith("run.name: 'x\\n' may hold only"), p
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train: {max_steps: 3}\ntrain: {log_every: 1}\n", "the key 'train' is given twice"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+     + "".join(f"{k}: &{k} [{', '.join(['*' + p] * 10)}]\n" for p, k in zip("abcdefgh", "bcdefghi")),
+     "expands to more than 100,000 values through aliases"),
+    ("a: &a [1, *a]\n", "expands to more than"),
+])
+def test_duplicate_keys_and_alias_bombs_are_one_line_exit_2(tmp_path, text, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = shardforge("plan", str(path))
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_more_processes_than_cpus_is_refused_on_a_machine_without_gpus(tmp_path):
+    import os
+
+    n = (os.cpu_count() or 1) + 1
+    proc = shardforge("run", "tiny-cpu", f"run.dir={tmp_path / 'run'}", f"parallel.nproc={n}",
+                      "train.global_batch_size=" + str(8 * n), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and f"parallel.nproc: {n} processes, but this machine has no GPU" in proc.stderr, \
+        proc.stderr
+    assert not (tmp_path / "run").exists()

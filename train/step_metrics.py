@@ -42,13 +42,16 @@ class StepMetrics:
             self._log(result.grad_norm, counters)
 
     def _log(self, grad_norm: torch.Tensor, counters: Counters) -> None:
-        good = torch.clamp(self.accum * self.steps - self.nonfinite, min=1)  # NaN losses are left out
-        stats = torch.stack([(self.loss_sum / good).double(),  # float64: token sums stay exact
+        finite = self.accum * self.steps - self.nonfinite  # non-finite losses are left out of the mean
+        stats = torch.stack([self.loss_sum.double(), finite.double(),  # float64: token sums stay exact
                              torch.nan_to_num(grad_norm.double().to(self.device), nan=-1.0),
                              torch.tensor(float(self.tokens), dtype=torch.float64, device=self.device)])
         dist.all_reduce(stats)  # the only host sync: at log steps
-        loss, norm, all_tokens = stats.tolist()
-        loss, norm = loss / self.world_size, norm / self.world_size
+        loss_sum, finite_all, norm, all_tokens = stats.tolist()
+        # the mean over every finite micro-batch loss of every rank: a rank whose losses were all
+        # NaN must not pull the mean towards 0 (NaN when none was finite)
+        loss = loss_sum / finite_all if finite_all > 0 else float("nan")
+        norm = norm / self.world_size
         counters.tokens += round(all_tokens) - self.tokens * self.world_size  # ranks' lengths differ unpacked
         self.guard.check(counters.step)
         telemetry_all = [None] * self.world_size

@@ -14,8 +14,9 @@ from typing import Any, Callable, Optional
 from train.data.files import local_files
 from train.recipe import Recipe
 
-DATA_FORMAT_VERSION = 1
-"""Bump when packed pre-training samples change for the same recipe (old caches are then ignored)."""
+DATA_FORMAT_VERSION = 2
+"""Bump when packed pre-training samples change for the same recipe (old caches are then ignored).
+2: empty documents no longer add a bare EOS."""
 
 
 def fingerprint(obj: Any) -> str:

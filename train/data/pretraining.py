@@ -17,7 +17,7 @@ from train.recipe import Recipe
 
 def _tokenize_batch(batch: dict, tokenizer, eos_id: int) -> dict:
     ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    return {"input_ids": [x + [eos_id] for x in ids]}
+    return {"input_ids": [x + [eos_id] for x in ids if x]}  # an empty document adds no bare EOS
 
 
 def _pack_batch(batch: dict, seq_len: int) -> dict:

@@ -71,11 +71,16 @@ def load_source(src: SourceConfig, where: str):
     check_template(src, ds, where)
     template, field_name = src.template, src.text_field
 
-    def to_text(batch: dict) -> dict:
-        n = len(next(iter(batch.values())))
+    def to_text(batch: dict, indices: list[int]) -> dict:
         if template is None:
+            missing = [i for i, t in zip(indices, batch[field_name]) if t is None]
+            if missing:  # str(None) would train on the document "None"
+                raise DataError(f"{where}.text_field: record {missing[0] + 1} of {src.path!r} has no "
+                                f"{field_name!r} value ({len(missing)} such records in this block); fix "
+                                f"the data or set {where}.template")
             return {"text": [str(t) for t in batch[field_name]]}
-        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
         return {"text": [template.format_map(r) for r in rows]}
 
-    return ds.map(to_text, batched=True, remove_columns=ds.column_names, desc=f"{where}: text")
+    return ds.map(to_text, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  desc=f"{where}: text")
