@@ -56,7 +56,7 @@ def cmd_run(args) -> int:
 
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
-    from launch.local import launch_local, write_run_dir
+    from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
 
     recipe = _load(args)
     gpus, cpus = _local_gpus(), os.cpu_count() or 1
@@ -68,17 +68,24 @@ def cmd_run(args) -> int:
     except RunLocked as err:
         raise RecipeError("run.dir", [str(err)]) from None
     try:
+        problems = check_resumable(recipe, Path(recipe.run.dir))
+        if problems:
+            raise RecipeError("resume", problems)
+        backup = RunDirBackup(Path(recipe.run.dir))
         run_dir = write_run_dir(recipe, engine_configs(recipe))
         print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
               f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
-        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early)
+        code = launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early)
+        if code == EXIT_BAD_INPUT:  # the ranks refused (a changed data file, say): leave the run as it was
+            backup.restore()
+        return code
     finally:
         lock.release()
 
 
 def cmd_submit(args) -> int:
     from launch.engine_config import engine_configs
-    from launch.local import write_run_dir
+    from launch.local import check_resumable, write_run_dir
     from launch.slurm import render_sbatch, submit
 
     recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
@@ -87,6 +94,9 @@ def cmd_submit(args) -> int:
         RunLock(run_dir).check()  # a live run there: its recipe.yaml must not be rewritten
     except RunLocked as err:
         raise RecipeError("run.dir", [str(err)]) from None
+    problems = check_resumable(recipe, run_dir)
+    if problems:
+        raise RecipeError("resume", problems)
     if args.dry_run:
         return submit(recipe, run_dir, dry_run=True)
     render_sbatch(recipe, run_dir, sys.executable, ".")  # refuse bad values before writing anything

@@ -20,6 +20,58 @@ from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, atomic_write, describe, e
 from train.stop import STOP_SIGNALS, stop_signals_blocked
 
 
+RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "train.global_batch_size")
+"""Settings a run's checkpoints were trained with: a resume that changes one cannot continue them
+(data sources are checked by the ranks, through the next batch's fingerprint)."""
+
+
+def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
+    """Problems (one line each) that would make the ranks refuse to resume ``run_dir`` with ``recipe``:
+    found here, before ``recipe.yaml`` is rewritten, so a refused launch leaves the run as it was."""
+    import dataclasses
+
+    import yaml
+
+    from train.checkpoint_files import committed_checkpoints
+
+    old_file = run_dir / "recipe.yaml"
+    if recipe.checkpoint.resume != "auto" or not old_file.exists() or not committed_checkpoints(run_dir / "checkpoints"):
+        return []
+    try:
+        old = yaml.safe_load(old_file.read_text()) or {}
+    except yaml.YAMLError:
+        return []  # the ranks' own checks still apply
+    new = dataclasses.asdict(recipe)
+
+    def at(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    return [f"{key}: {at(new, key)!r} here but {at(old, key)!r} in {old_file}, which its checkpoints were trained "
+            f"with; restore it to resume, or start over with checkpoint.resume=never or another run.dir"
+            for key in RESUME_KEYS if at(old, key) is not None and at(new, key) != at(old, key)]
+
+
+class RunDirBackup:
+    """The run directory's recipe and engine configs as they were before a launch rewrote them,
+    put back when the launch is refused (exit 2), so the run stays exportable and resumable."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.files = {name: (run_dir / name).read_bytes() for name in ("recipe.yaml", *ENGINE_CONFIG_FILES)
+                      if (run_dir / name).exists()}
+
+    def restore(self) -> None:
+        if not self.files:
+            return
+        for name in ENGINE_CONFIG_FILES:
+            if name not in self.files:
+                (self.run_dir / name).unlink(missing_ok=True)
+        for name, data in self.files.items():
+            atomic_write(self.run_dir / name, data.decode())
+
+
 def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     """Create ``run.dir`` with the resolved recipe and engine configs; nothing half-written on error."""
     run_dir = Path(recipe.run.dir)

@@ -64,15 +64,34 @@ def test_corrupted_checkpoint_falls_back_to_previous(world):
     assert len(lines) == 1 and "step-000004" in lines[0] and "sha256" in lines[0]
     assert "resumed from" in out.stdout and "step-000002" in out.stdout
     assert train_losses(run_dir) == world["straight"]
+    # every checkpoint corrupt: refused (exit 2), not a silent restart that overwrites the step directories
+    saved = committed_checkpoints(run_dir / "checkpoints")
+    for ckpt in saved:
+        victim = sorted(ckpt.rglob("*.pt"))[0]
+        victim.write_bytes(victim.read_bytes()[:-10])
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.max_steps=8", expect=2)
+    assert f"none of the {len(saved)} committed checkpoints" in out.stdout + out.stderr
+    assert committed_checkpoints(run_dir / "checkpoints") == saved and train_losses(run_dir) == world["straight"]
 
 
-def test_changed_batch_size_is_refused_on_resume(world):
+def test_a_refused_resume_leaves_the_run_as_it_was(world):
     r = world["recipe"]("changed", stop_after=2)
+    run_dir = Path(r["run"]["dir"])
     run_recipe(world["tmp"], r, expect=75)
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", expect=2)  # bad input
+    before = (run_dir / "recipe.yaml").read_text()
+    # a changed batch size or seed: refused by the launcher, before it writes anything
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", "run.seed=9", expect=2)
     text = out.stdout + out.stderr
-    assert "changed: train.global_batch_size" in text and "Traceback" not in text
+    assert "train.global_batch_size: 16 here but 8 in" in text and "run.seed: 9 here but" in text, text[-2000:]
+    assert "Traceback" not in text and (run_dir / "recipe.yaml").read_text() == before
+    # changed data (another validation split, so the next batch differs): refused by the ranks, and
+    # the launcher puts the run's recipe back
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", "data.val_fraction=0.2", expect=2)
+    text = out.stdout + out.stderr
+    assert "changed: data (sources, tokenizer or seq_len)" in text and "Traceback" not in text
     assert text.strip().splitlines()[-1].endswith("(checkpoint.resume=never) (exit 2)"), text[-2000:]
+    assert (run_dir / "recipe.yaml").read_text() == before, "the refused launch's recipe.yaml was not undone"
+    assert run_recipe(world["tmp"], r, "train.stop_after=0").returncode == 0  # still resumable as it was
 
 
 def test_every_minutes_saves_on_wall_clock(world):

@@ -214,6 +214,7 @@ class Checkpointer:
             return None
         candidates: list = [[str(p) for p in committed_checkpoints(self.root)] if resume == "auto" else [resume]]
         dist.broadcast_object_list(candidates, src=0)  # rank 0's listing is the one everyone checks
+        problems = []
         for path in map(Path, reversed(candidates[0])):
             problem = self.verify_all(path)
             if problem is None:
@@ -221,6 +222,11 @@ class Checkpointer:
             if resume != "auto":
                 raise CheckpointError(f"checkpoint.resume: {problem}")
             self.log(f"checkpoint: skipping {problem}; trying the previous one")
+            problems.append(problem)
+        if problems:  # starting over would overwrite the run's step directories
+            raise CheckpointError(
+                f"resume: none of the {len(problems)} committed checkpoints in {self.root} verifies (newest: "
+                f"{problems[0]}); restore them, or start over with checkpoint.resume=never or another run.dir")
         return None
 
     def load(self, ckpt: Path) -> dict:
