@@ -60,6 +60,17 @@ def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world):
         assert mode & 0o077 == 0, f"{path} has mode {oct(mode)} under umask 077"
 
 
+def test_bad_data_found_by_rank_0_is_one_line_and_rank_1_does_not_claim_a_timeout(world):
+    empty = world["tmp"] / "empty.txt"
+    empty.write_text("")
+    proc, run_dir = launch(world, "empty", {}, data={"sources": [{"path": str(empty)}]})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert f"rank 0: data.sources[0]: '{empty}' is empty; point it at non-empty data (exit 2)" in out, out[-3000:]
+    symptom = json.loads((run_dir / "logs" / "error-rank-00001.json").read_text())
+    assert symptom["kind"] == "collective" and "rank 0 ended while preparing the data" in symptom["message"]
+
+
 def test_nan_stop_exits_without_saving_and_names_the_step(world):
     """ZeRO-2 (policy auto = stop): the NaN step ends the run; the last good checkpoint stays the latest."""
     proc, run_dir = launch(world, "nan-stop", {"SHARDFORGE_NAN_AT": "3:0"},

@@ -35,7 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(deepspeed: bool = False, timeout_s: float = 1800) -> DistInfo:
+PROCESS_GROUP_TIMEOUT_S = 1800.0
+"""How long a collective waits for the other ranks (rank 0 tokenizing a large corpus, a slow save)."""
+
+
+def init_distributed(deepspeed: bool = False, timeout_s: float = PROCESS_GROUP_TIMEOUT_S) -> DistInfo:
     """Join the job's process group (a one-rank group when not started by torchrun); through
     DeepSpeed's own initialisation for its engines."""
     if "RANK" not in os.environ:

@@ -29,7 +29,7 @@ from train.data.batches import TrainBatches, eval_batches
 from train.data.cache import PreparedData
 from train.data.prepare import prepare_data
 from train.data.sources import DataError
-from train.distributed import DistInfo, all_ranks_agree, init_distributed
+from train.distributed import PROCESS_GROUP_TIMEOUT_S, DistInfo, all_ranks_agree, init_distributed
 from train.engines import capabilities
 from train.engines.base import Engine
 from train.engines.build import build_engine
@@ -190,9 +190,12 @@ def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log) -> Prepare
     """Rank 0 tokenizes (when the cache is cold); the others wait, then read the cache."""
     faults.fault_point("prepare", 0, d.rank)
     data = prepare_data(recipe, log=log) if d.is_main else None
+    started = time.monotonic()
     try:
         dist.barrier()
     except RuntimeError as err:
+        if time.monotonic() - started < 0.9 * PROCESS_GROUP_TIMEOUT_S:  # rank 0 went away: its report says why
+            raise PeerGone(f"rank {d.rank}: rank 0 ended while preparing the data ({err})") from None
         raise RuntimeError(f"rank {d.rank}: timed out waiting for rank 0 to prepare the data "
                            f"({err}); run `shardforge prepare` before launching") from None
     if data is None:
@@ -244,8 +247,14 @@ def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, dat
                           f"restore the original recipe or start a new run (checkpoint.resume=never)")
 
 
+class PeerGone(RuntimeError):
+    """Another rank ended (its own report holds the cause); this rank's error is only the symptom."""
+
+
 def error_kind(err: BaseException) -> str:
     """How a rank's error is reported (see ``train.rundir.KIND_EXIT``)."""
+    if isinstance(err, PeerGone):
+        return "collective"
     if isinstance(err, NonFiniteStop):
         return "nonfinite"
     if isinstance(err, CheckpointSaveError):
