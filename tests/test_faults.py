@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,23 +208,31 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
     """checkpoints/ is a tmpfs with room for one checkpoint and a half: the second save runs out of space."""
     run_dir = world["tmp"] / f"full-{policy}"
     _mount_tmpfs(run_dir / "checkpoints", int(ckpt_size * 1.5 / 1024) + 4)
+    sections = {"checkpoint": {"every_steps": 2, "at_end": True, "keep_last": 3, "on_error": policy}}
     try:
-        proc, _ = launch(world, f"full-{policy}", {}, checkpoint={"every_steps": 2, "at_end": True,
-                                                                  "keep_last": 3, "on_error": policy})
+        started = time.monotonic()
+        proc, _ = launch(world, f"full-{policy}", {}, **sections)
+        assert time.monotonic() - started < 60, "a full disk must end the run, not hang it"
         out = proc.stdout + proc.stderr
         assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"], out[-3000:]
         assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the partial save must be removed"
         assert "checkpoint step-000004 failed" in out and "MiB are free" in out and "needs about" in out, out[-3000:]
-        assert "latest checkpoint is still step-000002" in out
+        assert "latest checkpoint is still step-000002" in out and "No space left on device" in out
+        assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed" and status["exit_code"] == 2, status
         if policy == "stop":
-            assert proc.returncode == 2, out[-3000:]
-            assert "Traceback" not in out, out[-3000:]
-            status = json.loads((run_dir / "status.json").read_text())
-            assert status["state"] == "failed" and status["exit_code"] == 2 and "step-000004" in status["reason"]
+            assert "step-000004" in status["reason"]
             assert max(m["step"] for m in read_metrics(run_dir)) == 4
-        else:
-            assert proc.returncode == 0, out[-3000:]
-            assert max(m["step"] for m in read_metrics(run_dir)) == 6, "training went on after the failed save"
+            kept = world["tmp"] / "kept-step-000002"
+            shutil.copytree(run_dir / "checkpoints" / "step-000002", kept)
+            subprocess.run(["umount", str(run_dir / "checkpoints")], check=True)
+            shutil.copytree(kept, run_dir / "checkpoints" / "step-000002")  # space freed: the run resumes
+            again, _ = launch(world, f"full-{policy}", {}, **sections)
+            assert again.returncode == 0 and "resumed from" in again.stdout, again.stdout[-3000:]
+        else:  # training went on after step 4's failed save; the end's failed save fails the run
+            assert "step-000006" in status["reason"] and "training goes on" in out
+            assert max(m["step"] for m in read_metrics(run_dir)) == 6
     finally:
         subprocess.run(["umount", str(run_dir / "checkpoints")], check=False)
 

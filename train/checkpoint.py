@@ -57,6 +57,18 @@ class CheckpointSaveError(CheckpointError):
     """A save failed on some rank; nothing of it was committed."""
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """The error under DCP's ``CheckpointException`` (which names only the failing ranks): the first
+    failing rank's own exception, e.g. ``OSError: [Errno 28] No space left on device``."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback) in some versions
+        if isinstance(inner, BaseException):
+            return inner
+    return error
+
+
 class Checkpointer:
     """Collects the engine and every stateful part; saves and restores them atomically."""
 
@@ -134,18 +146,25 @@ class Checkpointer:
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         digests = self._fsync_and_hash(tmp)
+        error = None
         if self.rank == 0:
             fault_point("rename", step, self.rank)
-            if final.exists():  # an uncommitted or older copy of the same step
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(self.root)
-            fault_point("manifest", step, self.rank)
-            manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
-                        "saved_at": time.time(), "files": digests}
-            atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
-            self._prune(keep_last, keep_every, step, protect)
-        dist.barrier()
+            try:
+                if final.exists():  # an uncommitted or older copy of the same step
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                fsync_path(self.root)
+                fault_point("manifest", step, self.rank)
+                manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
+                            "saved_at": time.time(), "files": digests}
+                atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
+            except OSError as err:  # disk full writing the manifest: this step never committed
+                error = err
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                self._prune(keep_last, keep_every, step, protect)
+        if all_ranks_agree(error is not None):
+            raise self._save_failed(step, tmp, error)
 
     def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
         """fsync and sha256 every file of the save; a collective. The engine's writer hashed its own
@@ -177,12 +196,15 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(self.root).free
-        reason = f"rank {self.rank}: {first_line(error)}" if error else "another rank failed to write"
+        reason = f"rank {self.rank}: {first_line(root_cause(error))}" if error else "another rank failed to write"
+        if free < needed and "No space left" not in reason:  # torch.save says only "file write failed"
+            reason += "; No space left on device"
         kept = previous[-1].name if previous else "none"
         return CheckpointSaveError(
             f"checkpoint {step_dir_name(step)} failed ({reason}); it needs about {needed / 2**20:.1f} MiB "
             f"and {free / 2**20:.1f} MiB are free on {self.root}; the partial save was removed and the "
-            f"latest checkpoint is still {kept}. Free space (or lower checkpoint.keep_last), then run again")
+            f"latest checkpoint is still {kept}. Free space on that file system (older runs' checkpoints, "
+            f"or a lower checkpoint.keep_last once this run can save again), then run again to resume")
 
     def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: set[int]) -> None:
         ckpts = committed_checkpoints(self.root)

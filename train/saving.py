@@ -82,7 +82,7 @@ class Saver:
                  "seed": self.recipe.run.seed, "global_batch_size": t.global_batch_size},
                 protect={s for s in (*protect, self.early.best_step) if s and self.keep_best}, background=background)
         except CheckpointSaveError as err:
-            self._failed(err)
+            self._failed(err, final=reason in ("end", "signal"))
             self.last_save_time = time.time()
             return False
         self.last_save_time = time.time()
@@ -112,8 +112,10 @@ class Saver:
         atomic_write(self.run_dir / "checkpoints" / BEST_FILE, json.dumps(
             {"step": step, "checkpoint": step_dir_name(step), "metric": early.metric, "value": early.best}, indent=1))
 
-    def _failed(self, err: CheckpointSaveError) -> None:
-        if self.cfg.on_error == "stop":
+    def _failed(self, err: CheckpointSaveError, final: bool = False) -> None:
+        """``on_error=stop`` ends the run; ``continue`` trains on, except when this was the save that
+        should hold the run's end or its stop: then nothing would hold it, and the run fails."""
+        if self.cfg.on_error == "stop" or final:
             raise err
         self.log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
 

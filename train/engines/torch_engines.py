@@ -82,16 +82,18 @@ class _TorchEngine(Engine):
         from train.checkpoint_files import dcp_writer
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        if dist.get_rank() == 0:
-            torch.save(self._extra_state(), path / "engine_extra.pt")
         writer = dcp_writer(path / "dcp", digests if digests is not None else {})
+        future = None
         if not background:
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
-            return None
-        if self._save_group is None:  # the writer thread's collectives must not interleave with training's
-            self._save_group = dist.new_group(backend="gloo")
-        return dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
-                              process_group=self._save_group)
+        else:
+            if self._save_group is None:  # the writer thread's collectives must not interleave with training's
+                self._save_group = dist.new_group(backend="gloo")
+            future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
+                                    process_group=self._save_group)
+        if dist.get_rank() == 0:  # after DCP's collectives: failing here (disk full) leaves no peer waiting in them
+            torch.save(self._extra_state(), path / "engine_extra.pt")
+        return future
 
     def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
         import torch.distributed.checkpoint as dcp
