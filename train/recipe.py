@@ -236,7 +236,8 @@ class CheckpointConfig:
     The end-of-run, signal and best-checkpoint saves stay synchronous."""
     on_error: Literal["stop", "continue"] = "stop"
     """A save that fails (disk full, I/O error) leaves the previous checkpoint as the latest; then
-    ``stop`` ends the run with the error (exit 2), ``continue`` logs it and trains on."""
+    ``stop`` ends the run with the error (exit 2), ``continue`` logs it and trains on (a failed
+    end-of-run or stop save still ends the run with exit 2: nothing else would hold its end)."""
 
 
 @dataclass
