@@ -14,6 +14,7 @@ sibling and renamed into place, so ``OUT_DIR`` is either complete or absent.
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import shutil
 from pathlib import Path
@@ -55,16 +56,19 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
 def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded fp32 model state saved in ``ckpt`` by any engine."""
     from train.engines import capabilities
+    from train.safe_load import forbid_code_in_checkpoints, safe_reader
 
     engine = json.loads((ckpt / MANIFEST).read_text())["engine"]
-    if capabilities(engine).checkpoint_format == "deepspeed":
+    deepspeed = capabilities(engine).checkpoint_format == "deepspeed"
+    forbid_code_in_checkpoints(deepspeed=deepspeed)  # DeepSpeed's loader passes weights_only=False
+    if deepspeed:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
     import torch.distributed.checkpoint as dcp
 
     state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(ckpt / "dcp"))  # no process group: a single-process load
+    dcp.load(state, storage_reader=safe_reader(ckpt / "dcp"))  # no process group: a single-process load
     return state["model"]
 
 
@@ -107,7 +111,17 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     model = build_export_model(recipe, run_dir, len(tokenizer))
-    state = full_state_dict(ckpt, model)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from train.safe_load import refused_code
+
+    try:
+        state = full_state_dict(ckpt, model)
+    except (pickle.UnpicklingError, CheckpointException) as err:
+        if not refused_code(err):
+            raise
+        raise ExportError(f"{ckpt}: refused: a file holds objects that would run code when loaded; it was "
+                          f"altered after the save: restore it from a trusted copy") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if model.config.tie_word_embeddings and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

@@ -145,8 +145,8 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
 
     manifest["files"]["rank-00000.pt"] = sha256_file(victim)
     manifest_path.write_text(json.dumps(manifest))
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=1)
-    assert "Weights only load failed" in out.stdout + out.stderr
+    out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=2)
+    assert "refused: a file holds objects that would run code" in out.stdout + out.stderr
     assert not Path("/tmp/shardforge-pwned").exists()
 
 

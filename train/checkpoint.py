@@ -33,6 +33,7 @@ from train.checkpoint_files import (MANIFEST, STEP_DIR, committed_checkpoints, s
 from train.distributed import all_ranks_agree
 from train.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
+from train.safe_load import refused_code
 from train.state import Stateful
 
 
@@ -253,12 +254,23 @@ class Checkpointer:
 
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""
+        from pickle import UnpicklingError
+
+        from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
+
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        self.engine.load(ckpt, manifest["world_size"])
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank-{self.rank:05d}.pt"
-        state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt",
-                           weights_only=True)
+        try:
+            self.engine.load(ckpt, manifest["world_size"])
+            state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt", weights_only=True)
+        except (UnpicklingError, CheckpointException) as err:
+            if not refused_code(err):
+                raise
+            raise CheckpointError(
+                f"{ckpt}: refused: a file holds objects that would run code when loaded; it was altered "
+                f"after the save: restore the checkpoint from a trusted copy or resume from another "
+                f"(checkpoint.resume=PATH)") from None
         for name, part in self.parts.items():
             if name == "rng" and not same_world:
                 continue  # per-rank RNG streams cannot map onto another world size; reseeded instead

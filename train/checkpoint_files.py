@@ -133,9 +133,13 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     if not manifest.exists():
         return f"{ckpt}: no {MANIFEST} (the save never committed)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
+        record = json.loads(manifest.read_text())
+        files, saved_world = record["files"], int(record["world_size"])
+    except (ValueError, KeyError, TypeError):
         return f"{ckpt}: {MANIFEST} is unreadable"
+    unlisted = unlisted_files(ckpt, files, saved_world)
+    if unlisted:  # a loader would open it unchecked
+        return f"{ckpt}: {unlisted} is not listed in {MANIFEST} (added or renamed after the save?)"
     mine = [(rel, files[rel]) for rel in share_of(list(files), rank, world)]
     for rel, _ in mine:
         if not (ckpt / rel).exists():
@@ -143,6 +147,21 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     for (rel, digest), actual in zip(mine, sha256_files([ckpt / rel for rel, _ in mine])):
         if actual != digest:
             return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
+    return None
+
+
+DERIVED = ("deepspeed/state_universal/", "deepspeed/.tmp-state_universal/")
+"""Made from the verified files at resume (a ZeRO reshard), always anew; never read as saved."""
+
+
+def unlisted_files(ckpt: Path, files: dict, saved_world: int) -> Optional[str]:
+    """The first file the loaders could open that the manifest does not list (every file on disk,
+    and each rank's ``rank-XXXXX.pt`` of the world that saved it), or ``None``."""
+    expected = {f"rank-{r:05d}.pt" for r in range(saved_world)}
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST}
+    for rel in sorted(expected | on_disk):
+        if rel not in files and not rel.startswith(DERIVED):
+            return rel
     return None
 
 

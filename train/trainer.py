@@ -40,6 +40,7 @@ from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
 from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
                           write_status)
+from train.safe_load import forbid_code_in_checkpoints
 from train.saving import Saver
 from train.schema import RecipeProblems
 from train.scores import EarlyStopping
@@ -162,6 +163,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
                                 d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key},
                                 log=log)
     seed_rank(recipe.run.seed, d.rank)
+    forbid_code_in_checkpoints(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
     resume_from = checkpointer.find_resume_point(recipe.checkpoint.resume)
     if resume_from is not None:
         manifest = checkpointer.load(resume_from)

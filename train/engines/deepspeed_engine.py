@@ -109,7 +109,7 @@ class DeepSpeedEngine(Engine):
 
 
 def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
-    """Convert ``ds_dir/tag`` into ``ds_dir/universal_tag`` once (atomically), with ``ds_to_universal``.
+    """Convert ``ds_dir/tag`` into ``ds_dir/universal_tag`` (anew, atomically), with ``ds_to_universal``.
 
     ``--inject_missing_state`` adds the parameter-shape metadata that ZeRO-1/2 checkpoints
     written without Megatron lack. The converted copy lives inside the checkpoint directory,
@@ -119,11 +119,9 @@ def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
     import sys
 
     out = ds_dir / universal_tag
-    if (out / ".converted").exists():
-        return out
-    tmp = ds_dir / f".tmp-{universal_tag}"
+    tmp = ds_dir / f".tmp-{universal_tag}"  # converted anew each time: a copy left on disk is not trusted
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+    cmd = [sys.executable, "-m", "train.engines.universal", "--input_folder",
            str(ds_dir / tag), "--output_folder", str(tmp), "--inject_missing_state",
            "--num_extract_workers", "1", "--num_merge_workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from train.engines.base import DTYPES, Engine
+from train.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
 from train.recipe import Recipe, grad_accum_steps
 
@@ -101,7 +102,7 @@ class _TorchEngine(Engine):
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        dcp.load(state, storage_reader=safe_reader(path / "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         extra = torch.load(path / "engine_extra.pt", weights_only=True)
