@@ -261,6 +261,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if tok.train is None and tok.path is None and m.pretrained is None:
         p.append("data.tokenizer: no tokenizer; set data.tokenizer.path, model.pretrained, or "
                  "data.tokenizer.train.vocab_size to train one")
+    if tok.train is not None and m.pretrained is not None and r.task == "causal_lm":
+        p.append("data.tokenizer.train: model.pretrained brings its own tokenizer (its embeddings index its "
+                 "vocabulary); remove data.tokenizer.train")
     if tok.train is not None and tok.train.vocab_size < 300:
         p.append(f"data.tokenizer.train.vocab_size: {tok.train.vocab_size} is below the 256 byte "
                  f"symbols plus merges; use at least 300")

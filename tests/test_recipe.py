@@ -158,9 +158,10 @@ def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path
     ("optim.lr=.nan", "optim.lr: must be a positive finite number"),
     ("optim.lr=.inf", "optim.lr: must be a positive finite number"),
     ("optim.grad_clip=.nan", "optim.grad_clip: must be a finite number"),
+    ("model.config=null model.pretrained=data/minilm", "data.tokenizer.train: model.pretrained brings its own"),
 ])
 def test_values_that_used_to_fail_inside_the_run_are_refused_before_launch(override, fragment):
-    (p,) = problems(override)
+    (p,) = problems(*override.split())
     assert p.startswith(fragment), p
 
 

@@ -229,6 +229,7 @@ def test_final_status_picks_the_root_cause_and_the_documented_exit_code(tmp_path
     assert (status["state"], status["rank"], status["exit_code"], status["step"]) == ("failed", 1, 2, 6)
     assert status["started"] == 123.0, "the loop's start time is kept"
     assert describe(status) == "failed after step 6: rank 1: data: cache is corrupt; delete it (exit 2)"
+    assert describe({**status, "step": 0}).startswith("failed before the first step: rank 1: data: cache")
 
     monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "launch-b")  # the next launch ignores launch-a's reports
     write_status(tmp_path, "running", 6)

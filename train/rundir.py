@@ -192,7 +192,7 @@ def describe(status: dict) -> str:
     if state == "hung":
         return f"hung{at}: {reason.splitlines()[0] if reason else 'the watchdog fired'} (exit {code})"
     if isinstance(step, int) and step >= 0:
-        at = f" after step {step}"  # the last step that completed
+        at = f" after step {step}" if step > 0 else " before the first step"  # the last step that completed
     rank = status.get("rank")
     who = f"rank {rank}: " if rank is not None and not reason.startswith(f"rank {rank}") else ""
     return f"failed{at}: {who}{reason} (exit {code})"
