@@ -280,9 +280,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
     c = r.checkpoint
-    if c.resume not in ("auto", "never") and not Path(c.resume).is_dir():
-        p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or an existing checkpoint "
-                 f"directory; fix the path")
+    if c.resume not in ("auto", "never") and not (Path(c.resume) / "manifest.json").is_file():
+        p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or a committed checkpoint "
+                 f"directory (one with a manifest.json, e.g. runs/NAME/checkpoints/step-000100); fix the path")
     if c.async_save and not capabilities(r.parallel.engine).async_save:
         p.append(f"checkpoint.async_save: needs parallel.engine {' or '.join(engines_that(async_save=True))} "
                  f"(DeepSpeed saves synchronously); set checkpoint.async_save=false")

@@ -47,3 +47,14 @@ def test_gpu_benchmark_validates_on_cpu(tmp_path):
 def test_bad_benchmark_arguments_exit_2():
     proc = _run("benchmarks.cpu", "--only", "nonsense")
     assert proc.returncode == 2 and "unknown" in proc.stderr
+
+
+def test_adversarial_benchmark_smoke(tmp_path):
+    """Two recipe cases, no launch: both refused cleanly, the table and JSON are written."""
+    out = tmp_path / "adversarial.json"
+    proc = _run("benchmarks.adversarial", "--only", "run.seed=-1,duplicate section", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tried"] == 2 and result["counts"]["exit2"] == 2, result
+    assert "| tried | exit2 | traceback | hang | silent | data_lost | code_executed |" in proc.stdout
+    assert _run("benchmarks.adversarial", "--only", "nonsense").returncode == 2

@@ -243,3 +243,22 @@ def test_prune_uncommits_at_once_and_deletes_in_the_background(tmp_path):
         assert verify(root / "step-000003") is None
     finally:
         dist.destroy_process_group()
+
+
+def test_no_checkpoint_holds_non_finite_weights():
+    """Saver checks ``engine.weights_finite()`` (a collective over every rank's shards) before each save."""
+    import torch.distributed as dist
+
+    from train.engines.torch_engines import DDPEngine
+    from train.recipe import recipe_from_dict, resolve_defaults
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        recipe = resolve_defaults(recipe_from_dict({"parallel": {"nproc": 1, "precision": "fp32"}}))
+        engine = DDPEngine(recipe, torch.nn.Linear(4, 4), torch.device("cpu"))
+        assert engine.weights_finite()
+        with torch.no_grad():
+            engine.model.weight[2, 1] = float("inf")
+        assert not engine.weights_finite()
+    finally:
+        dist.destroy_process_group()

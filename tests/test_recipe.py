@@ -159,6 +159,7 @@ def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path
     ("optim.lr=.inf", "optim.lr: must be a positive finite number"),
     ("optim.grad_clip=.nan", "optim.grad_clip: must be a finite number"),
     ("model.config=null model.pretrained=data/minilm", "data.tokenizer.train: model.pretrained brings its own"),
+    ("checkpoint.resume=configs", "checkpoint.resume: 'configs' is not auto, never or a committed checkpoint"),
 ])
 def test_values_that_used_to_fail_inside_the_run_are_refused_before_launch(override, fragment):
     (p,) = problems(*override.split())

@@ -12,7 +12,7 @@ from typing import Callable
 
 from train.checkpoint import Checkpointer, CheckpointSaveError
 from train.checkpoint_files import step_dir_name
-from train.policy import Agreed, NonFiniteGuard
+from train.policy import Agreed, NonFiniteGuard, NonFiniteStop
 from train.recipe import CheckpointConfig, Recipe
 from train.rundir import BEST_FILE, atomic_write
 from train.scores import EarlyStopping
@@ -72,6 +72,11 @@ class Saver:
         step, cfg = self.counters.step, self.cfg
         self.last_save_step = step
         self.guard.check(step)  # never commit a checkpoint after a step that should stop
+        if not self.checkpointer.engine.weights_finite():
+            raise NonFiniteStop(f"the weights hold NaN or inf at step {step} (a finite loss, then an update that "
+                                f"overflowed); not saving them, so the latest checkpoint in "
+                                f"{self.run_dir / 'checkpoints'} is the last good state. Lower optim.lr, then run "
+                                f"again to resume")
         self.watchdog.beat(step, f"checkpoint save ({reason})", restart=True)
         background = cfg.async_save and reason == "periodic"
         t = self.recipe.train

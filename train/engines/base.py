@@ -20,6 +20,7 @@ class Engine:
 
     name = "engine"
     model: torch.nn.Module
+    device: torch.device
 
     def forward_backward(self, batch: dict, loss_fn: LossFn, last_micro: bool) -> torch.Tensor:
         """Forward and backward one micro-batch; return the (detached) unscaled loss."""
@@ -64,6 +65,21 @@ class Engine:
     def full_model_state(self) -> Optional[dict]:
         """The unsharded model state dict on rank 0 (``None`` elsewhere); a collective."""
         raise NotImplementedError
+
+    def local_weights(self) -> list[torch.Tensor]:
+        """This rank's share of the weights (its shards when they are sharded)."""
+        return [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's weights are finite (a collective): checked before each save, so a
+        checkpoint never holds NaN or inf weights."""
+        import torch.distributed as dist
+
+        bad = torch.zeros((), device=self.device)
+        for w in self.local_weights():
+            bad += (~torch.isfinite(w.detach())).any().float().to(bad.device)  # offloaded shards: on the CPU
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
 
     def train(self) -> None:
         self.model.train()

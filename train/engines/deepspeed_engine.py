@@ -49,6 +49,10 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return norm, found
 
+    def local_weights(self) -> list[torch.Tensor]:
+        params = list(self.engine.module.parameters())  # ZeRO-3: each rank holds a partition of each
+        return [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+
     @property
     def lr(self) -> float:
         return self.engine.get_lr()[0]
