@@ -43,14 +43,28 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
         return []  # the ranks' own checks still apply
     new = dataclasses.asdict(recipe)
 
+    def leaves(tree, prefix: str) -> dict:  # {"model.config.hidden_size": 64, ...}
+        if not isinstance(tree, dict) or not tree:
+            return {prefix: tree}
+        return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+
     def at(tree: dict, key: str):
         for part in key.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         return tree
 
-    return [f"{key}: {at(new, key)!r} here but {at(old, key)!r} in {old_file}, which its checkpoints were trained "
-            f"with; restore it to resume, or start over with checkpoint.resume=never or another run.dir"
-            for key in RESUME_KEYS if at(old, key) is not None and at(new, key) != at(old, key)]
+    problems = []
+    for key in RESUME_KEYS:
+        if at(old, key) is None:
+            continue  # an older run directory without it: the ranks' checks still apply
+        was, now = leaves(at(old, key), key), leaves(at(new, key), key)
+        # a setting newer than the run directory is skipped; the model's own config is compared whole
+        for name in sorted(set(was) | {n for n in now if n.startswith("model.config.")}):
+            if was.get(name) != now.get(name):
+                problems.append(f"{name}: {now.get(name)!r} here but {was.get(name)!r} in {old_file}, which its "
+                                f"checkpoints were trained with; restore it to resume, or start over with "
+                                f"checkpoint.resume=never or another run.dir")
+    return problems
 
 
 class RunDirBackup:
