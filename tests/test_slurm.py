@@ -218,15 +218,17 @@ def test_time_limit_signal_checkpoints_requeues_and_honours_max_restarts(cluster
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "1", log[-3000:]
     assert log.count("stop requested (SIGUSR1") == 2, log[-3000:]  # once per run
-    stops = re.findall(r"stop requested \(SIGUSR1\) at step (\d+)", log)
-    # on a busy machine the first run's USR1 can land during data preparation: a clean stop, no step
-    assert len(stops) == 2 or (len(stops) == 1 and "SIGUSR1 during data preparation" in log), log[-3000:]
-    if len(stops) == 2:
-        assert int(stops[1]) > int(stops[0]), log[-3000:]
-        assert f"resumed from {run_dir / 'checkpoints' / f'step-{int(stops[0]):06d}'}" in log
+    # on a busy machine a run's USR1 can land during data preparation (start-up took over 30 s):
+    # a clean stop with nothing new to save; otherwise it stops at a step with a checkpoint
+    stops = re.findall(r"stop requested \(SIGUSR1(?:\) at step (\d+)| during data preparation)", log)
+    assert len(stops) == 2, log[-3000:]
+    at_steps = [int(s) for s in stops if s]
+    assert at_steps == sorted(set(at_steps)), log[-3000:]
+    if len(at_steps) == 2:
+        assert f"resumed from {run_dir / 'checkpoints' / f'step-{at_steps[0]:06d}'}" in log
     assert "max restarts (1) reached" in log
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "stopped" and status["step"] == int(stops[-1])
+    assert status["state"] == "stopped" and status["step"] == (int(stops[-1]) if stops[-1] else -1), status
 
 
 def _wait_for_steps(job: str, run_dir: Path, steps: int, timeout: float = 180) -> None:
