@@ -200,3 +200,19 @@ def test_more_processes_than_cpus_is_refused_on_a_machine_without_gpus(tmp_path)
     assert proc.returncode == 2 and f"parallel.nproc: {n} processes, but this machine has no GPU" in proc.stderr, \
         proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_architecture_default_token_id_outside_the_vocabulary_is_dropped():
+    """Phi-3's default pad_token_id (32000) would make the embedding fail on a 2048-token vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    from train.model import build_config
+    from train.recipe import ModelConfig
+
+    cfg = ModelConfig(config={"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2})
+    config = build_config(cfg, vocab_size=2000)
+    assert config.vocab_size == 2048 and config.pad_token_id is None
+    AutoModelForCausalLM.from_config(config)  # builds (it raised with padding_idx 32000 before)
+    kept = build_config(ModelConfig(config={**cfg.config, "pad_token_id": 5}), vocab_size=2000)
+    assert kept.pad_token_id == 5, "an id the recipe sets is kept"

@@ -8,6 +8,8 @@ the rank program calls :func:`fault_point` at named points and the tests choose 
 - ``SHARDFORGE_PAUSE_AT=point:step[:rank]`` pauses that rank there: it writes the file named by
   ``SHARDFORGE_PAUSE_FILE`` (the test's cue to send a signal) and waits until a stop signal has
   arrived (at most :data:`PAUSE_LIMIT_S`), then goes on as if nothing happened.
+- ``SHARDFORGE_NOSPACE_FROM=point:step[:rank]`` raises ``OSError(ENOSPC)`` at that point of that
+  step and every later one: a disk that stays full, where mounting a small tmpfs needs root.
 - ``SHARDFORGE_NAN_AT=step[:rank]`` and ``SHARDFORGE_HANG_AT=step[:rank]``: see :func:`fault_step`.
 
 Points: ``prepare`` (step 0, before rank 0 prepares the data), ``forward``, ``backward`` and
@@ -25,15 +27,16 @@ from pathlib import Path
 PAUSE_LIMIT_S = 120.0
 
 
-def _matches(variable: str, name: str, step: int, rank: int) -> bool:
+def _matches(variable: str, name: str, step: int, rank: int, onwards: bool = False) -> bool:
     spec = os.environ.get(variable)
     if not spec:
         return False
     where, at_step, *at_rank = spec.split(":")
-    return where == name and int(at_step) == step and int(at_rank[0] if at_rank else 0) == rank
+    hit = step >= int(at_step) if onwards else step == int(at_step)
+    return where == name and hit and int(at_rank[0] if at_rank else 0) == rank
 
 
-POINT_VARIABLES = ("SHARDFORGE_KILL_AT", "SHARDFORGE_RAISE_AT", "SHARDFORGE_PAUSE_AT")
+POINT_VARIABLES = ("SHARDFORGE_KILL_AT", "SHARDFORGE_RAISE_AT", "SHARDFORGE_PAUSE_AT", "SHARDFORGE_NOSPACE_FROM")
 
 
 def points_armed() -> bool:
@@ -45,6 +48,10 @@ def fault_point(name: str, step: int, rank: int) -> None:
     """A named point of the rank program: kill or pause here when the environment asks for it."""
     if _matches("SHARDFORGE_KILL_AT", name, step, rank):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _matches("SHARDFORGE_NOSPACE_FROM", name, step, rank, onwards=True):
+        import errno
+
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name} of step {step}: SHARDFORGE_NOSPACE_FROM)")
     if _matches("SHARDFORGE_RAISE_AT", name, step, rank):
         raise RuntimeError(f"injected fault at {name} of step {step} on rank {rank} (SHARDFORGE_RAISE_AT)")
     if _matches("SHARDFORGE_PAUSE_AT", name, step, rank):

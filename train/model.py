@@ -23,7 +23,12 @@ def build_config(cfg: ModelConfig, vocab_size: int, labels: Optional[list[str]] 
     inline = dict(cfg.config or {})
     model_type = inline.pop("model_type")
     inline.setdefault("vocab_size", int(math.ceil(vocab_size / 64) * 64))
-    return AutoConfig.for_model(model_type, **inline, **label_kwargs)
+    config = AutoConfig.for_model(model_type, **inline, **label_kwargs)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if name not in inline and isinstance(value, int) and not 0 <= value < config.vocab_size:
+            setattr(config, name, None)  # the architecture's default id (Phi-3 pads with 32000) is outside this vocabulary
+    return config
 
 
 def auto_model_class(task: str):
