@@ -73,6 +73,27 @@ def test_bad_data_found_by_rank_0_is_one_line_and_rank_1_does_not_claim_a_timeou
     assert symptom["kind"] == "collective" and "rank 0 ended while preparing the data" in symptom["message"]
 
 
+@pytest.mark.timeout(300)  # it used to wait forever
+def test_a_stale_deepspeed_build_lock_does_not_hang_the_next_run(world):
+    """A job killed while DeepSpeed held torch's build baton (a plain ``lock`` file, taken even when
+    nothing is rebuilt) leaves it behind; every later DeepSpeed run used to wait on it forever (the
+    kill harness hit it). The ranks now load ops under an flock and clear such batons."""
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    build_dirs = sorted(root.glob("*/deepspeed_shm_comm")) or \
+        [root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"]
+    for build_dir in build_dirs:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        (build_dir / "lock").touch()  # what the killed job left
+    proc, _ = launch(world, "stale-baton", {}, train={"max_steps": 2},
+                     parallel={"engine": "zero1", "precision": "fp32", "nproc": 2})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert not any((d / "lock").exists() for d in build_dirs)
+
+
 def test_nan_stop_exits_without_saving_and_names_the_step(world):
     """ZeRO-2 (policy auto = stop): the NaN step ends the run; the last good checkpoint stays the latest."""
     proc, run_dir = launch(world, "nan-stop", {"SHARDFORGE_NAN_AT": "3:0"},

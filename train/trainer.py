@@ -59,7 +59,7 @@ def train(run_dir: Path) -> int:
     """Train the run in ``run_dir`` on this rank; ``EXIT_REQUEUE`` when stopped, 0 when done."""
     global CURRENT
     recipe = read_recipe(run_dir)
-    d = init_distributed(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
+    d = join_process_group(recipe)
     log = print if d.is_main else (lambda *a, **k: None)
     stop = StopRequest.install()
     if d.is_main:
@@ -172,6 +172,16 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
         check_fingerprint(manifest, batches, recipe, data.key)
         log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
     return Parts(engine, task, batches, early, checkpointer, flops_token)
+
+
+def join_process_group(recipe: Recipe) -> DistInfo:
+    """The job's process group; for DeepSpeed, its C++ ops are built or loaded first (see ``load_ops``)."""
+    if capabilities(recipe.parallel.engine).family != "deepspeed":
+        return init_distributed()
+    from train.engines.deepspeed_engine import load_ops
+
+    load_ops(offload=recipe.parallel.offload)
+    return init_distributed(deepspeed=True)
 
 
 def seed_rank(seed: int, rank: int) -> None:

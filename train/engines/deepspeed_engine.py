@@ -112,6 +112,34 @@ class DeepSpeedEngine(Engine):
         return {k: v.detach().float().cpu() for k, v in sd.items()}
 
 
+def load_ops(offload: bool) -> None:
+    """Build or load DeepSpeed's C++ ops for this rank before the process group exists.
+
+    DeepSpeed builds them on first use through torch's ``FileBaton``: a plain ``lock`` file in the
+    op's build directory, held even when nothing needs building. A process killed while holding it
+    (a preempted or ``kill -9``-ed job) leaves it behind, and every later run on the machine waits
+    on it forever. Ranks load ops here under an ``flock`` instead, which the kernel releases when
+    its holder dies; holding it, they remove the batons such a death left. Loaded ops are cached
+    by DeepSpeed, so its own later loads take no baton.
+    """
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "shardforge-build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for baton in root.glob("*/*/lock"):  # every shardforge build runs under this flock: nobody holds these
+            baton.unlink(missing_ok=True)
+        for name in ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ())):
+            builder = get_accelerator().create_op_builder(name)
+            if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+                builder.load(verbose=False)
+
+
 def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
     """Convert ``ds_dir/tag`` into ``ds_dir/universal_tag`` (anew, atomically), with ``ds_to_universal``.
 
