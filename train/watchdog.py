@@ -59,10 +59,6 @@ class Watchdog:
         first = self._step == self._first_step
         return self.timeout_s * (self.FIRST_STEP_FACTOR if first else 1)
 
-    def disarm(self) -> None:
-        """Long phases the timeout does not cover (evaluation, the first step's compilation)."""
-        self._armed = False
-
     def __enter__(self):
         return self
 
