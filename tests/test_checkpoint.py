@@ -116,8 +116,9 @@ def test_manifest_is_the_commit_marker(tmp_path):
     assert "no manifest.json" in verify(ckpt)
     import hashlib
 
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "files": {
-        "a.bin": hashlib.sha256(b"x").hexdigest()}}))
+    (ckpt / "rank-00000.pt").write_bytes(b"r")
+    (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "world_size": 1, "files": {
+        "a.bin": hashlib.sha256(b"x").hexdigest(), "rank-00000.pt": hashlib.sha256(b"r").hexdigest()}}))
     assert latest_valid(tmp_path / "checkpoints") == ckpt
 
 
