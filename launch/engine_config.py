@@ -58,7 +58,7 @@ def deepspeed_config(recipe: Recipe) -> dict:
     """DeepSpeed ZeRO config; ``train_batch_size`` = micro × accumulation × world size."""
     t, par, o = recipe.train, recipe.parallel, recipe.optim
     stage = capabilities(par.engine).zero_stage
-    bucket = par.reduce_bucket_mb * 1_000_000
+    bucket = par.reduce_bucket_mb * 2**20 // (4 if par.precision == "fp32" else 2)  # DeepSpeed counts elements
     zero: dict = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
                   "reduce_bucket_size": bucket}
     if stage < 3:

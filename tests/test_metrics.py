@@ -85,6 +85,9 @@ def test_peak_table_and_mfu_bounds():
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.5
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
     assert peak_tflops("NVIDIA A10G", "bf16") == 70.0
+    assert peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5 and peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA L40", "bf16") is None, "an L40 is not an L4 (whole-word match)"
+    assert peak_tflops("NVIDIA L40S", "bf16") == 362.05 and peak_tflops("NVIDIA L4", "bf16") == 121.0
     assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on V100
     assert peak_tflops("cpu", "bf16") is None
     assert mfu(1000.0, 6e9, None) is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
     "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
     "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "L40S": {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6},
@@ -35,7 +37,8 @@ def peak_tflops(device_name: str, precision: str) -> Optional[float]:
     if "H100" in name:
         key = "H100 PCIe" if "PCIE" in name else "H100 NVL" if "NVL" in name else "H100 SXM"
     else:
-        key = next((k for k in sorted(PEAK_TFLOPS, key=len, reverse=True) if k.upper() in name), None)
+        key = next((k for k in sorted(PEAK_TFLOPS, key=len, reverse=True)  # whole words: an L40 is no L4
+                    if re.search(rf"\b{re.escape(k.upper())}\b", name)), None)
     return PEAK_TFLOPS.get(key, {}).get(precision) if key else None
 
 

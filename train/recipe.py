@@ -213,7 +213,8 @@ class ParallelConfig:
     nodes: int = 1
     """Number of nodes."""
     reduce_bucket_mb: int = 200
-    """DeepSpeed reduce / all-gather bucket size in MB."""
+    """DeepSpeed reduce / all-gather (and ZeRO-3 prefetch) bucket size in MiB of gradients; converted
+    to the element count DeepSpeed expects (2 bytes per element in bf16/fp16, 4 in fp32)."""
 
 
 @dataclass

@@ -129,8 +129,8 @@ class DDPEngine(_TorchEngine):
         model.to(device)
         self.precision = recipe.parallel.precision
         # One process has nothing to synchronise: skip the wrapper's bucket copies and hooks.
-        self.model = model if dist.get_world_size() == 1 else DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.model = model if dist.get_world_size() == 1 else DistributedDataParallel(  # grads live in the buckets
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
         self._setup_optim(self.model)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
 
@@ -171,7 +171,7 @@ class FSDPEngine(_TorchEngine):
                                f"{type(model).__name__}; regenerate fsdp.json with `shardforge plan`")
         for block in blocks:
             fully_shard(block, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
-        fully_shard(model, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
+        fully_shard(model, **kwargs)  # the root keeps FSDP's default: unsharded after forward, as backward needs it first
         self.model = model
         self._setup_optim(model)
         self.scaler = None
