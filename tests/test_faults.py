@@ -265,6 +265,18 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
             subprocess.run(["umount", str(run_dir / "checkpoints")], check=False)
 
 
+def test_a_full_disk_while_writing_the_manifest_fails_the_save_cleanly(world):
+    """The last write of a save (rank 0's manifest, after the rename) fails: agreed by every rank,
+    the uncommitted step directory removed, exit 2, the previous checkpoint intact."""
+    proc, run_dir = launch(world, "full-manifest", {"SHARDFORGE_NOSPACE_FROM": "manifest:4:0"},
+                           checkpoint={"every_steps": 2, "at_end": True})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "checkpoint step-000004 failed" in out and "No space left on device" in out, out[-3000:]
+    assert [p.name for p in committed_checkpoints(run_dir / "checkpoints")] == ["step-000002"]
+    assert not (run_dir / "checkpoints" / "step-000004").exists()
+
+
 @pytest.mark.launch  # through benchmarks.kill_harness
 def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
     """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
