@@ -250,3 +250,11 @@ def test_final_status_picks_the_root_cause_and_the_documented_exit_code(tmp_path
     write_status(tmp_path, "running", 7)
     assert final_status(tmp_path, "launch-c")["reason"].startswith("the trainers exited without recording")
     assert EXIT_BAD_INPUT == 2 and json.loads((tmp_path / "status.json").read_text())["launch_id"] == "launch-c"
+
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "launch-d")  # a save that failed on rank 0 only:
+    write_status(tmp_path, "running", 4)                     # rank 1's report (written first) is a symptom
+    write_error_report(tmp_path, 1, "save_failed", "checkpoint step-000004 failed (another rank failed to write)",
+                       step=4, symptom=True)
+    write_error_report(tmp_path, 0, "save_failed", "checkpoint step-000004 failed (rank 0: No space left)", step=4)
+    status = final_status(tmp_path, "launch-d")
+    assert status["rank"] == 0 and "No space left" in status["reason"], status

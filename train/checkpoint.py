@@ -55,7 +55,11 @@ class CheckpointError(RuntimeError):
 
 
 class CheckpointSaveError(CheckpointError):
-    """A save failed on some rank; nothing of it was committed."""
+    """A save failed on some rank; nothing of it was committed. ``symptom``: not on this rank."""
+
+    def __init__(self, message: str, symptom: bool = False):
+        super().__init__(message)
+        self.symptom = symptom
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -205,7 +209,8 @@ class Checkpointer:
             f"checkpoint {step_dir_name(step)} failed ({reason}); it needs about {needed / 2**20:.1f} MiB "
             f"and {free / 2**20:.1f} MiB are free on {self.root}; the partial save was removed and the "
             f"latest checkpoint is still {kept}. Free space on that file system (older runs' checkpoints, "
-            f"or a lower checkpoint.keep_last once this run can save again), then run again to resume")
+            f"or a lower checkpoint.keep_last once this run can save again), then run again to resume",
+            symptom=error is None)
 
     def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: set[int]) -> None:
         ckpts = committed_checkpoints(self.root)

@@ -123,17 +123,20 @@ def error_report_path(run_dir: Path, rank: int) -> Path:
 
 
 def write_error_report(run_dir: Path, rank: int, kind: str, message: str, traceback_text: str = "",
-                       step: int = -1) -> None:
-    """One failing rank's account: what kind of error, the one-line message and the traceback."""
+                       step: int = -1, symptom: bool = False) -> None:
+    """One failing rank's account: what kind of error, the one-line message and the traceback.
+    ``symptom``: this rank failed only because another did (it holds no cause of its own)."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     atomic_write(error_report_path(run_dir, rank), json.dumps(
         {"rank": rank, "kind": kind, "message": message, "traceback": traceback_text, "step": step,
-         "exit_code": KIND_EXIT.get(kind, EXIT_CRASH), "launch_id": launch_id(), "time": time.time()}),
+         "exit_code": KIND_EXIT.get(kind, EXIT_CRASH), "launch_id": launch_id(), "time": time.time(),
+         "symptom": symptom or kind == "collective"}),
         fsync=True)
 
 
 def read_error_reports(run_dir: Path, launch: str) -> list[dict]:
-    """This launch's error reports, root cause first: primary errors before collective ones, then by time."""
+    """This launch's error reports, root cause first: causes before symptoms (collective errors, a
+    save that failed on another rank), then by time."""
     reports = []
     for path in sorted((run_dir / "logs").glob("error-rank-*.json")):
         try:
@@ -142,7 +145,8 @@ def read_error_reports(run_dir: Path, launch: str) -> list[dict]:
             continue
         if isinstance(report, dict) and report.get("launch_id") == launch:
             reports.append(report)
-    return sorted(reports, key=lambda r: (r.get("kind") == "collective", r.get("time", 0.0)))
+    return sorted(reports, key=lambda r: (bool(r.get("symptom")) or r.get("kind") == "collective",
+                                          r.get("time", 0.0)))
 
 
 def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, str]] = (),

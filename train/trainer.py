@@ -302,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = f"{type(err).__name__}: {err}" if kind in ("crash", "collective") else str(err)
         tb = traceback.format_exc() if kind in ("crash", "collective") else ""
         try:
-            write_error_report(run_dir, rank, kind, message.strip() or type(err).__name__, tb, CURRENT.step)
+            write_error_report(run_dir, rank, kind, message.strip() or type(err).__name__, tb, CURRENT.step,
+                               symptom=bool(getattr(err, "symptom", False)))
         except OSError:
             pass  # the console below still says it
         if not under_agent:  # nobody else will print it
