@@ -14,7 +14,6 @@ sibling and renamed into place, so ``OUT_DIR`` is either complete or absent.
 from __future__ import annotations
 
 import json
-import pickle
 import os
 import shutil
 from pathlib import Path
@@ -99,6 +98,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
 
     from launch.recipe import RecipeError
     from train.rundir import read_recipe
+    from train.safe_load import refusing_code
 
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run directory (no recipe.yaml); pass runs/<name>")
@@ -111,17 +111,8 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     model = build_export_model(recipe, run_dir, len(tokenizer))
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    from train.safe_load import refused_code
-
-    try:
+    with refusing_code(ckpt, ExportError):
         state = full_state_dict(ckpt, model)
-    except (pickle.UnpicklingError, CheckpointException) as err:
-        if not refused_code(err):
-            raise
-        raise ExportError(f"{ckpt}: refused: a file holds objects that would run code when loaded; it was "
-                          f"altered after the save: restore it from a trusted copy") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if model.config.tie_word_embeddings and k.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

@@ -33,7 +33,7 @@ from train.checkpoint_files import (MANIFEST, STEP_DIR, committed_checkpoints, s
 from train.distributed import all_ranks_agree
 from train.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
-from train.safe_load import refused_code
+from train.safe_load import rank_errors, refusing_code
 from train.state import Stateful
 
 
@@ -60,18 +60,6 @@ class CheckpointSaveError(CheckpointError):
     def __init__(self, message: str, symptom: bool = False):
         super().__init__(message)
         self.symptom = symptom
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The error under DCP's ``CheckpointException`` (which names only the failing ranks): the first
-    failing rank's own exception, e.g. ``OSError: [Errno 28] No space left on device``."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        inner = inner[0] if isinstance(inner, tuple) else inner  # (exception, traceback) in some versions
-        if isinstance(inner, BaseException):
-            return inner
-    return error
 
 
 class Checkpointer:
@@ -201,7 +189,7 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(self.root).free
-        reason = f"rank {self.rank}: {first_line(root_cause(error))}" if error else "another rank failed to write"
+        reason = f"rank {self.rank}: {first_line(rank_errors(error)[0])}" if error else "another rank failed to write"
         if free < needed and "No space left" not in reason:  # torch.save says only "file write failed"
             reason += "; No space left on device"
         kept = previous[-1].name if previous else "none"
@@ -259,23 +247,13 @@ class Checkpointer:
 
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""
-        from pickle import UnpicklingError
-
-        from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
-
         manifest = json.loads((ckpt / MANIFEST).read_text())
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank-{self.rank:05d}.pt"
-        try:
+        with refusing_code(ckpt, CheckpointError, "restore the checkpoint from a trusted copy or resume from "
+                                                  "another (checkpoint.resume=PATH)"):
             self.engine.load(ckpt, manifest["world_size"])
             state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt", weights_only=True)
-        except (UnpicklingError, CheckpointException) as err:
-            if not refused_code(err):
-                raise
-            raise CheckpointError(
-                f"{ckpt}: refused: a file holds objects that would run code when loaded; it was altered "
-                f"after the save: restore the checkpoint from a trusted copy or resume from another "
-                f"(checkpoint.resume=PATH)") from None
         for name, part in self.parts.items():
             if name == "rng" and not same_world:
                 continue  # per-rank RNG streams cannot map onto another world size; reseeded instead

@@ -15,7 +15,8 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 DEEPSPEED_CHECKPOINT_TYPES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -44,11 +45,28 @@ REFUSED = "which a DCP checkpoint never holds"
 """In :class:`_MetadataUnpickler`'s refusal; DCP turns that error into text inside its own exception."""
 
 
-def refused_code(err: BaseException) -> bool:
-    """Whether ``err`` (or the error DCP wrapped in it) is a weights-only or metadata refusal."""
+def rank_errors(err: BaseException) -> list[BaseException]:
+    """The failing ranks' own errors inside DCP's ``CheckpointException`` (which names only the
+    ranks), first rank first; ``[err]`` for any other error."""
     failures = getattr(err, "failures", None)
-    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else []
-    return any(isinstance(e, pickle.UnpicklingError) or REFUSED in str(e) for e in [err, *inner])
+    if not isinstance(failures, dict) or not failures:
+        return [err]
+    inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]  # (exception, traceback)
+    return [e for e in inner if isinstance(e, BaseException)] or [err]
+
+
+@contextmanager
+def refusing_code(ckpt, error_type: type, hint: str = "restore it from a trusted copy") -> Iterator[None]:
+    """Turn a weights-only or metadata refusal while loading ``ckpt`` into one ``error_type`` line."""
+    from torch.distributed.checkpoint.api import CheckpointException  # DCP: a BaseException
+
+    try:
+        yield
+    except (pickle.UnpicklingError, CheckpointException) as err:
+        if not any(isinstance(e, pickle.UnpicklingError) or REFUSED in str(e) for e in [err, *rank_errors(err)]):
+            raise
+        raise error_type(f"{ckpt}: refused: a file holds objects that would run code when loaded; it was "
+                         f"altered after the save: {hint}") from None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
