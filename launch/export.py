@@ -71,16 +71,20 @@ def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     return state["model"]
 
 
-def build_export_model(recipe, run_dir: Path, vocab_size: int) -> torch.nn.Module:
-    """The recipe's model on CPU, randomly initialised (LoRA adapters included), ready for a state dict."""
+def build_export_model(recipe, run_dir: Path, tokenizer) -> torch.nn.Module:
+    """The recipe's model on CPU, randomly initialised (LoRA adapters included), ready for a state
+    dict; it carries the run tokenizer's special ids, as in training, and generates with its pad id."""
     from train.rundir import LABELS_FILE
-    from train.model import add_lora, auto_model_class, build_config
+    from train.model import add_lora, auto_model_class, build_config, token_ids
 
     labels_file = run_dir / LABELS_FILE
     labels = json.loads(labels_file.read_text()) if labels_file.exists() else None
-    config = build_config(recipe.model, vocab_size, labels)
+    config = build_config(recipe.model, len(tokenizer), labels, token_ids(tokenizer))
     config.use_cache = True
     model = auto_model_class(recipe.task).from_config(config)  # on CPU: non-persistent buffers need real init
+    generation = getattr(model, "generation_config", None)  # generative models only
+    if not recipe.model.pretrained and generation is not None and tokenizer.pad_token_id is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
     if recipe.model.lora is not None:
         model = add_lora(model, recipe.model.lora, recipe.task)
     return model
@@ -110,7 +114,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
         raise RecipeError(str(run_dir / "recipe.yaml"), [str(err)]) from None
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    model = build_export_model(recipe, run_dir, len(tokenizer))
+    model = build_export_model(recipe, run_dir, tokenizer)
     with refusing_code(ckpt, ExportError):
         state = full_state_dict(ckpt, model)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -112,6 +112,29 @@ def run_recipe(tmp: Path, recipe: dict, *overrides: str, expect: int = 0) -> sub
     return proc
 
 
+def assert_stop_and_resume_exact(tmp: Path, recipe: dict, stop_after: int) -> None:
+    """``recipe`` (already run straight) stopped after ``stop_after`` steps and resumed, in a run
+    dir of its own, logs the same losses, gradient norms and evaluations, bit for bit."""
+    import copy
+
+    straight = Path(recipe["run"]["dir"])
+    again = copy.deepcopy(recipe)
+    again["run"].update(name=f"{straight.name}-resumed", dir=str(straight.with_name(f"{straight.name}-resumed")))
+    first = run_recipe(tmp, again, f"train.stop_after={stop_after}", expect=75)
+    assert f"train.stop_after={stop_after}" in first.stdout
+    assert "resumed from" in run_recipe(tmp, again).stdout
+
+    def trajectory(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k == "step" or k in ("loss", "grad_norm") or k.startswith("eval_")}
+                for m in read_metrics(run_dir)]
+
+    assert trajectory(Path(again["run"]["dir"])) == trajectory(straight)
+    results = straight / "test_results.json"
+    if results.exists():
+        resumed = json.loads((Path(again["run"]["dir"]) / "test_results.json").read_text())
+        assert resumed["metrics"] == json.loads(results.read_text())["metrics"]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 

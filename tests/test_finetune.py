@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (finetune_recipe, launch_in_process, make_finetune_data, make_pretrained, minilm_dir,
-                           read_metrics, run_recipe, train_losses)
+from tests.helpers import (assert_stop_and_resume_exact, finetune_recipe, launch_in_process, make_finetune_data,
+                           make_pretrained, minilm_dir, read_metrics, run_recipe, train_losses)
 from train.recipe import recipe_from_dict
 from train.tasks import IGNORE
 
@@ -172,18 +172,18 @@ def _state(run_dir: Path, step: int | None = None) -> dict:
     recipe = read_recipe(run_dir)
     from transformers import AutoTokenizer
 
-    model = build_export_model(recipe, run_dir, len(AutoTokenizer.from_pretrained(run_dir / "tokenizer")))
+    model = build_export_model(recipe, run_dir, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
     return full_state_dict(pick_checkpoint(run_dir, step), model)
 
 
 def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_data, tmp_path):
     """Freeze embeddings + layer 0; stop early after 2 evaluations without gain; keep the best."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from train.data.batches import eval_batches
     from train.data.prepare import prepare_data
     from train.rundir import read_recipe
-    from train.model import build_model
+    from train.model import build_model, token_ids
 
     run_dir = tmp_path / "cls"
     recipe = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "cache", run_dir,
@@ -234,7 +234,9 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     assert json.loads((out / "shardforge_export.json").read_text())["checkpoint"] == "step-000004"
 
     trained = read_recipe(run_dir)
-    initial = build_model(trained.model, 30522, trained.run.seed, trained.task, labels, log=lambda *_: None).state_dict()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    initial = build_model(trained.model, len(tokenizer), trained.run.seed, trained.task, labels, log=lambda *_: None,
+                          special_ids=token_ids(tokenizer)).state_dict()
     final = exported.state_dict()
     frozen = [k for k in initial if k.startswith(("bert.embeddings.word_embeddings", "bert.embeddings.position",
                                                   "bert.encoder.layer.0."))]
@@ -268,11 +270,13 @@ def test_sequence_classification_zero2(ft_data, tmp_path):
     assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 4 and model.config.label2id["tempest"] == 2
+    assert model.config.hidden_dropout_prob > 0  # BERT's default dropout, kept across the stop below
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=4)
 
 
 def test_token_classification_fsdp_lora(ft_data, tmp_path):
     """LoRA under FSDP2: base weights bit-unchanged; the merged export gives the training model's logits."""
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
     from safetensors.torch import load_file
 
     from launch.export import build_export_model
@@ -306,7 +310,7 @@ def test_token_classification_fsdp_lora(ft_data, tmp_path):
     out = tmp_path / "merged"
     assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
     merged = AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
-    training = build_export_model(read_recipe(run_dir), run_dir, 30522)
+    training = build_export_model(read_recipe(run_dir), run_dir, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
     training.load_state_dict(state)
     training.eval()
     ids = torch.tensor([[101, 7592, 2026, 2935, 1010, 2017, 2024, 6659, 102]])
@@ -328,6 +332,7 @@ def test_token_classification_ddp(ft_data, tmp_path):
     assert losses[-1] < losses[0]
     evals = [m for m in read_metrics(run_dir) if "eval_entity_f1" in m]
     assert [m["step"] for m in evals] == [4, 8] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=5)  # BERT's default dropout 0.1 throughout
 
 
 def test_sft_fsdp_prompt_response(ft_data, tmp_path):
@@ -343,6 +348,8 @@ def test_sft_fsdp_prompt_response(ft_data, tmp_path):
 def test_sft_ddp_chat_lora(ft_data, tmp_path):
     from safetensors.torch import load_file
 
+    from train.rundir import read_recipe
+
     pretrained = make_pretrained(tmp_path / "pretrained", "sft")
     run_dir = tmp_path / "sft-chat"
     recipe = finetune_recipe("sft", ft_data["chat"], tmp_path / "cache", run_dir,
@@ -356,6 +363,8 @@ def test_sft_ddp_chat_lora(ft_data, tmp_path):
     for key, value in state.items():
         if "lora_" not in key:
             assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+    assert read_recipe(run_dir).model.lora.dropout > 0  # LoRA's default dropout, kept across the stop below
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=3)
 
 
 def test_minilm_demo_beats_the_majority_baseline(tmp_path):

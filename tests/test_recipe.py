@@ -137,7 +137,8 @@ def test_engine_config_matches_golden(case):
     if os.environ.get("UPDATE_GOLDEN"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(configs, indent=2) + "\n")
-    assert configs == json.loads(path.read_text())
+        pytest.skip(f"regenerated {path.name}: review it with git diff, then run without UPDATE_GOLDEN")
+    assert configs == json.loads(path.read_text()), "regenerate with UPDATE_GOLDEN=1 if the change is intended"
 
 
 def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path):
@@ -216,3 +217,36 @@ def test_an_architecture_default_token_id_outside_the_vocabulary_is_dropped():
     AutoModelForCausalLM.from_config(config)  # builds (it raised with padding_idx 32000 before)
     kept = build_config(ModelConfig(config={**cfg.config, "pad_token_id": 5}), vocab_size=2000)
     assert kept.pad_token_id == 5, "an id the recipe sets is kept"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma"])
+def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_path, model_type):
+    """Not the architecture's defaults (gpt2 eos 50256 outside a 512-token vocabulary, llama eos 2,
+    gemma pad 0): ``generate`` must stop at the tokenizer's end of text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import REPO, make_corpus, tiny_recipe
+    from train.data.tokenizer import load_or_train_tokenizer
+    from train.model import build_config, token_ids
+    from train.recipe import ModelConfig
+
+    corpus = make_corpus(tmp_path / "corpus", files=2, words_per_file=500)
+    tokenizer = load_or_train_tokenizer(recipe_from_dict(tiny_recipe(corpus, tmp_path / "cache", tmp_path / "run")),
+                                        tmp_path / "cache")
+    ids = token_ids(tokenizer)
+    assert ids["eos_token_id"] is not None and ids["pad_token_id"] == ids["eos_token_id"]
+    sizes = ({"n_embd": 32, "n_layer": 1, "n_head": 2} if model_type == "gpt2" else
+             {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16})
+    config = build_config(ModelConfig(config={"model_type": model_type, **sizes}), len(tokenizer), special_ids=ids)
+    assert (config.bos_token_id, config.eos_token_id) == (ids["bos_token_id"], ids["eos_token_id"])
+    assert config.pad_token_id is None, "padding with end of text must not freeze its embedding row"
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.generation_config.eos_token_id == ids["eos_token_id"]
+    embedding = model.get_input_embeddings()
+    assert getattr(embedding, "padding_idx", None) is None
+    own = build_config(ModelConfig(config={"model_type": model_type, **sizes, "eos_token_id": 3}),
+                       len(tokenizer), special_ids=ids)
+    assert own.eos_token_id == 3, "an id the recipe sets is kept"
+    pretrained = build_config(ModelConfig(pretrained=str(REPO / "data" / "minilm")), 30522, special_ids=ids)
+    assert pretrained.pad_token_id == AutoTokenizer.from_pretrained(REPO / "data" / "minilm").pad_token_id == 0

@@ -36,10 +36,14 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("stop-corpus"))
 
 
+# GPT-2 as the seeds train it, with its default dropout 0.1: every stop must keep the masks exact
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
+
+
 def _recipe(corpus: Path, tmp: Path, name: str, workers) -> Path:
     data = {} if workers == "default" else {"num_workers": workers}
     r = tiny_recipe(corpus, tmp / "cache", tmp / name, data=data, train={"max_steps": STEPS},
-                    checkpoint={"every_steps": 4, "at_end": True})
+                    checkpoint={"every_steps": 4, "at_end": True}, model={"config": GPT2})
     if workers == "default":
         assert "num_workers" not in r["data"], "the default-workers case must run the shipped default"
     return write_recipe(tmp / f"{name}.yaml", r)
@@ -82,9 +86,17 @@ CHAIN = [
 ]
 
 
-@pytest.mark.parametrize("workers", ["default", 0])
-def test_stops_at_every_phase_save_and_resume_bit_exactly(corpus, tmp_path, workers):
-    straight = _recipe(corpus, tmp_path, "straight", workers)
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory) -> Path:
+    """The uninterrupted run (shipped default workers) that every chain of stops must reproduce."""
+    tmp = tmp_path_factory.mktemp("straight")
+    proc = launch_in_process("run", str(_recipe(corpus, tmp, "straight", "default")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / "straight"
+
+
+@pytest.mark.parametrize("workers", ["default", 0])  # the DataLoader worker count never changes the training
+def test_stops_at_every_phase_save_and_resume_bit_exactly(corpus, straight, tmp_path, workers):
     chained = _recipe(corpus, tmp_path, "chained", workers)
     run_dir = tmp_path / "chained"
     cue = tmp_path / "paused"
@@ -121,11 +133,9 @@ def test_stops_at_every_phase_save_and_resume_bit_exactly(corpus, tmp_path, work
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert read_status(run_dir)["state"] == "completed"
     assert proc.stdout.strip().splitlines()[-1] == f"shardforge: completed at step {STEPS}"
-    proc = launch_in_process("run", str(straight))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     assert steps == list(range(1, STEPS + 1)), "metrics.jsonl continues without gaps or duplicates"
-    assert train_losses(run_dir) == train_losses(tmp_path / "straight"), "the stops changed the training"
+    assert train_losses(run_dir) == train_losses(straight), "the stops changed the training"
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -35,18 +35,18 @@ def recipe(world, name: str, engine: str = "ddp", nproc: int = 2, precision: str
 
 @pytest.fixture(scope="module")
 def reference(world):
-    """1 process, micro-batch 8, no accumulation."""
+    """1 process, micro-batch 8, no accumulation: its training losses and its final eval loss."""
     r = recipe(world, "reference", nproc=1)
     run_recipe(world["tmp"], r)
-    return train_losses(Path(r["run"]["dir"]))
+    return {"losses": train_losses(Path(r["run"]["dir"])), "eval_loss": _eval_loss(Path(r["run"]["dir"]))}
 
 
 @pytest.fixture(scope="module")
 def straight(world):
-    """One uninterrupted 2-rank run per engine, with a final checkpoint."""
+    """One uninterrupted 2-rank run per engine, saving at step 3 (the resume tests start there) and at the end."""
     runs = {}
     for engine in ENGINES:
-        r = recipe(world, f"straight-{engine}", engine, checkpoint={"at_end": True})
+        r = recipe(world, f"straight-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True})
         run_recipe(world["tmp"], r)
         runs[engine] = Path(r["run"]["dir"])
     return runs
@@ -55,92 +55,85 @@ def straight(world):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_matches_single_process_fp32(straight, reference, engine):
     losses = train_losses(straight[engine])
-    assert len(losses) == len(reference) == 6
+    assert len(losses) == len(reference["losses"]) == 6
     assert losses[-1] < losses[0] - 0.5, f"{engine} did not learn: {losses}"
-    for step, (a, b) in enumerate(zip(losses, reference), 1):
+    for step, (a, b) in enumerate(zip(losses, reference["losses"]), 1):
         assert abs(a - b) < 1e-5, f"{engine} step {step}: {a} vs single-process {b}"
+    # the same validation samples whatever the world size and micro-batch
+    assert abs(_eval_loss(straight[engine]) - reference["eval_loss"]) < 1e-5, (_eval_loss(straight[engine]), reference)
+
+
+def resume_from_step_3(world, source: Path, name: str, engine: str, *overrides: str, expect: int = 0,
+                       **sections) -> tuple[Path, str]:
+    """A new run dir ``name`` that resumes from ``source``'s step-3 checkpoint (``checkpoint.resume=PATH``);
+    its directory and the launch's output."""
+    r = recipe(world, name, engine, **sections)
+    out = run_recipe(world["tmp"], r, f"checkpoint.resume={source / 'checkpoints' / 'step-000003'}", *overrides,
+                     expect=expect)
+    assert "resumed from" in out.stdout and "at step 3" in out.stdout, out.stdout[-2000:]
+    return Path(r["run"]["dir"]), out.stdout
+
+
+def _trajectory(run_dir: Path) -> list[tuple]:
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
+
+
+# GPT-2 as the seeds fine-tune it: dropout 0.1 on embeddings, attention and residuals (its defaults)
+GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_bf16_trains(world, engine):
-    r = recipe(world, f"bf16-{engine}", engine, precision="bf16")
-    run_recipe(world["tmp"], r)
-    losses = train_losses(Path(r["run"]["dir"]))
+def test_bf16_with_dropout_trains_and_resumes_bit_identically(world, engine):
+    """Every rank's dropout masks continue exactly after a resume: RNG states are restored, and
+    nothing draws from the global generator between the restore and the next step."""
+    gpt2 = {"model": {"config": GPT2}, "parallel": {"engine": engine, "precision": "bf16", "nproc": 2}}
+    straight = recipe(world, f"bf16-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True}, **gpt2)
+    run_recipe(world["tmp"], straight)
+    straight_dir = Path(straight["run"]["dir"])
+    losses = train_losses(straight_dir)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    manifest = json.loads((straight_dir / "checkpoints" / "step-000003" / "manifest.json").read_text())
+    assert manifest["step"] == 3 and manifest["world_size"] == 2 and manifest["engine"] == engine
+
+    resumed, _ = resume_from_step_3(world, straight_dir, f"bf16-resumed-{engine}", engine, **gpt2)
+    assert _trajectory(resumed) == _trajectory(straight_dir)[3:], "steps 4-6 must continue the run exactly"
+    assert _eval_loss(resumed) == _eval_loss(straight_dir)
 
 
 def _eval_loss(run_dir: Path) -> float:
     return [m["eval_loss"] for m in read_metrics(run_dir) if "eval_loss" in m][-1]
 
 
-_STOPPED: dict[tuple[str, int], Path] = {}
-
-
-def stopped_at_3(world, engine: str, nproc: int, name: str) -> dict:
-    """A copy, in run dir ``name``, of a run of ``engine`` on ``nproc`` ranks stopped after step 3.
-
-    The stopped run is launched once per (engine, nproc) and copied for each test that resumes
-    it (here on 2 ranks, in the reshard tests on 1), which saves a launch per test.
-    """
-    import shutil
-
-    key = (engine, nproc)
-    if key not in _STOPPED:
-        r = recipe(world, f"stopped-{engine}-{nproc}", engine, nproc=nproc, train={"stop_after": 3},
-                   checkpoint={"at_end": True})
-        first = run_recipe(world["tmp"], r, expect=75)
-        assert "train.stop_after=3" in first.stdout
-        _STOPPED[key] = Path(r["run"]["dir"])
-    r = recipe(world, name, engine, nproc=nproc, train={"stop_after": 3}, checkpoint={"at_end": True})
-    shutil.copytree(_STOPPED[key], r["run"]["dir"])
-    return r
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_stop_and_resume_is_bit_identical(world, straight, engine):
-    r = stopped_at_3(world, engine, 2, f"resume-{engine}")
-    run_dir = Path(r["run"]["dir"])
-    manifest = json.loads((run_dir / "checkpoints" / "step-000003" / "manifest.json").read_text())
-    assert manifest["step"] == 3 and manifest["world_size"] == 2 and manifest["engine"] == engine
-    second = run_recipe(world["tmp"], r, "train.stop_after=0")
-    assert "resumed from" in second.stdout
-    steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
-    assert steps == [1, 2, 3, 4, 5, 6], "metrics.jsonl must continue without duplicate steps"
-    # bit-identical to the uninterrupted run: steps 1-3 repeat it, steps 4-6 continue it exactly
-    resumed = [(m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
-    assert resumed == [(m["loss"], m["grad_norm"]) for m in read_metrics(straight[engine]) if "loss" in m]
-    assert _eval_loss(run_dir) == _eval_loss(straight[engine])
-
-
-@pytest.mark.parametrize("engine,before,after", [
-    ("fsdp", 2, 1), ("fsdp", 1, 2), ("ddp", 2, 1),
-    ("zero2", 2, 1), ("zero2", 1, 2), ("zero3", 2, 1), ("zero3", 1, 2)])  # ZeRO: via universal checkpoints
-def test_resume_on_another_world_size(world, reference, engine, before, after):
-    r = stopped_at_3(world, engine, before, f"reshard-{engine}-{before}to{after}")
-    micro = 8 // (2 * after) if after > 1 else 8
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", f"parallel.nproc={after}",
-                     f"train.micro_batch_size={micro}")
-    assert f"({before} → {after} ranks)" in out.stdout
-    losses = train_losses(Path(r["run"]["dir"]))
-    assert len(losses) == 6
-    for a, b in zip(losses, reference):
+@pytest.mark.parametrize("engine", ENGINES)  # ZeRO reshards through universal checkpoints
+def test_resume_on_another_world_size(world, straight, reference, engine):
+    """Steps 1-3 on 2 ranks (the straight run), 4-5 on 1, 6 on 2 again: the single-process trajectory."""
+    run_dir, out = resume_from_step_3(world, straight[engine], f"reshard-{engine}", engine, "parallel.nproc=1",
+                                      "train.micro_batch_size=8", "train.stop_after=2", expect=75)
+    assert "(2 → 1 ranks)" in out
+    again = run_recipe(world["tmp"], recipe(world, f"reshard-{engine}", engine), "checkpoint.resume=auto")
+    assert "(1 → 2 ranks)" in again.stdout, again.stdout[-2000:]
+    assert [m[0] for m in _trajectory(run_dir)] == [4, 5, 6]
+    losses = train_losses(run_dir)
+    for a, b in zip(losses, reference["losses"][3:]):
         assert abs(a - b) < 1e-6, (losses, reference)
+    assert abs(_eval_loss(run_dir) - reference["eval_loss"]) < 1e-5
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
-    """The exported directory loads with from_pretrained and reproduces the run's final eval loss.
+    """The exported directory loads with from_pretrained, carries the run tokenizer's special ids,
+    and reproduces the run's final eval loss.
 
-    The eval loss in metrics.jsonl was computed by the (sharded) training engine on the
-    validation micro-batches of every rank; the exported model must give the same number.
+    The eval loss in metrics.jsonl was computed by the (sharded) training engine on every rank's
+    share of the first ``eval_batches × global_batch_size`` validation samples; the exported model,
+    evaluated here by hand on those samples, must give the same number.
     """
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.helpers import launch_in_process
-    from train.data.batches import eval_batches
     from train.data.prepare import prepare_data
     from train.rundir import read_recipe
-    from train.model import causal_lm_loss
 
     out = tmp_path / "hf"
     proc = launch_in_process("export", str(straight[engine]), str(out))
@@ -148,14 +141,18 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
+    eos = tokenizer.eos_token_id
+    assert eos is not None and model.config.eos_token_id == model.generation_config.eos_token_id == eos
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     recipe = read_recipe(straight[engine])
     data = prepare_data(recipe, log=lambda *_: None)
     assert len(tokenizer) == len(data.tokenizer)
-    world_size, micro = recipe.parallel.nproc, recipe.train.micro_batch_size
-    batches = [b for rank in range(world_size)
-               for b in eval_batches(data.val, micro, rank, world_size, recipe.train.eval_batches)]
+    n = recipe.train.eval_batches * recipe.train.global_batch_size
+    ids = torch.tensor(data.val.with_format("numpy")[:n]["input_ids"])
+    assert len(ids) == min(n, len(data.val)) > 0
     with torch.no_grad():
-        loss = sum(causal_lm_loss(model, b).item() for b in batches) / len(batches)
+        logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
     assert abs(loss - _eval_loss(straight[engine])) < 1e-5, (loss, _eval_loss(straight[engine]))
     again = launch_in_process("export", str(straight[engine]), str(out))
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -62,6 +62,10 @@ class CheckpointSaveError(CheckpointError):
         self.symptom = symptom
 
 
+PER_RANK_PARTS = ("rng", "log_window")
+"""Parts whose state is this rank's own: restored only on the same world size."""
+
+
 class Checkpointer:
     """Collects the engine and every stateful part; saves and restores them atomically."""
 
@@ -255,8 +259,8 @@ class Checkpointer:
             self.engine.load(ckpt, manifest["world_size"])
             state = torch.load(own if same_world and own.exists() else ckpt / "rank-00000.pt", weights_only=True)
         for name, part in self.parts.items():
-            if name == "rng" and not same_world:
-                continue  # per-rank RNG streams cannot map onto another world size; reseeded instead
+            if name in PER_RANK_PARTS and not same_world:
+                continue  # per-rank streams and sums cannot map onto another world size; they start afresh
             if name not in state:  # saved by an older version that did not track this part
                 self.log(f"checkpoint: {ckpt.name} has no {name!r} state; {name} starts afresh")
                 continue

@@ -10,8 +10,26 @@ import torch
 from train.recipe import ModelConfig
 
 
-def build_config(cfg: ModelConfig, vocab_size: int, labels: Optional[list[str]] = None):
-    """The transformers config for the recipe's model (no weights loaded), with the label map."""
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def token_ids(tokenizer) -> dict[str, Optional[int]]:
+    """The tokenizer's bos/eos/pad ids: what a model trained from scratch with it must carry."""
+    return {name: getattr(tokenizer, name) for name in SPECIAL_IDS}
+
+
+def build_config(cfg: ModelConfig, vocab_size: int, labels: Optional[list[str]] = None,
+                 special_ids: Optional[dict[str, Optional[int]]] = None):
+    """The transformers config for the recipe's model (no weights loaded), with the label map.
+
+    A model built from an inline config takes the bos/eos ids of its tokenizer (``special_ids``,
+    see :func:`token_ids`), not its architecture's defaults (gpt2's eos 50256, llama's 2), so
+    ``generate`` stops at the tokenizer's end of text; ids the recipe sets are kept. Its
+    ``pad_token_id`` is the tokenizer's only when that is a token of its own: Llama-style
+    embeddings never train the row of ``padding_idx``, and the trained tokenizers pad with their
+    end-of-text token. Without ``special_ids`` (sizing a model, no tokenizer) it has none. A
+    pretrained model keeps its own ids.
+    """
     from transformers import AutoConfig
 
     label_kwargs = {}
@@ -23,12 +41,11 @@ def build_config(cfg: ModelConfig, vocab_size: int, labels: Optional[list[str]] 
     inline = dict(cfg.config or {})
     model_type = inline.pop("model_type")
     inline.setdefault("vocab_size", int(math.ceil(vocab_size / 64) * 64))
-    config = AutoConfig.for_model(model_type, **inline, **label_kwargs)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(config, name, None)
-        if name not in inline and isinstance(value, int) and not 0 <= value < config.vocab_size:
-            setattr(config, name, None)  # the architecture's default id (Phi-3 pads with 32000) is outside this vocabulary
-    return config
+    ids = dict(special_ids or dict.fromkeys(SPECIAL_IDS))
+    if ids["pad_token_id"] is not None and ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
+        ids["pad_token_id"] = None
+    ids = {name: value for name, value in ids.items() if name not in inline}
+    return AutoConfig.for_model(model_type, **inline, **ids, **label_kwargs)
 
 
 def auto_model_class(task: str):
@@ -41,7 +58,8 @@ def auto_model_class(task: str):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causal_lm",
-                labels: Optional[list[str]] = None, log=print) -> torch.nn.Module:
+                labels: Optional[list[str]] = None, log=print,
+                special_ids: Optional[dict[str, Optional[int]]] = None) -> torch.nn.Module:
     """Build on CPU in fp32 with the same seed on every rank (identical init before sharding).
 
     A pretrained encoder gets a freshly initialised head for the task (same seed everywhere);
@@ -49,7 +67,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     """
     auto = auto_model_class(task)
     torch.manual_seed(seed)
-    config = build_config(cfg, vocab_size, labels)
+    config = build_config(cfg, vocab_size, labels, special_ids)
     if cfg.pretrained:
         model = auto.from_pretrained(cfg.pretrained, config=config, attn_implementation=cfg.attn_implementation,
                                      dtype=torch.float32)
@@ -104,10 +122,3 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks named by the model's ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy over every position of the packed batch."""
-    from train.tasks import CausalLM
-
-    return CausalLM().loss(model, batch)

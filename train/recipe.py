@@ -162,7 +162,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_batches: Optional[int] = None
-    """Micro-batches per rank per evaluation; 0: the whole validation split; ``None``: 4 for
+    """Global batches per evaluation: the first ``eval_batches × global_batch_size`` validation
+    samples, the same ones whatever the world size; 0: the whole validation split; ``None``: 4 for
     ``causal_lm``, the whole split for the fine-tuning tasks (their metrics need every sample)."""
     epochs: float = 0.0
     """Train this many passes over the training split (sets ``max_steps``); 0: use ``max_steps``."""

@@ -14,55 +14,84 @@ from train.state import Counters
 from train.step import StepResult
 
 
+class LogWindow:
+    """This rank's loss sums and token count since the last log step.
+
+    Saved with every checkpoint (same world size only, like the RNG streams), so a log window that
+    spans a stop logs the same mean loss as the uninterrupted run.
+    """
+
+    def __init__(self, device: torch.device):
+        self.loss_sum, self.nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.steps = self.tokens = 0
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.nonfinite.zero_()
+        self.steps = self.tokens = 0
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "nonfinite": float(self.nonfinite), "steps": self.steps,
+                "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss_sum.fill_(state["loss_sum"])
+        self.nonfinite.fill_(state["nonfinite"])
+        self.steps, self.tokens = int(state["steps"]), int(state["tokens"])
+
+
 class StepMetrics:
     def __init__(self, engine, guard, telemetry: Telemetry, writer: Optional[MetricsWriter], device: torch.device,
                  world_size: int, accum: int, global_batch: int, log_every: int, max_steps: int,
-                 flops_token: float, peak_tflops: Optional[float]):
+                 flops_token: float, peak_tflops: Optional[float], window: LogWindow):
         self.engine, self.guard, self.telemetry, self.writer = engine, guard, telemetry, writer
         self.device, self.world_size, self.accum, self.global_batch = device, world_size, accum, global_batch
         self.log_every, self.max_steps, self.flops_token, self.peak = log_every, max_steps, flops_token, peak_tflops
-        self.loss_sum, self.nonfinite = torch.zeros((), device=device), torch.zeros((), device=device)
-        self._new_window()
+        self.window = window  # may hold steps from before a resume; the rates count this launch's only
+        self._new_timing()
 
-    def _new_window(self) -> None:
-        self.loss_sum.zero_()
-        self.nonfinite.zero_()
-        self.steps, self.tokens, self.start = 0, 0, time.time()
+    def _new_timing(self) -> None:
+        self.timed_steps, self.timed_tokens, self.start = 0, 0, time.time()
         self.timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
 
     def record(self, result: StepResult, counters: Counters) -> None:
         """Add the step (no sync); at a log step, reduce, check the guard, write and start a new window."""
+        w = self.window
         for loss in result.losses:
-            self.loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)  # a NaN must not poison the mean
-        self.nonfinite += result.nonfinite
-        self.steps, self.tokens = self.steps + 1, self.tokens + result.tokens
+            w.loss_sum += torch.where(torch.isfinite(loss), loss, 0.0)  # a NaN must not poison the mean
+        w.nonfinite += result.nonfinite
+        w.steps, w.tokens = w.steps + 1, w.tokens + result.tokens
+        self.timed_steps, self.timed_tokens = self.timed_steps + 1, self.timed_tokens + result.tokens
         for key, seconds in result.timers.items():
             self.timers[key] += seconds
         if counters.step % self.log_every == 0 or counters.step == self.max_steps:
             self._log(result.grad_norm, counters)
 
     def _log(self, grad_norm: torch.Tensor, counters: Counters) -> None:
-        finite = self.accum * self.steps - self.nonfinite  # non-finite losses are left out of the mean
-        stats = torch.stack([self.loss_sum.double(), finite.double(),  # float64: token sums stay exact
-                             torch.nan_to_num(grad_norm.double().to(self.device), nan=-1.0),
-                             torch.tensor(float(self.tokens), dtype=torch.float64, device=self.device)])
+        w = self.window
+        finite = self.accum * w.steps - w.nonfinite  # non-finite losses are left out of the mean
+        stats = torch.cat([  # float64: token sums stay exact
+            torch.stack([w.loss_sum.double(), finite.double(),
+                         torch.nan_to_num(grad_norm.double().to(self.device), nan=-1.0)]),
+            torch.tensor([float(w.tokens), float(self.timed_tokens)], dtype=torch.float64, device=self.device)])
         dist.all_reduce(stats)  # the only host sync: at log steps
-        loss_sum, finite_all, norm, all_tokens = stats.tolist()
+        loss_sum, finite_all, norm, all_tokens, timed_tokens = stats.tolist()
         # the mean over every finite micro-batch loss of every rank: a rank whose losses were all
         # NaN must not pull the mean towards 0 (NaN when none was finite)
         loss = loss_sum / finite_all if finite_all > 0 else float("nan")
         norm = norm / self.world_size
-        counters.tokens += round(all_tokens) - self.tokens * self.world_size  # ranks' lengths differ unpacked
+        counters.tokens += round(all_tokens) - w.tokens * self.world_size  # ranks' lengths differ unpacked
         self.guard.check(counters.step)
         telemetry_all = [None] * self.world_size
         dist.all_gather_object(telemetry_all, self.telemetry.drain())
         seconds = time.time() - self.start
-        tps = all_tokens / seconds
+        steps = max(self.timed_steps, 1)
+        tps = timed_tokens / seconds
         values = {"loss": loss, "grad_norm": norm, "lr": self.engine.lr,
                   "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
-                  "samples_per_s": self.steps * self.global_batch / seconds,
-                  "step_time_s": seconds / self.steps,
-                  **{k: v / self.steps for k, v in self.timers.items()},
+                  "samples_per_s": self.timed_steps * self.global_batch / seconds,
+                  "step_time_s": seconds / steps,
+                  **{k: v / steps for k, v in self.timers.items()},
                   "model_tflops": tps / self.world_size * self.flops_token / 1e12,
                   "mfu": mfu(tps / self.world_size, self.flops_token, self.peak),
                   "skipped_steps": self.engine.skipped_steps, "nonfinite_steps": self.guard.total(),
@@ -74,4 +103,5 @@ class StepMetrics:
         if self.writer:
             self.writer.write(counters.step, values)
             self.writer.progress(counters.step, values)
-        self._new_window()
+        w.reset()
+        self._new_timing()

@@ -91,8 +91,15 @@ class CausalLM(Task):
         logits = _forward(model, batch)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
-    def eval_sums(self, model, batch):  # the mean of per-batch means, as during training
-        return torch.stack([self.loss(model, batch).float(), torch.ones((), device=batch["input_ids"].device)])
+    def eval_sums(self, model, batch):
+        """Token loss summed over the real samples (padding repeats weigh 0), and their token count:
+        the mean over the evaluated samples, whatever the world size and micro-batch."""
+        ids = batch["input_ids"]
+        logits = _forward(model, batch)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                 reduction="none").view(len(ids), -1)
+        w = _weights(batch)
+        return torch.stack([(losses.sum(-1) * w).sum(), (w * losses.shape[1]).sum()])
 
     def metrics(self, sums):
         loss = _mean_loss(sums)

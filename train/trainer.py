@@ -35,7 +35,7 @@ from train.engines.base import Engine
 from train.engines.build import build_engine
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
-from train.model import build_model
+from train.model import build_model, token_ids
 from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
 from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
@@ -46,7 +46,7 @@ from train.schema import RecipeProblems
 from train.scores import EarlyStopping
 from train.state import Counters, RNGState
 from train.step import TrainStep
-from train.step_metrics import StepMetrics
+from train.step_metrics import LogWindow, StepMetrics
 from train.stop import StopRequest
 from train.tasks import Task, build_task
 from train.watchdog import start_watchdog
@@ -88,12 +88,12 @@ def train(run_dir: Path) -> int:
         faults.install(step, d.rank)
         saver = Saver(parts.checkpointer, recipe, counters, batches, early, guard, watchdog, run_dir, d.is_main, log)
         evaluator = Evaluator(engine, task, eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size,
-                                                         t.eval_batches),
+                                                         t.eval_batches * t.global_batch_size),
                               early, t.eval_every, ev.keep_best, d.device, writer, watchdog, log)
         stopper = Stopper(stop, d.device, t.stop_after, first_step=counters.step)
         metrics = StepMetrics(engine, guard, telemetry, writer, d.device, d.world_size, accum, t.global_batch_size,
                               t.log_every, t.max_steps, parts.flops_token,
-                              peak_flops(recipe, d, log))
+                              peak_flops(recipe, d, log), parts.log_window)
         if d.is_main:
             write_status(run_dir, "running", counters.step, started=time.time())
 
@@ -122,7 +122,7 @@ def train(run_dir: Path) -> int:
         saver.finish()
 
         if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
-            evaluator.test(data.test, eval_batches(data.test, t.micro_batch_size, d.rank, d.world_size, 0),
+            evaluator.test(data.test, eval_batches(data.test, t.micro_batch_size, d.rank, d.world_size),
                            data.labels, run_dir, counters.step, d.is_main)
     if d.is_main:
         write_status(run_dir, "stopped" if stopped else "completed", counters.step,
@@ -141,6 +141,7 @@ class Parts:
     early: EarlyStopping
     checkpointer: Checkpointer
     flops_token: float
+    log_window: LogWindow
 
 
 def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters, log,
@@ -151,15 +152,18 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     if line:
         log(line)
     task = build_task(recipe.task, data.labels)
-    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log)
+    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log,
+                        special_ids=token_ids(data.tokenizer))
     flops_token = flops_per_token(model, recipe.data.seq_len)
     engine = build_engine(recipe, model, d.device, run_dir)
     batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
                                                  d.rank, d.world_size, num_workers=recipe.data.num_workers,
                                                  pin_memory=d.device.type == "cuda"))
     early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)
+    log_window = LogWindow(d.device)
     checkpointer = Checkpointer(run_dir / "checkpoints", engine,
-                                {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early},
+                                {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early,
+                                 "log_window": log_window},
                                 d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key},
                                 log=log)
     seed_rank(recipe.run.seed, d.rank)
@@ -171,7 +175,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
             seed_rank(recipe.run.seed + counters.step, d.rank)
         check_fingerprint(manifest, batches, recipe, data.key)
         log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
-    return Parts(engine, task, batches, early, checkpointer, flops_token)
+    return Parts(engine, task, batches, early, checkpointer, flops_token, log_window)
 
 
 def join_process_group(recipe: Recipe) -> DistInfo:

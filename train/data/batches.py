@@ -137,7 +137,11 @@ class TrainBatches:
             _PackedSamples(self.dataset), batch_sampler=sampler, collate_fn=_identity,
             num_workers=self.num_workers, pin_memory=self.pin_memory,
             worker_init_fn=ignore_stop_signals if self.num_workers else None,
-            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+            persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+            # its own generator: starting an iterator draws the workers' base seed from it, and a
+            # draw from the global one would shift dropout after every resume (the straight run
+            # draws once at step 1, a resumed run once more after the RNG state was restored)
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + self.rank))
         with stop_signals_blocked():  # the workers start with them blocked; see train.stop
             return iter(loader)
 
@@ -196,29 +200,25 @@ class TrainBatches:
         self.close()
 
 
-def eval_batches(dataset, micro: int, rank: int, world: int, num_batches: int) -> list[dict]:
+def eval_batches(dataset, micro: int, rank: int, world: int, num_samples: int = 0) -> list[dict]:
     """A fixed, rank-sharded list of validation micro-batches (the same at every evaluation).
 
-    ``num_batches`` > 0: that many micro-batches per rank from the start of the split.
-    ``num_batches`` = 0: the whole split; every rank gets the same number of batches (sharded
-    engines run collectives in forward), the last ones filled up with repeats whose
-    ``sample_weight`` is 0 so they count for nothing.
+    The first ``num_samples`` samples of the split (0: all of them), whatever the world size:
+    every rank gets the same number of micro-batches (sharded engines run collectives in
+    forward), the last ones filled up with repeats whose ``sample_weight`` is 0, so every
+    sample counts exactly once.
     """
-    samples = _PackedSamples(dataset)
-    if num_batches > 0:
-        n = min(len(dataset), micro * world * num_batches)
-        per_rank = n // world
-        idx = list(range(rank * per_rank, (rank + 1) * per_rank))
-        return [samples.__getitems__(idx[j: j + micro]) for j in range(0, per_rank, micro)]
-    if len(dataset) == 0:
+    n = len(dataset) if num_samples <= 0 else min(len(dataset), num_samples)
+    if n == 0:
         return []
-    per_rank = -(-len(dataset) // world)
+    samples = _PackedSamples(dataset)
+    per_rank = -(-n // world)
     per_rank = -(-per_rank // micro) * micro
     mine = [rank * per_rank + i for i in range(per_rank)]
     batches = []
     for j in range(0, per_rank, micro):
         chunk = mine[j: j + micro]
-        real = [i < len(dataset) for i in chunk]
+        real = [i < n for i in chunk]
         batch = samples.__getitems__([i if ok else 0 for i, ok in zip(chunk, real)])
         batch["sample_weight"] = torch.tensor(real, dtype=torch.float32)
         batches.append(batch)
