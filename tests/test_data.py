@@ -190,3 +190,49 @@ def test_empty_documents_add_no_bare_eos(corpus, tmp_path):
     packed, stats = tokenize_and_pack(docs, tok, 2, 1, "test")
     ids = [tok("to be", add_special_tokens=False)["input_ids"], tok("or not", add_special_tokens=False)["input_ids"]]
     assert stats["tokens_total"] == len(ids[0]) + len(ids[1]) + 2  # one EOS per non-empty document
+
+
+# ---------------------------------------------------------------- the NER demo's data
+
+
+def test_dictionary_baseline_scores_by_hand():
+    from launch.shakespeare_ner import dictionary_baseline, tag
+
+    train = [{"words": ["Good", "Horatio", "of", "Elsinore"], "tags": ["O", "B-PER", "O", "B-LOC"]},
+             {"words": ["Sir", "Toby", "Belch"], "tags": ["B-TITLE", "B-PER", "I-PER"]}]
+    assert tag(["Sir", "Toby", "Belch", "and", "Toby"], {"Toby Belch": "PER", "Toby": "PER", "Sir": "TITLE"}) == \
+        ["B-TITLE", "B-PER", "I-PER", "O", "B-PER"]  # the longest match wins
+    test = [{"words": ["Horatio", "met", "Ophelia", "in", "Elsinore"], "tags": ["B-PER", "O", "B-PER", "O", "B-LOC"]},
+            {"words": ["Toby", "Belch", ",", "Sir"], "tags": ["B-PER", "I-PER", "O", "B-TITLE"]}]
+    # the dictionary {Horatio, Elsinore, Sir, Toby Belch} finds 4 of the 5 gold entities, all right
+    scores = dictionary_baseline(train, test)
+    assert (scores["entity_precision"], scores["entity_recall"]) == pytest.approx((1.0, 0.8))
+    assert scores["entity_f1"] == pytest.approx(2 * 0.8 / 1.8) and scores["dictionary_size"] == 4
+
+
+def test_ner_demo_data_tags_unseen_plays_from_their_own_lists(tmp_path):
+    """Built from the real corpus (`make data`): aligned, valid BIO; test plays held out by play."""
+    from launch.shakespeare_ner import TEST_PLAYS, VAL_PLAYS, build
+    from train.scores import bio_entities
+
+    counts = build(Path(__file__).resolve().parents[1] / "data" / "shakespeare", tmp_path)
+    assert min(counts.values()) > 500, counts
+    splits = {s: [json.loads(line) for line in (tmp_path / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("train", "val", "test")}
+    assert {r["play"] for r in splits["test"]} == set(TEST_PLAYS)
+    assert {r["play"] for r in splits["val"]} == set(VAL_PLAYS)
+    assert not {r["play"] for r in splits["train"]} & (set(TEST_PLAYS) | set(VAL_PLAYS))
+    kinds = set()
+    for records in splits.values():
+        for r in records:
+            assert len(r["words"]) == len(r["tags"]) > 0
+            for i, t in enumerate(r["tags"]):
+                assert t == "O" or t[:2] in ("B-", "I-")
+                assert not t.startswith("I-") or r["tags"][i - 1][2:] == t[2:], r  # every I- continues an entity
+            kinds |= {kind for kind, _, _ in bio_entities(r["tags"])}
+    assert kinds == {"PER", "LOC", "TITLE"}
+    hamlet = {(w, t) for r in splits["test"] if r["play"] == "hamlet" for w, t in zip(r["words"], r["tags"])}
+    assert {("Horatio", "B-PER"), ("Ophelia", "B-PER"), ("Denmark", "B-LOC"), ("King", "B-TITLE")} <= hamlet
+    assert ("Horatio", "O") not in hamlet and ("the", "O") in hamlet
+    baseline = json.loads((tmp_path / "baseline.json").read_text())
+    assert 0 < baseline["entity_f1"] < 1 and baseline["gold_entities"] > 1000

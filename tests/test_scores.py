@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.scores import EarlyStopping, bio_entities, classification_scores, entity_counts, entity_scores
+from train.scores import (EarlyStopping, bio_entities, classification_scores, entity_counts,
+                          entity_counts_by_type, entity_scores)
 
 
 def test_classification_scores_match_hand_computation():
@@ -35,6 +36,27 @@ def test_entity_scores_match_hand_computation():
     assert bio_entities(["B-A", "I-B", "I-B", "B-A", "B-A"]) == {("A", 0, 1), ("B", 1, 3), ("A", 3, 4), ("A", 4, 5)}
     s = entity_scores(2, 3, 4)
     assert (s["entity_precision"], s["entity_recall"], s["entity_f1"]) == pytest.approx((2 / 3, 0.5, 4 / 7))
+    # per type: LOC has 1 gold and no prediction; PER has 2 of 3 predictions right, both gold found
+    assert entity_counts_by_type(gold, pred, ["LOC", "PER"]) == [0, 0, 1, 2, 3, 2]
+
+
+def test_token_classification_reports_each_entity_type():
+    import torch
+
+    from train.evaluation import test_table
+    from train.tasks import TokenClassification
+
+    labels = ["B-LOC", "B-PER", "I-PER", "O"]
+    task = TokenClassification(labels)
+    assert task.entity_types == ["LOC", "PER"]
+    confusion = torch.eye(4).flatten() * 5
+    sums = torch.cat([torch.tensor([1.0, 2.0]), confusion, torch.tensor([2.0, 3.0, 3.0, 0, 0, 1, 2, 3, 2])])
+    m = task.metrics(sums)
+    assert m["entity_f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+    assert (m["entity_precision/PER"], m["entity_recall/PER"]) == pytest.approx((2 / 3, 1.0))
+    assert m["entity_f1/LOC"] == 0.0 and m["token_accuracy"] == 1.0
+    table = test_table(m, labels, 10, "step-000004")
+    assert "| PER | 0.6667 | 1.0000 | 0.8000 |" in table and "| LOC | 0.0000 | 0.0000 | 0.0000 |" in table
 
 
 def test_early_stopping_stops_at_the_right_evaluation():

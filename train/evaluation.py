@@ -43,6 +43,11 @@ def test_table(metrics: dict[str, float], labels: Optional[list[str]], samples: 
     lines = [f"# Test results ({samples} samples, weights of {checkpoint})", "", "| metric | value |",
              "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items() if "/" not in k]
+    types = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("entity_f1/"))
+    if types:
+        lines += ["", "| entity type | precision | recall | F1 |", "|---|---|---|---|"]
+        lines += [f"| {t} | {metrics[f'entity_precision/{t}']:.4f} | {metrics[f'entity_recall/{t}']:.4f} | "
+                  f"{metrics[f'entity_f1/{t}']:.4f} |" for t in types]
     if labels and f"f1/{labels[0]}" in metrics:
         lines += ["", "| class | precision | recall | F1 |", "|---|---|---|---|"]
         lines += [f"| {name} | {metrics[f'precision/{name}']:.4f} | {metrics[f'recall/{name}']:.4f} | "

@@ -70,6 +70,16 @@ def entity_counts(gold: Sequence[str], pred: Sequence[str]) -> tuple[int, int, i
     return len(g & p), len(p), len(g)
 
 
+def entity_counts_by_type(gold: Sequence[str], pred: Sequence[str], types: Sequence[str]) -> list[int]:
+    """(exact matches, predicted, gold) of each entity type in ``types``, flattened in that order."""
+    g, p = bio_entities(gold), bio_entities(pred)
+    counts = []
+    for kind in types:
+        gk, pk = {e for e in g if e[0] == kind}, {e for e in p if e[0] == kind}
+        counts += [len(gk & pk), len(pk), len(gk)]
+    return counts
+
+
 def entity_scores(true_pos: float, predicted: float, gold: float) -> dict[str, float]:
     p, r = _ratio(true_pos, predicted), _ratio(true_pos, gold)
     return {"entity_precision": p, "entity_recall": r, "entity_f1": _f1(p, r)}

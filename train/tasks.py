@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from train.recipe import TASK_METRICS
-from train.scores import classification_scores, entity_counts, entity_scores
+from train.scores import classification_scores, entity_counts, entity_counts_by_type, entity_scores
 
 IGNORE = -100
 
@@ -188,13 +188,15 @@ class TokenClassification(Task):
         n = len(self.labels)
         gold_ids = torch.where(labels == IGNORE, 0, labels)
         confusion = torch.bincount((gold_ids * n + pred).flatten(), weights=mask.flatten(), minlength=n * n)
-        entities = torch.zeros(3)
+        types = self.entity_types
+        entities = torch.zeros(3 + 3 * len(types))
         for row_gold, row_pred, keep, weight in zip(labels.tolist(), pred.tolist(),
                                                     (labels != IGNORE).tolist(), w.tolist()):
             if weight:  # entity spans are sequential: counted on the host, in evaluation only
                 gold = [self.labels[g] for g, k in zip(row_gold, keep) if k]
                 guess = [self.labels[p] for p, k in zip(row_pred, keep) if k]
-                entities += torch.tensor(entity_counts(gold, guess), dtype=torch.float32)
+                entities += torch.tensor([*entity_counts(gold, guess), *entity_counts_by_type(gold, guess, types)],
+                                         dtype=torch.float32)
         return torch.cat([torch.stack([(losses * mask).sum(), mask.sum()]), confusion.float(),
                           entities.to(logits.device)])
 
@@ -203,8 +205,17 @@ class TokenClassification(Task):
         out = {"loss": _mean_loss(sums)}
         scores = classification_scores(sums[2:2 + n * n].view(n, n).cpu().numpy(), self.labels)
         out.update(scores, token_accuracy=scores.pop("accuracy"))
-        out.update(entity_scores(*sums[2 + n * n:].tolist()))
+        entities = sums[2 + n * n:].tolist()
+        out.update(entity_scores(*entities[:3]))
+        for i, kind in enumerate(self.entity_types):
+            by_type = entity_scores(*entities[3 + 3 * i: 6 + 3 * i])
+            out.update({f"{name}/{kind}": value for name, value in by_type.items()})
         return out
+
+    @property
+    def entity_types(self) -> list[str]:
+        """The entity types of the BIO tag set (``PER`` of ``B-PER``/``I-PER``), sorted."""
+        return sorted({tag[2:] for tag in self.labels if tag[:2] in ("B-", "I-")})
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (CausalLM, SFT, SequenceClassification, TokenClassification)}
