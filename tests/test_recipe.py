@@ -12,7 +12,7 @@ import yaml
 from launch.cli import main as cli_main
 from launch.engine_config import engine_configs
 from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
-from tests.helpers import shardforge
+from tests.helpers import REPO, shardforge
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
 from train.schema import field_docs
 
@@ -225,7 +225,7 @@ def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_pat
     gemma pad 0): ``generate`` must stop at the tokenizer's end of text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.helpers import REPO, make_corpus, tiny_recipe
+    from tests.helpers import make_corpus, tiny_recipe
     from train.data.tokenizer import load_or_train_tokenizer
     from train.model import build_config, token_ids
     from train.recipe import ModelConfig
@@ -250,3 +250,41 @@ def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_pat
     assert own.eos_token_id == 3, "an id the recipe sets is kept"
     pretrained = build_config(ModelConfig(pretrained=str(REPO / "data" / "minilm")), 30522, special_ids=ids)
     assert pretrained.pad_token_id == AutoTokenizer.from_pretrained(REPO / "data" / "minilm").pad_token_id == 0
+
+
+# Declared but not imported by launch/ or train/, and why.
+USED_INDIRECTLY = {"accelerate": "transformers' Trainer, the HF baseline of benchmarks/gpu.py",
+                   "safetensors": "export writes model.safetensors through transformers"}
+
+
+def test_dependencies_are_declared_used_and_bounded_by_what_is_tested():
+    import ast
+    import importlib.metadata
+    import re
+    import sys
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {Requirement(r).name.lower(): Requirement(r) for r in
+                [*project["dependencies"], *project["optional-dependencies"]["peft"]]}
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "constraints.txt").read_text(), flags=re.M))
+    pins = {name.lower(): version for name, version in pins.items()}
+    for name, req in declared.items():
+        assert name in pins, f"{name}: declared in pyproject.toml but not pinned in constraints.txt"
+        assert Version(pins[name]) in req.specifier, f"{name}: the tested pin {pins[name]} is outside {req}"
+    imported = set()
+    for path in [*(REPO / "launch").rglob("*.py"), *(REPO / "train").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"launch", "train"}
+    dists = importlib.metadata.packages_distributions()
+    used = {dists[m][0].lower() for m in third_party}
+    assert used <= set(declared), f"imported but not declared in pyproject.toml: {sorted(used - set(declared))}"
+    assert set(declared) - used == set(USED_INDIRECTLY), \
+        f"declared but imported nowhere: {sorted(set(declared) - used - set(USED_INDIRECTLY))}"
