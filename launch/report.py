@@ -6,14 +6,31 @@ import base64
 import html
 from pathlib import Path
 
+# (title, tags); a panel shows the tags the run logged and is left out when it logged none
 PANELS = [
     ("Loss", ["train/loss", "eval/loss"]),
+    ("Gradient norm (before clipping)", ["train/grad_norm"]),
     ("Tokens/s (global)", ["perf/tokens_per_s"]),
+    ("Step time breakdown (s per step)", ["perf/step_time_s", "perf/data_wait_s", "perf/fwd_bwd_s", "perf/optim_s"]),
     ("MFU", ["perf/mfu"]),
-    ("GPU utilisation % (mean over ranks)", ["gpu_util/mean", "host_cpu_util/mean"]),
+    ("GPU utilisation % (mean over ranks)", ["gpu_util/mean"]),
+    ("Host CPU utilisation % (no GPU; mean over ranks)", ["host_cpu_util/mean"]),
     ("Memory GB", ["memory/peak_allocated_gb", "gpu_mem_used_gb/mean", "host_rss_gb/mean"]),
     ("Learning rate", ["train/lr"]),
 ]
+NOT_TASK_METRICS = ("eval/loss", "eval/perplexity")
+
+
+def panels(scalars: dict) -> list[tuple[str, list[str]]]:
+    """The panels to draw for these scalars: the fixed ones that have data, then the task's
+    validation metrics (accuracy, F1, ...) when it logged any. Host CPU use is shown only
+    without GPU telemetry, and labelled as such."""
+    chosen = [(title, [t for t in tags if t in scalars]) for title, tags in PANELS]
+    if any(t.startswith("gpu_util/") for t in scalars):
+        chosen = [(title, tags) for title, tags in chosen if not title.startswith("Host CPU")]
+    task = sorted(t for t in scalars if t.startswith("eval/") and t not in NOT_TASK_METRICS and t.count("/") == 1)
+    chosen.append(("Validation metrics", task))
+    return [(title, tags) for title, tags in chosen if tags]
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -37,17 +54,19 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     scalars = read_scalars(run_dir)
     if not scalars:
         raise ValueError(f"{run_dir}: the event files hold no scalars yet; run some steps first")
-    fig, axes = plt.subplots(3, 2, figsize=(12, 11))
-    for ax, (title, tags) in zip(axes.flat, PANELS):
-        shown = [t for t in tags if t in scalars]
-        for tag in shown:
+    drawn = panels(scalars)
+    rows = (len(drawn) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows), squeeze=False)
+    for ax, (title, tags) in zip(axes.flat, drawn):
+        for tag in tags:
             steps, values = zip(*scalars[tag])
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=tag)
-        ax.set_title(title if shown else f"{title} (not logged)")
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if shown:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(drawn):]:
+        ax.set_visible(False)
     fig.suptitle(f"shardforge run: {run_dir.resolve().name}")
     fig.tight_layout()
     png = run_dir / "report.png"

@@ -28,8 +28,10 @@ def logged_run(tmp_path_factory):
 def test_tensorboard_tags_steps_and_values(logged_run):
     scalars = read_scalars(logged_run)
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "samples_per_s",
-                "step_time_s", "data_wait_s", "fwd_bwd_s", "optim_s", "model_tflops", "skipped_steps"):
+                "step_time_s", "data_wait_s", "fwd_bwd_s", "optim_s", "model_tflops", "skipped_steps", "epoch"):
         assert [s for s, _ in scalars[TB_TAGS[key]]] == [2, 4, 6, 8], key
+    epochs = [v for _, v in scalars["train/epoch"]]
+    assert epochs[0] > 0 and epochs == pytest.approx([epochs[0] * k for k in (1, 2, 3, 4)])  # linear in steps
     assert [s for s, _ in scalars["eval/loss"]] == [4, 8]
     assert "perf/mfu" not in scalars, "MFU must be omitted on a device with no known peak"
     losses = [v for _, v in scalars["train/loss"]]
@@ -48,11 +50,35 @@ def test_tensorboard_tags_steps_and_values(logged_run):
 
 
 def test_report_png(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch.report import panels
+
     proc = shardforge("report", str(logged_run))
     assert proc.returncode == 0, proc.stderr
     png = logged_run / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
     assert "train/loss" in (logged_run / "report.html").read_text()
+    titles = [title for title, _ in panels(read_scalars(logged_run))]
+    assert titles[:4] == ["Loss", "Gradient norm (before clipping)", "Tokens/s (global)",
+                          "Step time breakdown (s per step)"]
+    assert "Host CPU utilisation % (no GPU; mean over ranks)" in titles
+    assert not {"MFU", "GPU utilisation % (mean over ranks)", "Validation metrics"} & set(titles)  # nothing to draw
+    acc = EventAccumulator(str(logged_run / "tensorboard"))
+    acc.Reload()
+    text = acc.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "    parallel:" in text and "engine: ddp" in text, text[:300]
+
+
+def test_report_panels_for_fine_tuning_on_gpus():
+    from launch.report import panels
+
+    scalars = {tag: [(4, 1.0)] for tag in ("train/loss", "eval/loss", "eval/accuracy", "eval/macro_f1",
+                                           "eval/f1/hamlet", "gpu_util/mean", "host_cpu_util/mean", "perf/mfu")}
+    drawn = dict(panels(scalars))
+    assert drawn["Validation metrics"] == ["eval/accuracy", "eval/macro_f1"]  # per-class curves stay in TensorBoard
+    assert drawn["GPU utilisation % (mean over ranks)"] == ["gpu_util/mean"] and drawn["MFU"] == ["perf/mfu"]
+    assert not any(title.startswith("Host CPU") for title in drawn), "host CPU use is drawn only without GPUs"
 
 
 def _meta_model(model_type: str, **cfg):

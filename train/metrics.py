@@ -171,6 +171,7 @@ TB_TAGS = {
     "model_tflops": "perf/model_tflops_per_device", "mfu": "perf/mfu",
     "mem_allocated_gb": "memory/peak_allocated_gb", "mem_reserved_gb": "memory/peak_reserved_gb",
     "skipped_steps": "train/skipped_steps", "nonfinite_steps": "train/nonfinite_steps", "tokens": "train/tokens",
+    "epoch": "train/epoch",
     "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity",
 }
 
@@ -201,6 +202,10 @@ class MetricsWriter:
 
             # purge_step hides events a crashed run wrote after its last checkpoint
             self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+            recipe = run_dir / "recipe.yaml"
+            if recipe.exists():  # the resolved recipe, as TensorBoard text (indented: a code block)
+                self.tb.add_text("recipe", "".join(f"    {line}\n" for line in recipe.read_text().splitlines()),
+                                 global_step=resume_step)
             # Building ~20 summary protos per log step costs milliseconds: a thread does it.
             self._queue: queue.Queue = queue.Queue()
             self._thread = threading.Thread(target=self._tb_worker, name="tensorboard", daemon=True)

@@ -43,11 +43,12 @@ class LogWindow:
 class StepMetrics:
     def __init__(self, engine, guard, telemetry: Telemetry, writer: Optional[MetricsWriter], device: torch.device,
                  world_size: int, accum: int, global_batch: int, log_every: int, max_steps: int,
-                 flops_token: float, peak_tflops: Optional[float], window: LogWindow):
+                 flops_token: float, peak_tflops: Optional[float], window: LogWindow, train_samples: int):
         self.engine, self.guard, self.telemetry, self.writer = engine, guard, telemetry, writer
         self.device, self.world_size, self.accum, self.global_batch = device, world_size, accum, global_batch
         self.log_every, self.max_steps, self.flops_token, self.peak = log_every, max_steps, flops_token, peak_tflops
         self.window = window  # may hold steps from before a resume; the rates count this launch's only
+        self.train_samples = train_samples
         self._new_timing()
 
     def _new_timing(self) -> None:
@@ -96,6 +97,7 @@ class StepMetrics:
                   "mfu": mfu(tps / self.world_size, self.flops_token, self.peak),
                   "skipped_steps": self.engine.skipped_steps, "nonfinite_steps": self.guard.total(),
                   "tokens": counters.tokens,
+                  "epoch": counters.step * self.global_batch / max(self.train_samples, 1),
                   **aggregate_ranks(telemetry_all)}
         if self.device.type == "cuda":
             values["mem_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30

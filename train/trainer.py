@@ -93,7 +93,7 @@ def train(run_dir: Path) -> int:
         stopper = Stopper(stop, d.device, t.stop_after, first_step=counters.step)
         metrics = StepMetrics(engine, guard, telemetry, writer, d.device, d.world_size, accum, t.global_batch_size,
                               t.log_every, t.max_steps, parts.flops_token,
-                              peak_flops(recipe, d, log), parts.log_window)
+                              peak_flops(recipe, d, log), parts.log_window, len(data.train))
         if d.is_main:
             write_status(run_dir, "running", counters.step, started=time.time())
 
