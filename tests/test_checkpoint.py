@@ -242,6 +242,10 @@ def test_prune_uncommits_at_once_and_deletes_in_the_background(tmp_path):
         ckpt._join_deleter()
         assert sorted(p.name for p in root.iterdir()) == ["step-000003"]
         assert verify(root / "step-000003") is None
+        # keep_every=4 keeps every fourth step besides the last keep_last=2
+        for step in range(4, 10):
+            ckpt.save(step, keep_last=2, keep_every=4, extra_manifest={})
+        assert [p.name for p in committed_checkpoints(root)] == ["step-000004", "step-000008", "step-000009"]
     finally:
         dist.destroy_process_group()
 

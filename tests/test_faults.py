@@ -43,10 +43,12 @@ def launch(world, name: str, env: dict, umask: int = 0o022, **sections) -> tuple
     return proc, Path(r["run"]["dir"])
 
 
-def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])  # the engines that can skip (ZeRO cannot: see below)
+def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world, engine):
     """Rank 1's loss is NaN at step 3: both ranks skip that update; the run completes; private umask kept."""
-    proc, run_dir = launch(world, "nan-skip", {"SHARDFORGE_NAN_AT": "3:1"}, umask=0o077,
-                           train={"on_nonfinite": "skip"}, checkpoint={"every_steps": 2, "at_end": True})
+    proc, run_dir = launch(world, f"nan-skip-{engine}", {"SHARDFORGE_NAN_AT": "3:1"}, umask=0o077,
+                           train={"on_nonfinite": "skip"}, checkpoint={"every_steps": 2, "at_end": True},
+                           parallel={"engine": engine, "precision": "fp32", "nproc": 2})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]

@@ -288,3 +288,24 @@ def test_dependencies_are_declared_used_and_bounded_by_what_is_tested():
     assert used <= set(declared), f"imported but not declared in pyproject.toml: {sorted(used - set(declared))}"
     assert set(declared) - used == set(USED_INDIRECTLY), \
         f"declared but imported nowhere: {sorted(set(declared) - used - set(USED_INDIRECTLY))}"
+
+
+def test_epochs_set_max_steps_from_the_training_split():
+    from train.recipe import resolve_epochs
+
+    recipe = recipe_from_dict({"train": {"epochs": 1.5, "global_batch_size": 32, "max_steps": 7}})
+    line = resolve_epochs(recipe, train_samples=1000)  # 31 full steps per epoch; the remainder is skipped
+    assert recipe.train.max_steps == 47 and line == "train: 1.5 epochs of 31 steps (1000 samples / global batch 32) = 47 steps"
+    unset = recipe_from_dict({"train": {"max_steps": 7}})
+    assert resolve_epochs(unset, 1000) is None and unset.train.max_steps == 7
+
+
+def test_prepare_fills_the_cache_that_run_then_reuses(tmp_path):
+    from tests.helpers import launch_in_process, make_corpus, tiny_recipe, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(make_corpus(tmp_path / "corpus", files=3), tmp_path / "cache",
+                                                           tmp_path / "run"))
+    first = launch_in_process("prepare", str(recipe))
+    assert first.returncode == 0 and "shardforge: data cache written:" in first.stdout, first.stdout + first.stderr
+    assert "data cache reused" in launch_in_process("prepare", str(recipe)).stdout
+    assert not (tmp_path / "run").exists(), "prepare writes no run directory"

@@ -41,12 +41,18 @@ def reference(world):
     return {"losses": train_losses(Path(r["run"]["dir"])), "eval_loss": _eval_loss(Path(r["run"]["dir"]))}
 
 
+# Settings that must not change an engine's fp32 trajectory, tried on the straight runs (and kept
+# by the runs that resume from them): FSDP recomputes activations in backward.
+STRAIGHT_EXTRA = {"fsdp": {"model": {"activation_checkpointing": True}}}
+
+
 @pytest.fixture(scope="module")
 def straight(world):
     """One uninterrupted 2-rank run per engine, saving at step 3 (the resume tests start there) and at the end."""
     runs = {}
     for engine in ENGINES:
-        r = recipe(world, f"straight-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True})
+        r = recipe(world, f"straight-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True},
+                   **STRAIGHT_EXTRA.get(engine, {}))
         run_recipe(world["tmp"], r)
         runs[engine] = Path(r["run"]["dir"])
     return runs
@@ -55,6 +61,8 @@ def straight(world):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_matches_single_process_fp32(straight, reference, engine):
     losses = train_losses(straight[engine])
+    if engine in STRAIGHT_EXTRA:
+        assert "activation_checkpointing: true" in (straight[engine] / "recipe.yaml").read_text()
     assert len(losses) == len(reference["losses"]) == 6
     assert losses[-1] < losses[0] - 0.5, f"{engine} did not learn: {losses}"
     for step, (a, b) in enumerate(zip(losses, reference["losses"]), 1):
@@ -107,10 +115,11 @@ def _eval_loss(run_dir: Path) -> float:
 @pytest.mark.parametrize("engine", ENGINES)  # ZeRO reshards through universal checkpoints
 def test_resume_on_another_world_size(world, straight, reference, engine):
     """Steps 1-3 on 2 ranks (the straight run), 4-5 on 1, 6 on 2 again: the single-process trajectory."""
+    extra = STRAIGHT_EXTRA.get(engine, {})
     run_dir, out = resume_from_step_3(world, straight[engine], f"reshard-{engine}", engine, "parallel.nproc=1",
-                                      "train.micro_batch_size=8", "train.stop_after=2", expect=75)
+                                      "train.micro_batch_size=8", "train.stop_after=2", expect=75, **extra)
     assert "(2 → 1 ranks)" in out
-    again = run_recipe(world["tmp"], recipe(world, f"reshard-{engine}", engine), "checkpoint.resume=auto")
+    again = run_recipe(world["tmp"], recipe(world, f"reshard-{engine}", engine, **extra), "checkpoint.resume=auto")
     assert "(1 → 2 ranks)" in again.stdout, again.stdout[-2000:]
     assert [m[0] for m in _trajectory(run_dir)] == [4, 5, 6]
     losses = train_losses(run_dir)
