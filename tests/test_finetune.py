@@ -321,6 +321,14 @@ def test_token_classification_fsdp_lora(ft_data, tmp_path):
     adapter = tmp_path / "adapter"
     assert launch_in_process("export", str(run_dir), str(adapter), "--lora", "adapter").returncode == 0
     assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+    # as the README says: peft loads the adapter (and the trained head) on top of model.pretrained
+    from peft import PeftModel
+
+    base_model = AutoModelForTokenClassification.from_pretrained(pretrained, dtype=torch.float32,
+                                                                 num_labels=merged.config.num_labels)
+    loaded = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
 
 
 def test_token_classification_ddp(ft_data, tmp_path):
