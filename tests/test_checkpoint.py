@@ -120,6 +120,9 @@ def test_manifest_is_the_commit_marker(tmp_path):
     (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "world_size": 1, "files": {
         "a.bin": hashlib.sha256(b"x").hexdigest(), "rank-00000.pt": hashlib.sha256(b"r").hexdigest()}}))
     assert latest_valid(tmp_path / "checkpoints") == ckpt
+    (ckpt / "a.bin").write_bytes(b"y")  # altered, same size: the digest, not the length, finds it
+    assert "a.bin does not match its sha256" in verify(ckpt)
+    assert latest_valid(tmp_path / "checkpoints", warn=lambda *_: None) is None
 
 
 class Exploit:
