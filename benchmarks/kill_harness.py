@@ -1,7 +1,8 @@
 """Random kills: SIGKILL one rank or the whole job at random moments, resume, and compare bit for bit.
 
     python -m benchmarks.kill_harness --kills 100 --seed 1          # the long mode (~1 hour on 2 cores)
-    python -m benchmarks.kill_harness --kills 4 --engines ddp,zero2  # what CI runs (tests/test_faults.py)
+    python -m benchmarks.kill_harness --engines zero3 --steps 6 --plan forward:1:1,backward:2:0,optimizer:3:1,job@forward:5:0
+                                                                     # what CI runs (tests/test_faults.py)
 
 For each engine: one uninterrupted fp32 run on 2 CPU processes, then a chaos run of the same
 recipe that is killed again and again until it completes. Each kill is drawn from:
@@ -9,6 +10,12 @@ recipe that is killed again and again until it completes. Each kill is drawn fro
 * one rank SIGKILLed at a kill point of a random step: ``forward``, ``backward``, ``optimizer``,
   or a checkpoint's ``write``, ``rename``, ``manifest``, ``prune`` (``SHARDFORGE_KILL_AT``);
 * the whole job (launcher, torchrun and every trainer) SIGKILLed after a random delay.
+
+``--plan`` replaces the draws with a fixed list, in order: ``POINT:STEP:RANK``, ``job:F`` (the
+whole job after F × the uninterrupted run's duration) or ``job@POINT:STEP:RANK`` (the whole job
+once that rank has paused there: a whole-job kill that lands where planned). A planned kill that cannot land (its step
+is already behind the resume point, or the launch ends first) lets the run complete, and the rest
+of the plan goes on in a fresh run.
 
 After each kill the latest committed checkpoint must verify, and the next launch must say it
 resumed from it. At the end the losses in metrics.jsonl and the exported weights must equal
@@ -67,10 +74,27 @@ def write_recipe(tmp: Path, name: str, engine: str, steps: int) -> Path:
     return write(tmp / f"{name}.yaml", r)
 
 
-def launch(recipe: Path, kill_at: str | None, kill_after_s: float | None, timeout: float = 600) -> tuple[int, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", str(recipe)], cwd=REPO,
-                            env=_env({"SHARDFORGE_KILL_AT": kill_at} if kill_at else {}),
+def launch(recipe: Path, kill_at: str | None, kill_after_s: float | None, timeout: float = 600,
+           job_kill_at: str | None = None) -> tuple[int, str]:
+    """Run ``recipe``; one rank dies at ``kill_at``, or the whole job after ``kill_after_s`` or
+    once a rank has paused at ``job_kill_at`` (``SHARDFORGE_PAUSE_AT``)."""
+    env = {"SHARDFORGE_KILL_AT": kill_at} if kill_at else {}
+    cue = recipe.with_suffix(".paused")
+    if job_kill_at:
+        cue.unlink(missing_ok=True)
+        env = {"SHARDFORGE_PAUSE_AT": job_kill_at, "SHARDFORGE_PAUSE_FILE": str(cue)}
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", str(recipe)], cwd=REPO, env=_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if job_kill_at:
+        import threading
+
+        def kill_when_paused():
+            while proc.poll() is None:
+                if cue.exists():
+                    _kill_tree(proc.pid)
+                    return
+                time.sleep(0.02)
+        threading.Thread(target=kill_when_paused, daemon=True).start()
     if kill_after_s is not None:
         try:
             out, _ = proc.communicate(timeout=kill_after_s)
@@ -96,7 +120,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, straight_s: float,
-              rng: random.Random, log) -> tuple[int, list]:
+              rng: random.Random, log, plan: list[str] | None = None) -> tuple[int, list]:
     """Launch ``name`` again and again, killing it, until it completes; return (kills, events)."""
     from train.checkpoint_files import latest_valid
 
@@ -106,8 +130,15 @@ def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, st
     while True:
         latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
         start_step = int(latest.name.split("-")[1]) if latest else 0
-        kill_at, delay = None, None
-        if done < kills_left and start_step < steps:  # at the last step, only the resume is left to check
+        kill_at, delay, job_at = None, None, None
+        if plan and done < len(plan):
+            if plan[done].startswith("job:"):
+                delay = float(plan[done][4:]) * straight_s
+            elif plan[done].startswith("job@"):
+                job_at = plan[done][4:]
+            else:
+                kill_at = plan[done]
+        elif plan is None and done < kills_left and start_step < steps:  # at the last step, only the resume is left
             if rng.random() < 0.25:
                 delay = rng.uniform(0.3, 0.95) * straight_s  # the whole job, at a random moment
             else:
@@ -121,12 +152,13 @@ def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, st
                     else rng.randint(start_step + 1, steps)
                 rank = 0 if point in ("rename", "manifest", "prune") else rng.randint(0, 1)  # rank 0's jobs
                 kill_at = f"{point}:{step}:{rank}"
-        code, out = launch(recipe, kill_at, delay)
+        code, out = launch(recipe, kill_at, delay, job_kill_at=job_at)
         resumed = re.search(r"resumed from (\S+) at step (\d+)", out)
-        got_far = resumed is not None or delay is None  # a timed kill may land before the resume
+        got_far = resumed is not None or (delay is None and job_at is None)  # a job kill may land before the resume
         if latest is not None and got_far and (resumed is None or Path(resumed.group(1)).name != latest.name):
             raise SystemExit(f"kill harness: {engine} did not resume from {latest}:\n{out[-3000:]}")
-        what = kill_at or (f"whole job after {delay:.1f}s" if delay else "no kill")
+        what = kill_at or (f"whole job after {delay:.1f}s" if delay else f"whole job at {job_at}" if job_at
+                           else "no kill")
         log(f"{name}: launch from step {start_step} with {what}: exit {code}")
         events.append({"from_step": start_step, "kill": what, "exit": code})
         if code == 0:
@@ -136,8 +168,10 @@ def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, st
             raise SystemExit(f"kill harness: {engine} never completed after {done} kills")
 
 
-def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, log) -> dict:
-    """One uninterrupted run, then chaos runs of the same recipe until ``kills`` kills landed."""
+def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, log,
+          plan: list[str] | None = None) -> dict:
+    """One uninterrupted run, then chaos runs of the same recipe until ``kills`` kills landed
+    (``plan``: these kills, in order)."""
     straight = write_recipe(tmp, f"straight-{engine}", engine, steps)
     t0 = time.time()
     code, out = launch(straight, None, None)
@@ -149,7 +183,8 @@ def trial(tmp: Path, engine: str, kills: int, steps: int, rng: random.Random, lo
     done, runs, equal = 0, [], True
     while done < kills:
         name = f"chaos-{engine}-{len(runs)}"
-        landed, events = chaos_run(tmp, engine, name, kills - done, steps, straight_s, rng, log)
+        landed, events = chaos_run(tmp, engine, name, kills - done, steps, straight_s, rng, log,
+                                   plan[done:] if plan is not None else None)
         weights = final_weights(tmp / name, tmp / f"export-{name}")
         same = losses(tmp / name) == ref_losses and weights.keys() == ref_weights.keys() and \
             all((weights[k] == ref_weights[k]).all() for k in weights)
@@ -167,18 +202,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plan", help="fixed kills for every engine, in order: POINT:STEP:RANK or job:F, "
+                                       "comma-separated (replaces --kills and the random draws)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kills.json"))
     args = parser.parse_args(argv)
     engines = args.engines.split(",")
     if set(engines) - set(ENGINES):
         parser.error(f"--engines: unknown {sorted(set(engines) - set(ENGINES))}; choose from {','.join(ENGINES)}")
+    plan = args.plan.split(",") if args.plan else None
+    for item in plan or []:
+        point, *rest = item.split(":")
+        point = point.removeprefix("job@")
+        ok = (point == "job" and len(rest) == 1 and re.fullmatch(r"0?\.\d+|1(\.0*)?", rest[0])) or \
+             (point in POINTS and len(rest) == 2 and all(x.isdigit() for x in rest) and int(rest[1]) < 2)
+        if not ok:
+            parser.error(f"--plan: {item!r} is not POINT:STEP:RANK (POINT in {','.join(POINTS)}, RANK 0 or 1), "
+                         f"job@POINT:STEP:RANK or job:F (0 < F <= 1)")
     rng = random.Random(args.seed)
-    per_engine = [args.kills // len(engines) + (i < args.kills % len(engines)) for i in range(len(engines))]
+    per_engine = [len(plan)] * len(engines) if plan else \
+        [args.kills // len(engines) + (i < args.kills % len(engines)) for i in range(len(engines))]
     started = time.time()
     results = []
     with tempfile.TemporaryDirectory(prefix="shardforge-kills-") as tmp_name:
         for engine, kills in zip(engines, per_engine):
-            results.append(trial(Path(tmp_name), engine, kills, args.steps, rng, lambda m: print(m, flush=True)))
+            results.append(trial(Path(tmp_name), engine, kills, args.steps, rng, lambda m: print(m, flush=True),
+                                 plan))
     ok = all(r["losses_equal"] and r["weights_equal"] for r in results)
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seed": args.seed, "steps": args.steps,
                "kills": sum(r["kills"] for r in results), "minutes": round((time.time() - started) / 60, 1),

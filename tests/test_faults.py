@@ -280,15 +280,19 @@ def test_a_full_disk_while_writing_the_manifest_fails_the_save_cleanly(world):
 
 
 @pytest.mark.launch  # through benchmarks.kill_harness
-def test_random_kills_resume_bit_identically_short_seeded_mode(tmp_path):
-    """CI's short version of `python -m benchmarks.kill_harness` (the long one is in RESULTS.md)."""
+def test_kills_at_each_compute_phase_and_of_the_whole_job_resume_bit_identically(tmp_path):
+    """CI's planned version of `python -m benchmarks.kill_harness` (the long random one is in RESULTS.md)."""
     out = tmp_path / "kills.json"
     # ddp's save points are killed deterministically in test_checkpoint.py; here ZeRO-3, the most
-    # involved engine (fsdp's exact resume is covered in test_training.py).
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--kills", "2", "--engines",
-                           "zero3", "--steps", "6", "--seed", "5", "--out", str(out)], cwd=REPO,
+    # involved engine, killed at each compute phase and then as a whole job (fsdp's exact resume is
+    # covered in test_training.py).
+    plan = "forward:1:1,backward:2:0,optimizer:3:1,job@forward:5:0"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kill_harness", "--plan", plan, "--engines",
+                           "zero3", "--steps", "6", "--out", str(out)], cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["kills"] == 2 and result["all_bit_identical"], result
+    assert result["kills"] == 4 and result["all_bit_identical"], result
+    kills = [e["kill"] for run in result["engines"][0]["runs"] for e in run["events"] if e["exit"] != 0]
+    assert kills == [*plan.split(",")[:3], "whole job at forward:5:0"], kills
