@@ -106,13 +106,13 @@ class World:
     def plant(self, run: str, rel: str, torch_format: bool) -> None:
         import torch
 
-        from train.checkpoint_files import MANIFEST, sha256_file
+        from train.checkpoint_files import MANIFEST, file_digest
 
         ckpt = self.tmp / run / "checkpoints" / "step-000002"
         with open(ckpt / rel, "wb") as f:
             torch.save({"x": Exploit(self.marker)}, f) if torch_format else pickle.dump(Exploit(self.marker), f)
         manifest = json.loads((ckpt / MANIFEST).read_text())
-        manifest["files"][rel] = sha256_file(ckpt / rel)
+        manifest["files"][rel] = file_digest(ckpt / rel)
         (ckpt / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -58,10 +58,10 @@ def test_corrupted_checkpoint_falls_back_to_previous(world):
     victim = run_dir / "checkpoints" / "step-000004" / "rank-00001.pt"
     victim.write_bytes(victim.read_bytes()[:-10])  # truncated
     problem = verify(victim.parent)
-    assert problem and "rank-00001.pt does not match its sha256" in problem
+    assert problem and "rank-00001.pt does not match its xxh3_128 digest" in problem
     out = run_recipe(world["tmp"], r, "train.stop_after=0")
     lines = [line for line in out.stdout.splitlines() if "skipping" in line]
-    assert len(lines) == 1 and "step-000004" in lines[0] and "sha256" in lines[0]
+    assert len(lines) == 1 and "step-000004" in lines[0] and "xxh3_128" in lines[0]
     assert "resumed from" in out.stdout and "step-000002" in out.stdout
     assert train_losses(run_dir) == world["straight"]
     # every checkpoint corrupt: refused (exit 2), not a silent restart that overwrites the step directories
@@ -116,13 +116,25 @@ def test_manifest_is_the_commit_marker(tmp_path):
     assert "no manifest.json" in verify(ckpt)
     import hashlib
 
+    import xxhash
+
     (ckpt / "rank-00000.pt").write_bytes(b"r")
-    (ckpt / "manifest.json").write_text(json.dumps({"step": 10, "world_size": 1, "files": {
-        "a.bin": hashlib.sha256(b"x").hexdigest(), "rank-00000.pt": hashlib.sha256(b"r").hexdigest()}}))
+    manifest = {"step": 10, "world_size": 1, "digest": "xxh3_128", "files": {
+        "a.bin": xxhash.xxh3_128(b"x").hexdigest(), "rank-00000.pt": xxhash.xxh3_128(b"r").hexdigest()}}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert latest_valid(tmp_path / "checkpoints") == ckpt
     (ckpt / "a.bin").write_bytes(b"y")  # altered, same size: the digest, not the length, finds it
-    assert "a.bin does not match its sha256" in verify(ckpt)
+    assert "a.bin does not match its xxh3_128 digest" in verify(ckpt)
     assert latest_valid(tmp_path / "checkpoints", warn=lambda *_: None) is None
+    # a manifest from before the "digest" field holds sha256 digests, and is still verified with them
+    manifest = {"step": 10, "world_size": 1, "files": {"a.bin": hashlib.sha256(b"y").hexdigest(),
+                                                       "rank-00000.pt": hashlib.sha256(b"r").hexdigest()}}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(ckpt) is None
+    (ckpt / "rank-00000.pt").write_bytes(b"s")
+    assert "rank-00000.pt does not match its sha256 digest" in verify(ckpt)
+    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "digest": "md5"}))
+    assert "manifest.json is unreadable" in verify(ckpt)
 
 
 class Exploit:
@@ -145,9 +157,9 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
     # and even with the manifest rewritten, weights_only refuses to unpickle
     manifest_path = victim.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    from train.checkpoint_files import sha256_file
+    from train.checkpoint_files import file_digest
 
-    manifest["files"]["rank-00000.pt"] = sha256_file(victim)
+    manifest["files"]["rank-00000.pt"] = file_digest(victim)
     manifest_path.write_text(json.dumps(manifest))
     out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=2)
     assert "refused: a file holds objects that would run code" in out.stdout + out.stderr
@@ -175,11 +187,11 @@ def test_async_save_commits_in_the_background_and_resumes_bit_identically(tmp_pa
 
 
 def test_dcp_writer_hashes_every_file_as_it_writes(tmp_path, monkeypatch):
-    """Hash-on-write: the digests the writer records equal sha256 of the files read back, for every
+    """Hash-on-write: the digests the writer records equal the xxh3-128 of the files read back, for every
     file DCP writes (data files from several writer threads and .metadata, renamed from .tmp)."""
     import torch.distributed.checkpoint as dcp
 
-    from train.checkpoint_files import HashingStream, dcp_writer, io_threads, sha256_file
+    from train.checkpoint_files import HashingStream, dcp_writer, io_threads, file_digest
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -189,7 +201,7 @@ def test_dcp_writer_hashes_every_file_as_it_writes(tmp_path, monkeypatch):
     dcp.save(state, storage_writer=dcp_writer(tmp_path / "dcp", digests), no_dist=True)
     files = sorted(p for p in (tmp_path / "dcp").iterdir())
     assert len([p for p in files if p.suffix == ".distcp"]) == 2  # two writer threads, two files
-    assert digests == {str(p.absolute()): sha256_file(p) for p in files}
+    assert digests == {str(p.absolute()): file_digest(p) for p in files}
     back = {"a": torch.zeros(300, 70), "b": torch.zeros(1000, dtype=torch.long), "c": {"d": torch.zeros(5)}, "e": 0}
     dcp.load(back, checkpoint_id=str(tmp_path / "dcp"), no_dist=True)
     assert torch.equal(back["a"], state["a"]) and back["e"] == 3

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import make_corpus, run_recipe, shardforge, tiny_recipe
-from train.checkpoint_files import MANIFEST, sha256_file
+from train.checkpoint_files import MANIFEST, file_digest
 
 
 class Exploit:
@@ -53,7 +53,7 @@ def _plant(ckpt: Path, rel: str, payload, torch_format: bool) -> None:
     with open(ckpt / rel, "wb") as f:
         torch.save(payload, f) if torch_format else pickle.dump(payload, f)
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest["files"][rel] = sha256_file(ckpt / rel)  # the attacker rewrites the manifest too
+    manifest["files"][rel] = file_digest(ckpt / rel)  # the attacker rewrites the manifest too
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -8,7 +8,7 @@ Commit protocol for ``checkpoints/step-000120``:
    :func:`io_threads` threads; the ranks share out the rest); rank 0 renames the directory
    to ``step-000120``;
 3. rank 0 writes ``manifest.json`` (step, tokens, world size, engine, recipe hash,
-   sha256 per file) last, atomically: the manifest *is* the commit marker.
+   a digest per file) last, atomically: the manifest *is* the commit marker.
 
 Only directories with a manifest whose checksums match count as checkpoints.
 Pruning happens only after the new checkpoint is committed: a pruned checkpoint loses its
@@ -28,8 +28,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_files import (MANIFEST, STEP_DIR, committed_checkpoints, sha256_files, share_of, step_dir_name,
-                                    verify)
+from train.checkpoint_files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, share_of,
+                                    step_dir_name, verify)
 from train.distributed import all_ranks_agree
 from train.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
@@ -153,7 +153,7 @@ class Checkpointer:
                 fsync_path(self.root)
                 fault_point("manifest", step, self.rank)
                 manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
-                            "saved_at": time.time(), "files": digests}
+                            "saved_at": time.time(), "digest": DIGEST, "files": digests}
                 atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
             except OSError as err:  # disk full writing the manifest: this step never committed
                 error = err
@@ -164,7 +164,7 @@ class Checkpointer:
             raise self._save_failed(step, tmp, error)
 
     def _fsync_and_hash(self, tmp: Path) -> dict[str, str]:
-        """fsync and sha256 every file of the save; a collective. The engine's writer hashed its own
+        """fsync and hash every file of the save; a collective. The engine's writer hashed its own
         files as it wrote them; the other files are shared out (:func:`share_of`), so a large
         checkpoint is hashed in parallel, not by rank 0 alone."""
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -175,7 +175,7 @@ class Checkpointer:
         rest = share_of([rel for rel in files if rel not in written], self.rank, self.world)
         for rel in [*own, *rest]:
             fsync_path(tmp / rel)  # DCP fsynced its files already: this costs nothing there
-        dist.all_gather_object(shares, dict(zip(rest, sha256_files([tmp / rel for rel in rest]))))
+        dist.all_gather_object(shares, dict(zip(rest, file_digests([tmp / rel for rel in rest]))))
         return dict(sorted({**written, **{rel: d for share in shares for rel, d in share.items()}}.items()))
 
     def verify_all(self, ckpt: Path) -> Optional[str]:

@@ -13,19 +13,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
+import xxhash
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+DIGEST = "xxh3_128"
+"""The manifest's per-file digest: xxh3-128 runs at memory speed, so hashing adds little to a save
+or a load. It detects corruption (a torn, truncated or bit-flipped file), not tampering: loading
+is weights-only (``train.safe_load``), so a forged file can hold data, never code. Manifests
+written before this field existed used sha256 and are still verified with it."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def new_hash(algorithm: str = DIGEST):
+    """A streaming hasher for ``algorithm`` (``xxh3_128``, or ``sha256`` for older manifests)."""
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown checkpoint digest {algorithm!r}; expected xxh3_128 or sha256")
+
+
+def file_digest(path: Path, algorithm: str = DIGEST) -> str:
+    h = new_hash(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
@@ -35,28 +48,28 @@ def sha256_file(path: Path) -> str:
 def io_threads() -> int:
     """Threads per rank for writing and hashing checkpoint files: this rank's share of the CPUs, 1-4.
 
-    hashlib releases the GIL on large buffers, so sha256 runs in parallel across threads.
+    Reading (and hashlib's sha256) release the GIL, so files are read and hashed in parallel.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(4, cpus // local))
 
 
-def sha256_files(paths: list[Path]) -> list[str]:
-    """sha256 of each file, :func:`io_threads` at a time."""
+def file_digests(paths: list[Path], algorithm: str = DIGEST) -> list[str]:
+    """The digest of each file, :func:`io_threads` at a time."""
     if len(paths) <= 1:
-        return [sha256_file(p) for p in paths]
+        return [file_digest(p, algorithm) for p in paths]
     with ThreadPoolExecutor(min(io_threads(), len(paths))) as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(lambda p: file_digest(p, algorithm), paths))
 
 
 class HashingStream:
-    """A file being written whose bytes also feed sha256 on their way out (hash-on-write), so a save
-    need not read its files back to checksum them. A seek voids the digest (then the file is hashed
-    from disk as usual)."""
+    """A file being written whose bytes also feed the digest on their way out (hash-on-write), so a
+    save need not read its files back to checksum them. A seek voids the digest (then the file is
+    hashed from disk as usual)."""
 
     def __init__(self, raw):
-        self.raw, self.hash, self.sequential = raw, hashlib.sha256(), True
+        self.raw, self.hash, self.sequential = raw, new_hash(), True
 
     def write(self, data) -> int:
         self.hash.update(data)
@@ -70,37 +83,40 @@ class HashingStream:
         return getattr(self.raw, name)
 
 
-class HashingFileSystem(FileSystem):
-    """DCP's local file system, recording the sha256 of every file it writes into ``digests``
-    (absolute path → hex digest)."""
+def hashing_file_system(digests: dict[str, str]):
+    """DCP's local file system, recording the digest of every file it writes into ``digests``
+    (absolute path → hex digest). Built on first use: importing DCP costs seconds, and only a
+    save needs it."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    def __init__(self, digests: dict[str, str]):
-        super().__init__()
-        self.digests = digests
-
-    @contextmanager
-    def create_stream(self, path, mode: str):
-        if "w" not in mode:
-            with super().create_stream(path, mode) as stream:
+    class HashingFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path, mode: str):
+            if "w" not in mode:
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with Path(path).open(mode) as raw:
+                stream = HashingStream(raw)
                 yield stream
-            return
-        with Path(path).open(mode) as raw:
-            stream = HashingStream(raw)
-            yield stream
-        if stream.sequential:
-            self.digests[str(Path(path).absolute())] = stream.hash.hexdigest()
+            if stream.sequential:
+                digests[str(Path(path).absolute())] = stream.hash.hexdigest()
 
-    def rename(self, path, new_path) -> None:
-        super().rename(path, new_path)
-        digest = self.digests.pop(str(Path(path).absolute()), None)
-        if digest:
-            self.digests[str(Path(new_path).absolute())] = digest
+        def rename(self, path, new_path) -> None:
+            super().rename(path, new_path)
+            digest = digests.pop(str(Path(path).absolute()), None)
+            if digest:
+                digests[str(Path(new_path).absolute())] = digest
+
+    return HashingFileSystem()
 
 
-def dcp_writer(directory: Path, digests: dict[str, str]) -> FileSystemWriter:
+def dcp_writer(directory: Path, digests: dict[str, str]):
     """DCP's file writer (fsyncing each file, :func:`io_threads` files at once) that hashes as it writes."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
     writer = FileSystemWriter(str(directory), thread_count=io_threads())
-    writer.fs = HashingFileSystem(digests)
+    writer.fs = hashing_file_system(digests)
     return writer
 
 
@@ -135,6 +151,8 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     try:
         record = json.loads(manifest.read_text())
         files, saved_world = record["files"], int(record["world_size"])
+        algorithm = record.get("digest", "sha256")  # manifests before the field: sha256
+        new_hash(algorithm)
     except (ValueError, KeyError, TypeError):
         return f"{ckpt}: {MANIFEST} is unreadable"
     unlisted = unlisted_files(ckpt, files, saved_world)
@@ -144,9 +162,9 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     for rel, _ in mine:
         if not (ckpt / rel).exists():
             return f"{ckpt}: {rel} is missing"
-    for (rel, digest), actual in zip(mine, sha256_files([ckpt / rel for rel, _ in mine])):
+    for (rel, digest), actual in zip(mine, file_digests([ckpt / rel for rel, _ in mine], algorithm)):
         if actual != digest:
-            return f"{ckpt}: {rel} does not match its sha256 in {MANIFEST} (truncated or altered)"
+            return f"{ckpt}: {rel} does not match its {algorithm} digest in {MANIFEST} (truncated or altered)"
     return None
 
 
