@@ -29,28 +29,36 @@ class StepAgreement:
     without a host sync in the step.
 
     Each step launches a non-blocking all-reduce (MAX) of this rank's flags and reads the
-    previous step's result, so every rank acts on the same step, one step late.
+    previous step's result, so every rank acts on the same step, one step late. The flags live in
+    CPU memory and travel through a gloo group (on GPUs, a group of their own), so reading the
+    result never waits for the device's queue of kernels.
     """
 
     def __init__(self, device: torch.device):
-        self.device, self._pending = device, None
+        self.world = dist.get_world_size()
+        self.group = dist.new_group(backend="gloo") if device.type != "cpu" and self.world > 1 else None
+        self._pending = None
 
     def exchange(self, stop: bool, save: bool, writing: bool, wait_now: bool = False) -> Agreed:
         """Each flag true when any rank raised it one step ago (now, with ``wait_now``)."""
         agreed = [False, False, True]  # before any result: assume a write may be in flight
         if self._pending is not None:
-            work, flags = self._pending
-            work.wait()
-            agreed = [bool(f > 0) for f in flags.tolist()]
+            agreed = self._read(*self._pending)
             self._pending = None
-        flags = torch.tensor([float(stop), float(save), float(writing)], device=self.device)
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        flags = torch.tensor([stop, save, writing], dtype=torch.uint8)
+        work = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+                if self.world > 1 else None)
         if wait_now:  # the last step: settle everything now
-            work.wait()
-            now = [bool(f > 0) for f in flags.tolist()]
+            now = self._read(work, flags)
             return Agreed(agreed[0] or now[0], agreed[1] or now[1], now[2])
         self._pending = (work, flags)
         return Agreed(*agreed)
+
+    @staticmethod
+    def _read(work, flags: torch.Tensor) -> list[bool]:
+        if work is not None:
+            work.wait()
+        return [bool(f) for f in flags.tolist()]
 
 
 class Stopper:

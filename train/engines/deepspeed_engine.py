@@ -41,12 +41,15 @@ class DeepSpeedEngine(Engine):
 
     def optimizer_step(self, nonfinite_loss):
         # DeepSpeed already stepped (inside engine.step()); a non-finite step can only be reported.
-        value = self.engine.get_global_grad_norm()
-        norm = torch.as_tensor(0.0 if value is None else float(value), device=self.device)
+        value = self.engine.get_global_grad_norm()  # a device tensor under ZeRO: kept there, no host sync
+        norm = (value.detach().float().reshape(()).to(self.device) if torch.is_tensor(value)
+                else torch.tensor(0.0 if value is None else float(value), device=self.device))
         found = (nonfinite_loss > 0).float()
         if self.recipe.parallel.precision != "fp16":  # fp16 overflow is the loss scaler's business
-            found = torch.maximum(found, (~torch.isfinite(norm)).float())
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            invalid = ~torch.isfinite(norm) | (norm < 0)  # DeepSpeed's group norms report inf/NaN as -1
+            found = torch.maximum(found, invalid.float())
+        if dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return norm, found
 
     def local_weights(self) -> list[torch.Tensor]:

@@ -50,7 +50,8 @@ class _TorchEngine(Engine):
         found = (nonfinite_loss > 0).float()
         if not self.scaler:  # with fp16 the scaler owns overflowing gradients: not an error
             found = torch.maximum(found, (~torch.isfinite(norm)).float())
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
         if self.scaler:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
