@@ -116,6 +116,9 @@ def test_peak_table_and_mfu_bounds():
     assert peak_tflops("NVIDIA L40S", "bf16") == 362.05 and peak_tflops("NVIDIA L4", "bf16") == 121.0
     assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on V100
     assert peak_tflops("cpu", "bf16") is None
+    # parallel.tf32 (the default): fp32 matmuls run on TF32 tensor cores, so fp32 MFU uses that peak
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7 and peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert peak_tflops("NVIDIA A10G", "tf32") is None  # unknown: MFU is left out, never guessed
     assert mfu(1000.0, 6e9, None) is None
     assert mfu(1000.0, 6e9, 989.4) == pytest.approx(6e12 / 989.4e12)
     assert mfu(1e9, 6e9, 989.4) is None, "an impossible MFU (> 100%) is never reported"
@@ -196,3 +199,21 @@ def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
     finally:
         for t in ranks:
             t.close()
+
+
+def test_tf32_is_on_by_default_and_switches_torchs_matmul_flags():
+    import torch
+
+    from train.engines.base import set_fp32_matmul_precision
+    from train.recipe import recipe_from_dict
+
+    assert recipe_from_dict({}).parallel.tf32 is True
+    assert recipe_from_dict({"parallel": {"tf32": False}}).parallel.tf32 is False
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_fp32_matmul_precision(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_fp32_matmul_precision(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -13,20 +13,20 @@ from typing import Optional
 
 import torch
 
-# Dense (not sparse) peak TFLOP/s per device by compute dtype. fp32 means true FP32,
-# not TF32: torch does not use TF32 for matmuls unless asked to.
+# Dense (not sparse) peak TFLOP/s per device by compute dtype: fp32 is true FP32 (CUDA cores),
+# tf32 the TF32 tensor cores that fp32 matmuls use with ``parallel.tf32`` (half the bf16 peak).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "B200": {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0},
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9},
-    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
-    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 60.0},
-    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "L40S": {"bf16": 362.05, "fp16": 362.05, "fp32": 91.6},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.8, "fp32": 60.0},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.8, "fp32": 60.0},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
     "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
-    "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
-    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
     "V100": {"fp16": 125.0, "fp32": 15.7},
 }
 

@@ -31,7 +31,7 @@ from train.data.prepare import prepare_data
 from train.data.sources import DataError
 from train.distributed import PROCESS_GROUP_TIMEOUT_S, DistInfo, all_ranks_agree, init_distributed
 from train.engines import capabilities
-from train.engines.base import Engine
+from train.engines.base import Engine, set_fp32_matmul_precision
 from train.engines.build import build_engine
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
@@ -60,6 +60,7 @@ def train(run_dir: Path) -> int:
     global CURRENT
     recipe = read_recipe(run_dir)
     d = join_process_group(recipe)
+    set_fp32_matmul_precision(recipe.parallel.tf32)
     log = print if d.is_main else (lambda *a, **k: None)
     stop = StopRequest.install()
     if d.is_main:
@@ -241,9 +242,12 @@ def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step:
 def peak_flops(recipe: Recipe, d: DistInfo, log) -> Optional[float]:
     """Per-device peak TFLOP/s for MFU: the recipe's, or the device's from the table."""
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
-    peak = recipe.logging.peak_tflops or peak_tflops(device_name, recipe.parallel.precision)
+    precision = recipe.parallel.precision
+    if precision == "fp32" and recipe.parallel.tf32 and d.device.type == "cuda":
+        precision = "tf32"
+    peak = recipe.logging.peak_tflops or peak_tflops(device_name, precision)
     if peak is None:
-        log(f"metrics: no peak TFLOP/s known for {device_name!r} in {recipe.parallel.precision}; "
+        log(f"metrics: no peak TFLOP/s known for {device_name!r} in {precision}; "
             f"MFU is omitted (set logging.peak_tflops to report it)")
     return peak
 

@@ -15,6 +15,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def set_fp32_matmul_precision(tf32: bool) -> None:
+    """``parallel.tf32``: let fp32 matmuls and convolutions use TF32 tensor cores on GPUs."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 class Engine:
     """What the loop needs: a micro-step, an optimizer step, eval forward, save and load."""
 
