@@ -95,6 +95,64 @@ def test_prefetching_workers_do_not_move_the_position():
     assert next(resumed)["input_ids"].tolist() == next(it)["input_ids"].tolist()
 
 
+def test_read_ahead_thread_and_workers_give_the_same_batches_and_the_thread_ends_with_close():
+    import threading
+
+    ds = numbered(48)
+    ahead = TrainBatches(ds, 0, 12, 2, 0, 1)  # the default: a read-ahead thread in this process
+    workers = TrainBatches(ds, 0, 12, 2, 0, 1, num_workers=2)
+    for _ in range(20):
+        assert next(ahead)["input_ids"].tolist() == next(workers)["input_ids"].tolist()
+    thread = ahead._it._thread
+    assert thread.name == "batch-read-ahead" and thread.is_alive() and thread in threading.enumerate()
+    ahead.close()
+    workers.close()
+    assert not thread.is_alive()
+
+
+def test_a_read_error_in_the_read_ahead_thread_is_raised_in_the_training_thread():
+    from train.data import batches
+
+    class Broken(batches._PackedSamples):
+        def __getitems__(self, indices):
+            raise OSError("disk gone")
+
+    it = TrainBatches(numbered(48), 0, 12, 2, 0, 1)
+    original, batches._PackedSamples = batches._PackedSamples, Broken
+    try:
+        with pytest.raises(OSError, match="disk gone"):
+            next(it)
+    finally:
+        batches._PackedSamples = original
+        it.close()
+
+
+def test_rows_read_from_the_arrow_columns_equal_the_datasets_formatter():
+    """The fast path (numpy views of fixed-width integer columns, across Arrow chunks) returns the
+    same int64 batch, trimmed to the longest attention mask, as ``datasets`` does; anything it
+    cannot view directly (an index mapping, ragged lists, strings) goes through ``datasets``."""
+    from train.data.batches import _PackedSamples
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for n in (5, 7):  # two Arrow chunks
+        mask = [[1] * int(k) + [0] * (6 - int(k)) for k in rng.integers(1, 6, n)]
+        parts.append(datasets.Dataset.from_dict({"input_ids": rng.integers(0, 99, (n, 6)).tolist(),
+                                                 "attention_mask": mask, "labels": rng.integers(0, 3, n).tolist()}))
+    ds = datasets.concatenate_datasets(parts)
+    assert ds.data.table.column(0).num_chunks == 2
+    fast, slow = _PackedSamples(ds), _PackedSamples(ds)
+    slow._columns = None
+    assert fast._columns is not None
+    for idx in ([0, 4, 5, 11], [11], [6, 2, 6]):
+        a, b = fast.__getitems__(idx), slow.__getitems__(idx)
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+        assert a["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())
+    assert _PackedSamples(ds.select([3, 1]))._columns is None
+    assert _PackedSamples(datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]}))._columns is None
+    assert _PackedSamples(datasets.Dataset.from_dict({"input_ids": [[1, 2]], "text": ["a"]}))._columns is None
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"), files=4, words_per_file=800)

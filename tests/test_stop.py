@@ -95,7 +95,7 @@ def straight(corpus, tmp_path_factory) -> Path:
     return tmp / "straight"
 
 
-@pytest.mark.parametrize("workers", ["default", 0])  # the DataLoader worker count never changes the training
+@pytest.mark.parametrize("workers", ["default", 2])  # read-ahead thread or worker processes: the same training
 def test_stops_at_every_phase_save_and_resume_bit_exactly(corpus, straight, tmp_path, workers):
     chained = _recipe(corpus, tmp_path, "chained", workers)
     run_dir = tmp_path / "chained"

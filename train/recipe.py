@@ -111,8 +111,9 @@ class DataConfig:
     """Where packed Arrow files are cached, keyed by a fingerprint of the data recipe."""
     num_proc: int = 1
     """Processes for tokenization."""
-    num_workers: int = 1
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank. 0: a thread of the training process reads 4 micro-batches
+    ahead, which suits pre-tokenized data best (a worker hands each batch over through a queue)."""
     max_samples: Optional[int] = None
     """Use at most this many packed training samples (for smoke tests)."""
     test_fraction: float = 0.0
