@@ -81,12 +81,36 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     if trainable < total:
         log(f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if cfg.activation_checkpointing == "selective":
+            kwargs["context_fn"] = selective_checkpoint_contexts
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     if cfg.compile:
         for block in transformer_blocks(model):
             block.compile()
     return model
+
+
+def _expensive_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward")
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+
+def selective_checkpoint_contexts():
+    """``model.activation_checkpointing: selective``: inside a checkpointed block, save what the
+    matmuls and attention kernels return (costly to recompute) and recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    expensive = _expensive_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def layer_stack(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -35,8 +35,11 @@ class ModelConfig:
     """Local path (or hub name) of pretrained weights; exclusive with ``config``."""
     config: Optional[dict] = None
     """Inline config for random init, e.g. ``{model_type: llama, hidden_size: 64}``."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block in backward to save activation memory."""
+    activation_checkpointing: Literal[False, True, "selective"] = False
+    """``true``: recompute each transformer block in backward (least activation memory, about a
+    third more compute). ``selective``: keep the outputs of the matmuls and of attention, recompute
+    only the cheap operations between them (norms, activations, residual adds, dropout): most of
+    the time back, part of the memory. ``false``: keep every activation."""
     compile: bool = False
     """``torch.compile`` each transformer block."""
     attn_implementation: str = "sdpa"
