@@ -34,8 +34,8 @@ def _local_gpus() -> int:
     return min(count, len(visible.split(","))) if visible else count
 
 
-def _load(args) -> "object":
-    return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus())
+def _load(args, check_model: bool = True) -> "object":
+    return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model)
 
 
 def cmd_plan(args) -> int:
@@ -46,8 +46,13 @@ def cmd_plan(args) -> int:
     print("# recipe (resolved)")
     print(recipe_yaml(recipe), end="")
     print(f"# world size {world_size(recipe)}, gradient accumulation {grad_accum_steps(recipe)}")
-    text = describe(engine_configs(recipe))
+    configs = engine_configs(recipe)
+    text = describe(configs)
     print(text or f"# engine {recipe.parallel.engine}: no engine config file")
+    if "fsdp.json" in configs and configs["fsdp.json"]["shard_modules"] is None:
+        from train.model_checks import shard_block_names
+
+        print(f"# fsdp: each rank shards every {' and every '.join(shard_block_names(recipe))}, then the root")
     return 0
 
 
@@ -58,7 +63,7 @@ def cmd_run(args) -> int:
     from launch.engine_config import engine_configs
     from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
 
-    recipe = _load(args)
+    recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
     gpus, cpus = _local_gpus(), os.cpu_count() or 1
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "

@@ -10,47 +10,16 @@ from train.recipe import Recipe, grad_accum_steps, world_size
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def shard_block_classes(recipe: Recipe) -> list[str]:
-    """Transformer block classes to wrap, from the model class's ``_no_split_modules``."""
-    import transformers
-    from transformers import AutoConfig
-
-    m = recipe.model
-    if m.config is not None:
-        model_type = m.config["model_type"]
-    else:
-        model_type = AutoConfig.from_pretrained(m.pretrained).model_type
-    cls = getattr(transformers, task_model_classes(recipe.task)[model_type])
-    if cls._no_split_modules:
-        return sorted(cls._no_split_modules)
-    # Some classes (BERT's) name no blocks: wrap the layers of a weightless (meta-device) copy.
-    import torch
-
-    from train.model import build_config, layer_stack
-
-    with torch.device("meta"):
-        model = cls._from_config(build_config(m, 1024))
-    layers = layer_stack(model)
-    return [type(layers[0]).__name__] if layers else []
-
-
-def task_model_classes(task: str) -> dict[str, str]:
-    """model_type → the transformers class name that serves ``task``."""
-    from transformers.models.auto import modeling_auto
-
-    from train.tasks import TASKS
-
-    return getattr(modeling_auto, TASKS[task].mapping)
-
-
-def fsdp_config(recipe: Recipe, block_classes: list[str]) -> dict:
-    """FSDP2: mixed-precision policy, resharding, offload and the modules to ``fully_shard``."""
+def fsdp_config(recipe: Recipe) -> dict:
+    """FSDP2: mixed-precision policy, resharding and offload. ``shard_modules: null``: each rank
+    shards the model's own transformer blocks (``train.model.shard_units``; `shardforge plan`
+    names them), so writing this file needs no transformers import."""
     return {
         "param_dtype": _DTYPE_NAMES[recipe.parallel.precision],
         "reduce_dtype": "float32",  # gradients are reduced in fp32 whatever the compute dtype
         "reshard_after_forward": True,
         "cpu_offload": recipe.parallel.offload,
-        "shard_modules": block_classes,
+        "shard_modules": None,
     }
 
 
@@ -93,7 +62,7 @@ def engine_configs(recipe: Recipe) -> dict[str, dict]:
     """File name → config for the recipe's engine (empty for DDP)."""
     name = capabilities(recipe.parallel.engine).config_file
     if name == "fsdp.json":
-        return {name: fsdp_config(recipe, shard_block_classes(recipe))}
+        return {name: fsdp_config(recipe)}
     if name == "deepspeed.json":
         return {name: deepspeed_config(recipe)}
     return {}

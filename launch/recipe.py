@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from train.engines import capabilities, engines_that
+from train.model_checks import model_problems
 from train.data.files import local_files as _local_files
 from train.recipe import TASK_METRICS, Recipe, recipe_from_dict, resolve_defaults
 from train.schema import RecipeProblems
@@ -128,11 +130,12 @@ def apply_override(data: dict, path: list[str], value: Any) -> Optional[str]:
 
 
 def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None,
-                for_slurm: bool = False) -> Recipe:
+                for_slurm: bool = False, check_model: bool = True) -> Recipe:
     """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem.
 
     ``parallel.nproc`` left unset becomes the local GPU count, or ``slurm.gpus_per_node`` for a
-    Slurm job (whose nodes are not this one).
+    Slurm job (whose nodes are not this one). ``check_model=False`` leaves out the checks that
+    import transformers (``train.model_checks``): the ranks run them.
     """
     path = find_recipe(name)
     try:
@@ -160,7 +163,7 @@ def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] 
     if for_slurm:
         local_gpus = None
     resolve_defaults(recipe, nproc=recipe.slurm.gpus_per_node if for_slurm else local_gpus)
-    problems += check_recipe(recipe, local_gpus)
+    problems += check_recipe(recipe, local_gpus, check_model)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
@@ -172,7 +175,7 @@ def _divisors_near(n: int, unit: int) -> str:
     return " or ".join(str(v) for v in options)
 
 
-def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
+def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True) -> list[str]:
     """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem."""
     p: list[str] = []
     t, par = r.train, r.parallel
@@ -213,24 +216,12 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     if (m.pretrained is None) == (m.config is None):
         p.append("model: give exactly one of model.pretrained (weights to load) or model.config "
                  "(inline config for random init)")
-    model_config = None
-    if m.config is not None:
-        model_config, problem = _inline_config(m.config)
-        if problem:
-            p.append(problem)
-    elif m.pretrained is not None:
-        model_config, problem = _pretrained_config(m.pretrained)
-        if problem:
-            p.append(problem)
-    if model_config is not None:
-        limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-        if limit and r.data.seq_len > limit:
-            p.append(f"data.seq_len: {r.data.seq_len} is longer than the model's {limit} positions; "
-                     f"set data.seq_len={limit} or raise max_position_embeddings")
+    if check_model:  # what only transformers can tell (`shardforge run` leaves it to the ranks)
+        p += model_problems(r)
     if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
         p.append(f"model.attn_implementation: {m.attn_implementation!r} is not sdpa, eager, "
                  f"flash_attention_2, flash_attention_3 or flex_attention")
-    p += _check_task(r, model_config)
+    p += _check_task(r)
     d = r.data
     if d.seq_len < 2:
         p.append(f"data.seq_len: must be at least 2, got {d.seq_len}")
@@ -294,7 +285,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int]) -> list[str]:
     return p
 
 
-def _check_task(r: Recipe, model_config) -> list[str]:
+def _check_task(r: Recipe) -> list[str]:
     """Fine-tuning: the model type serves the task, the metric exists, LoRA and freezing fit."""
     p: list[str] = []
     task, m, ev, d = r.task, r.model, r.eval, r.data
@@ -315,15 +306,8 @@ def _check_task(r: Recipe, model_config) -> list[str]:
     if task != "causal_lm" and d.tokenizer.train is not None:
         p.append(f"data.tokenizer.train: task {task} fine-tunes with the model's own tokenizer; remove "
                  f"data.tokenizer.train and set model.pretrained or data.tokenizer.path")
-    if model_config is not None and task in ("sequence_classification", "token_classification"):
-        from launch.engine_config import task_model_classes
-
-        if model_config.model_type not in task_model_classes(task):
-            p.append(f"task: transformers has no {task} head for model type {model_config.model_type!r}; "
-                     f"pick a model that has one (bert, roberta, llama, ...)")
-    layers = getattr(model_config, "num_hidden_layers", None) if model_config is not None else None
-    if m.freeze_layers < 0 or (layers is not None and m.freeze_layers > layers):
-        p.append(f"model.freeze_layers: {m.freeze_layers} is not between 0 and the model's {layers} layers")
+    if m.freeze_layers < 0:
+        p.append(f"model.freeze_layers: must be 0 or more, got {m.freeze_layers}")
     if m.lora is not None:
         lora = m.lora
         if not capabilities(r.parallel.engine).lora:
@@ -332,42 +316,9 @@ def _check_task(r: Recipe, model_config) -> list[str]:
         if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
             p.append(f"model.lora: need r >= 1, alpha > 0 and dropout in [0, 1) (got r={lora.r}, "
                      f"alpha={lora.alpha}, dropout={lora.dropout})")
-        try:
-            import peft  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("peft") is None:  # found, not imported: importing peft costs seconds
             p.append("model.lora: the peft package is not installed; pip install 'shardforge[peft]'")
     return p
-
-
-def _inline_config(cfg: dict):
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    model_type = cfg.get("model_type")
-    if model_type is None:
-        return None, "model.config.model_type: missing; name a transformers model type such as llama or gpt2"
-    if model_type not in CONFIG_MAPPING_NAMES:
-        import difflib
-
-        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return None, f"model.config.model_type: {model_type!r} is not a transformers model type{hint}"
-    try:
-        return AutoConfig.for_model(**cfg), None
-    except Exception as err:  # transformers raises TypeError, ValueError and huggingface_hub validation errors
-        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
-        return None, f"model.config: transformers rejected it: {text}"
-
-
-def _pretrained_config(name: str):
-    from transformers import AutoConfig
-
-    if _local_files(name) == [] or (name.startswith((".", "/", "~")) and not Path(name).exists()):
-        return None, f"model.pretrained: no such directory {name!r}; fix the path"
-    try:
-        return AutoConfig.from_pretrained(name), None
-    except Exception as err:  # hub/network/parse errors all mean the same to the user
-        return None, f"model.pretrained: cannot read a config from {name!r}: {str(err).splitlines()[0][:160]}"
 
 
 def recipe_yaml(recipe: Recipe) -> str:

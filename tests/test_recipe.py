@@ -117,6 +117,61 @@ def test_model_and_sizes_checked_before_launch():
     assert any("data.sources[0].path" in p for p in problems("data.sources.0.path=./nowhere/*.txt"))
 
 
+def test_the_launch_path_of_run_imports_neither_torch_nor_transformers(tmp_path):
+    """``shardforge run`` validates, writes the run directory and its engine configs without
+    importing torch or transformers (seconds each); the ranks check the model. Checked in a fresh
+    interpreter, up to the point where the launcher starts torchrun."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from pathlib import Path
+from launch.engine_config import engine_configs
+from launch.local import check_resumable, write_run_dir
+from launch.recipe import load_recipe
+for engine in ("fsdp", "zero3", "ddp"):
+    recipe = load_recipe("tiny-cpu", [f"run.dir={tmp_path}/" + engine, "parallel.engine=" + engine], check_model=False)
+    assert check_resumable(recipe, Path(recipe.run.dir)) == []
+    write_run_dir(recipe, engine_configs(recipe))
+heavy = sorted(m for m in ("torch", "transformers", "datasets", "deepspeed", "peft") if m in sys.modules)
+print("heavy:", heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "heavy: []"
+    assert json.loads((tmp_path / "fsdp" / "fsdp.json").read_text())["shard_modules"] is None
+    assert (tmp_path / "zero3" / "deepspeed.json").exists()
+
+
+def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers_model_checks(tmp_path):
+    """``run`` leaves the transformers checks to the ranks: they refuse before preparing data, the
+    launch exits 2 with the line `plan` gives (the agent's ending line), and nothing is trained."""
+    from train.model_checks import model_problems
+
+    bad = ["model.config.model_type=lama", f"run.dir={tmp_path / 'run'}", "parallel.nproc=2",
+           f"data.cache_dir={tmp_path / 'cache'}"]
+    recipe = load_recipe("tiny-cpu", bad, check_model=False)  # the launcher's own checks pass
+    (line,) = model_problems(recipe)
+    assert line == "model.config.model_type: 'lama' is not a transformers model type; did you mean 'llama'?"
+    proc = shardforge("run", "tiny-cpu", *bad)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last in (f"shardforge: failed before the first step: rank {r}: {line} (exit 2)" for r in (0, 1)), \
+        proc.stdout + proc.stderr  # every rank refuses; the agent names the first report
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plan_names_the_blocks_fsdp_shards():
+    proc = shardforge("plan", "minilm-plays", "parallel.engine=fsdp")
+    assert proc.returncode == 0, proc.stderr
+    assert '"shard_modules": null' in proc.stdout
+    assert "# fsdp: each rank shards every BertLayer, then the root" in proc.stdout
+
+
 GOLDEN_CASES = {
     "tiny-zero1-bf16": ("tiny-cpu", ["parallel.engine=zero1"]),
     "tiny-zero2-fp16": ("tiny-cpu", ["parallel.engine=zero2", "parallel.precision=fp16"]),

@@ -146,3 +146,11 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks named by the model's ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """What FSDP shards one by one: the blocks that the model's class names in ``_no_split_modules``,
+    or (a class that names none) the layers of its layer stack. A LoRA model: its base model's."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(type(base), "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names] or layer_stack(base)

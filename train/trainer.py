@@ -36,6 +36,7 @@ from train.engines.build import build_engine
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
 from train.model import build_model, token_ids
+from train.model_checks import model_problems
 from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
 from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
@@ -61,6 +62,9 @@ def train(run_dir: Path) -> int:
     recipe = read_recipe(run_dir)
     d = join_process_group(recipe)
     set_fp32_matmul_precision(recipe.parallel.tf32)
+    problems = model_problems(recipe)  # `shardforge run` leaves these checks to the ranks
+    if problems:
+        raise RecipeProblems(problems)
     log = print if d.is_main else (lambda *a, **k: None)
     stop = StopRequest.install()
     if d.is_main:

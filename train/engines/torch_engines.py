@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from train.engines.base import DTYPES, Engine
+from train.model import shard_units
 from train.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
 from train.recipe import Recipe, grad_accum_steps
@@ -166,10 +167,11 @@ class FSDPEngine(_TorchEngine):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         else:
             model.to(device)
-        blocks = [m for m in model.modules() if type(m).__name__ in set(cfg["shard_modules"])]
+        names = cfg.get("shard_modules")  # null: the model's own blocks
+        blocks = [m for m in model.modules() if type(m).__name__ in set(names)] if names else shard_units(model)
         if not blocks:
-            raise RuntimeError(f"fsdp.json shard_modules {cfg['shard_modules']} match no module of "
-                               f"{type(model).__name__}; regenerate fsdp.json with `shardforge plan`")
+            raise RuntimeError(f"fsdp.json shard_modules {names or 'null (the model blocks)'} match no module "
+                               f"of {type(model).__name__}; set them to its transformer block class names")
         for block in blocks:
             fully_shard(block, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
         fully_shard(model, **kwargs)  # the root keeps FSDP's default: unsharded after forward, as backward needs it first

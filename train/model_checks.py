@@ -1,0 +1,95 @@
+"""The recipe checks that need transformers: the model's config, its positions, its task heads and
+its layers. ``shardforge plan``, ``prepare`` and ``submit`` run them in the launcher; ``shardforge
+run`` leaves them to the ranks, which import transformers anyway, so a local launch starts the
+ranks without the seconds that importing transformers (and with it torch) costs the launcher.
+Every rank runs them before it prepares data; a problem ends the launch with exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from train.data.files import local_files
+from train.recipe import Recipe
+
+
+def model_problems(recipe: Recipe) -> list[str]:
+    """One line per problem of the model the recipe names, read through transformers."""
+    m = recipe.model
+    if (m.pretrained is None) == (m.config is None):
+        return []  # the recipe check reports that; there is no model to read
+    config, problem = inline_config(m.config) if m.config is not None else pretrained_config(m.pretrained)
+    if problem:
+        return [problem]
+    p: list[str] = []
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and recipe.data.seq_len > limit:
+        p.append(f"data.seq_len: {recipe.data.seq_len} is longer than the model's {limit} positions; "
+                 f"set data.seq_len={limit} or raise max_position_embeddings")
+    task = recipe.task
+    if task in ("sequence_classification", "token_classification") and \
+            config.model_type not in task_model_classes(task):
+        p.append(f"task: transformers has no {task} head for model type {config.model_type!r}; "
+                 f"pick a model that has one (bert, roberta, llama, ...)")
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and m.freeze_layers > layers:
+        p.append(f"model.freeze_layers: {m.freeze_layers} is not between 0 and the model's {layers} layers")
+    return p
+
+
+def inline_config(cfg: dict) -> tuple[Any, Optional[str]]:
+    """(transformers config, None) for ``model.config``, or (None, what is wrong)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        return None, "model.config.model_type: missing; name a transformers model type such as llama or gpt2"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return None, f"model.config.model_type: {model_type!r} is not a transformers model type{hint}"
+    try:
+        return AutoConfig.for_model(**cfg), None
+    except Exception as err:  # transformers raises TypeError, ValueError and huggingface_hub validation errors
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:300]
+        return None, f"model.config: transformers rejected it: {text}"
+
+
+def pretrained_config(name: str) -> tuple[Any, Optional[str]]:
+    """(transformers config, None) for ``model.pretrained``, or (None, what is wrong)."""
+    from transformers import AutoConfig
+
+    if local_files(name) == [] or (name.startswith((".", "/", "~")) and not Path(name).exists()):
+        return None, f"model.pretrained: no such directory {name!r}; fix the path"
+    try:
+        return AutoConfig.from_pretrained(name), None
+    except Exception as err:  # hub/network/parse errors all mean the same to the user
+        return None, f"model.pretrained: cannot read a config from {name!r}: {str(err).splitlines()[0][:160]}"
+
+
+def task_model_classes(task: str) -> dict[str, str]:
+    """model_type → the transformers class name that serves ``task``."""
+    from transformers.models.auto import modeling_auto
+
+    from train.tasks import TASKS
+
+    return getattr(modeling_auto, TASKS[task].mapping)
+
+
+def shard_block_names(recipe: Recipe) -> list[str]:
+    """The classes FSDP shards one by one for this recipe's model (``fsdp.json``'s
+    ``shard_modules: null``, resolved as each rank does: see ``train.model.shard_units``)."""
+    import torch
+
+    from train.model import build_config, shard_units
+    import transformers
+
+    m = recipe.model
+    config = build_config(m, 1024)
+    cls = getattr(transformers, task_model_classes(recipe.task)[config.model_type])
+    with torch.device("meta"):  # no weights: only the module tree
+        model = cls._from_config(config)
+    return sorted({type(unit).__name__ for unit in shard_units(model)})
