@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
 
-.PHONY: demo demo-finetune demo-ner test test-fast test-bench install data finetune-data bench gpu-wheels clean
+.PHONY: demo demo-finetune demo-ner test test-fast test-bench install data finetune-data bench gpu-wheels gpu-wheels-arrow clean
 
 install: $(VENV)/.installed
 
@@ -71,16 +71,27 @@ test-bench: install data
 bench: install data
 	$(PY) -m benchmarks.cpu
 
-# Wheels the GPU machine lacks (it has torch, transformers, accelerate, tensorboard, nvidia-ml-py;
-# Python 3.12, no network). deepspeed is an sdist: built here as a pure-Python wheel.
+# Wheels the GPU machine lacks or has too old (its image: Python 3.12, torch, transformers 5.17,
+# tokenizers 0.23.2, accelerate, tensorboard, nvidia-ml-py, pandas, pyarrow, ...; no network).
+# deepspeed is an sdist: built here as a pure-Python wheel. wheel_check then finds every
+# requirement in the wheels or the image, for Python 3.12, and keeps the set under the carry limit.
 GPU_WHEELS := benchmarks/wheels
+GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels: install
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps -c constraints.txt deepspeed -w $(GPU_WHEELS)
-	$(PIP) download -q --no-deps --only-binary :all: --python-version 3.12 \
-	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) \
-	  -c constraints.txt hjson pydantic pydantic-core annotated-types typing-inspection \
-	  datasets dill multiprocess xxhash pyarrow ninja py-cpuinfo msgpack
+	$(PIP) download -q --no-deps --only-binary :all: $(GPU_PLATFORMS) -d $(GPU_WHEELS) -c constraints.txt \
+	  transformers tokenizers datasets dill multiprocess xxhash einops hjson pydantic pydantic-core \
+	  annotated-types typing-inspection py-cpuinfo msgpack ninja
+	$(PY) -m benchmarks.wheel_check $(GPU_WHEELS)
+
+# pyarrow (55 MB) and pandas (12 MB) are in the GPU image; carry these instead of benchmarks/wheels'
+# data only if gpu.sh reports the image's pyarrow older than datasets needs.
+gpu-wheels-arrow: install
+	rm -rf $(GPU_WHEELS)-arrow && mkdir -p $(GPU_WHEELS)-arrow
+	$(PIP) download -q --no-deps --only-binary :all: $(GPU_PLATFORMS) -d $(GPU_WHEELS)-arrow -c constraints.txt \
+	  pyarrow pandas
 
 clean:
 	rm -rf runs data_cache .pytest_cache

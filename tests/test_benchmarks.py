@@ -58,3 +58,29 @@ def test_adversarial_benchmark_smoke(tmp_path):
     assert result["tried"] == 2 and result["counts"]["exit2"] == 2, result
     assert "| tried | exit2 | traceback | hang | silent | data_lost | code_executed |" in proc.stdout
     assert _run("benchmarks.adversarial", "--only", "nonsense").returncode == 2
+
+
+def test_wheel_check_finds_each_requirement_in_the_wheels_or_the_gpu_image(tmp_path):
+    """The carried-wheel check on wheels made here: a requirement met by a wheel, one met by the
+    image's recorded version, one too old in the image, one nowhere, one whose marker excludes
+    Python 3.12, and one the image holds at a version not on record (unverified, not unmet)."""
+    import zipfile
+
+    from benchmarks.wheel_check import check
+
+    def wheel(name: str, version: str, *requires: str) -> None:
+        with zipfile.ZipFile(tmp_path / f"{name}-{version}-py3-none-any.whl", "w") as zf:
+            meta = "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(name, version)
+            zf.writestr(f"{name}-{version}.dist-info/METADATA", meta + "".join(f"Requires-Dist: {r}\n" for r in requires))
+
+    wheel("foo", "1.0", "bar>=2", "numpy>=2.0", "torch>=2.12", "nowhere-pkg", "oldpy; python_version < '3.0'",
+          "pandas>=2")
+    wheel("bar", "2.1")
+    lines, unmet, unverified = check(tmp_path)
+    assert any("bar>=2" in line and "wheel 2.1" in line for line in lines)
+    assert any("numpy>=2.0" in line and "image 2.5.2" in line and "UNMET" not in line for line in lines)
+    assert [u.split()[1] for u in unmet if u.startswith("foo")] == ["torch>=2.12", "nowhere-pkg"]
+    assert not any("oldpy" in line for line in lines)
+    assert any(u.startswith("foo") and "pandas>=2" in u for u in unverified)
+    wheel("bar", "3.0")
+    assert check(tmp_path)[1] == ["bar: two wheels (2.1 and 3.0); keep one"]
