@@ -80,3 +80,46 @@ def test_early_stopping_stops_at_the_right_evaluation():
         first.update(value, 10 * (epoch + 1))
     resumed.load_state_dict(first.state_dict())
     assert [resumed.update(v, 0) for v in accuracy[4:6]] == [False, False] and resumed.stopped
+
+
+def test_entity_and_class_scores_agree_with_seqeval_and_scikit_learn():
+    """Cross-checks against the reference implementations (test-only dependencies): entity
+    precision/recall/F1, overall and per type, against seqeval's conlleval-style scoring (an I-
+    after O or after another type starts an entity, as in ``bio_entities``); accuracy and macro and
+    micro F1 against scikit-learn on the same labels. Random tag sequences, including ill-formed ones."""
+    from seqeval.metrics import classification_report
+    from sklearn.metrics import accuracy_score, f1_score, precision_score
+
+    rng = np.random.default_rng(0)
+    tags = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    for _ in range(30):
+        n = int(rng.integers(1, 40))
+        gold = [tags[i] for i in rng.choice(len(tags), n, p=[0.4, 0.15, 0.1, 0.1, 0.1, 0.1, 0.05])]
+        pred = [t if rng.random() < 0.7 else tags[rng.integers(len(tags))] for t in gold]
+        reference = classification_report([gold], [pred], output_dict=True, zero_division=0)
+        tp, predicted, actual = entity_counts(gold, pred)
+        ours = entity_scores(tp, predicted, actual)
+        if actual:  # seqeval reports nothing for a sequence without gold entities
+            micro = reference["micro avg"]
+            assert (ours["entity_precision"], ours["entity_recall"], ours["entity_f1"]) == pytest.approx(
+                (micro["precision"], micro["recall"], micro["f1-score"]))
+        by_type = entity_counts_by_type(gold, pred, ["LOC", "MISC", "PER"])
+        for i, kind in enumerate(["LOC", "MISC", "PER"]):
+            if kind in reference:
+                s = entity_scores(*by_type[3 * i: 3 * i + 3])
+                assert (s["entity_precision"], s["entity_recall"], s["entity_f1"]) == pytest.approx(
+                    (reference[kind]["precision"], reference[kind]["recall"], reference[kind]["f1-score"]))
+                assert by_type[3 * i + 2] == reference[kind]["support"]
+
+        names = ["a", "b", "c", "d"]
+        y_true = rng.integers(0, 4, 50)
+        y_pred = np.where(rng.random(50) < 0.6, y_true, rng.integers(0, 4, 50))
+        confusion = np.zeros((4, 4), dtype=np.int64)
+        np.add.at(confusion, (y_true, y_pred), 1)
+        s = classification_scores(confusion, names)
+        present = sorted(set(y_true) | set(y_pred))  # classes in neither are left out of the macro average
+        assert s["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+        assert s["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=present, zero_division=0))
+        assert s["macro_precision"] == pytest.approx(
+            precision_score(y_true, y_pred, average="macro", labels=present, zero_division=0))
+        assert s["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
