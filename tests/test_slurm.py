@@ -296,3 +296,20 @@ def test_usr1_one_second_into_the_job_step_requeues_and_finishes_bit_identically
     log = _assert_finished_like_the_straight_run(cluster, run_dir, job, info)
     assert info["Restarts"] == "1" and "requeueing (restart 1 of 2)" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+@needs_cluster
+def test_hang_watchdog_ends_the_run_and_the_job_requeues_and_finishes_bit_identically(cluster):
+    """Rank 1 hangs in step 6 of the first run (``SHARDFORGE_HANG_AT``, only while
+    ``SLURM_RESTART_COUNT`` is 0); the watchdog dumps stacks and ends the launch as ``hung``
+    (exit 4), the job script requeues, the second run resumes from step 4 and ends like the
+    uninterrupted job."""
+    path, run_dir = cluster["recipe"]("hung", env={"SHARDFORGE_HANG_AT": "6:1", "SHARDFORGE_FAULTS_IN_RUN": "0"})
+    job = submit(path, "train.step_timeout_s=15", "checkpoint.every_steps=2")
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=420)
+    log = _assert_finished_like_the_straight_run(cluster, run_dir, job, info)
+    assert info["Restarts"] == "1", log[-3000:]
+    assert "shardforge: hung; requeueing (restart 1 of 2)" in log, log[-3000:]
+    assert "resumed from" in log and "step-000004" in log, log[-3000:]
+    assert (run_dir / "logs" / "hang-rank-00001.txt").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"

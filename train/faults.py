@@ -11,6 +11,8 @@ the rank program calls :func:`fault_point` at named points and the tests choose 
 - ``SHARDFORGE_NOSPACE_FROM=point:step[:rank]`` raises ``OSError(ENOSPC)`` at that point of that
   step and every later one: a disk that stays full, where mounting a small tmpfs needs root.
 - ``SHARDFORGE_NAN_AT=step[:rank]`` and ``SHARDFORGE_HANG_AT=step[:rank]``: see :func:`fault_step`.
+- ``SHARDFORGE_FAULTS_IN_RUN=N``: every fault above fires only in run N of a Slurm job (its
+  ``SLURM_RESTART_COUNT``, 0 for the first run), so a job requeued after the fault goes on cleanly.
 
 Points: ``prepare`` (step 0, before rank 0 prepares the data), ``forward``, ``backward`` and
 ``optimizer`` of step N, and a checkpoint of step N's ``write``, ``rename``, ``manifest`` and
@@ -27,9 +29,14 @@ from pathlib import Path
 PAUSE_LIMIT_S = 120.0
 
 
+def _in_faulted_run() -> bool:
+    wanted = os.environ.get("SHARDFORGE_FAULTS_IN_RUN")
+    return wanted is None or int(wanted) == int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 def _matches(variable: str, name: str, step: int, rank: int, onwards: bool = False) -> bool:
     spec = os.environ.get(variable)
-    if not spec:
+    if not spec or not _in_faulted_run():
         return False
     where, at_step, *at_rank = spec.split(":")
     hit = step >= int(at_step) if onwards else step == int(at_step)
@@ -41,7 +48,7 @@ POINT_VARIABLES = ("SHARDFORGE_KILL_AT", "SHARDFORGE_RAISE_AT", "SHARDFORGE_PAUS
 
 def points_armed() -> bool:
     """Whether any :func:`fault_point` can fire in this process (the loop skips the calls if not)."""
-    return any(os.environ.get(v) for v in POINT_VARIABLES)
+    return _in_faulted_run() and any(os.environ.get(v) for v in POINT_VARIABLES)
 
 
 def fault_point(name: str, step: int, rank: int) -> None:
@@ -77,7 +84,7 @@ def fault_step(variable: str, rank: int) -> int:
     data phase.
     """
     spec = os.environ.get(variable)
-    if not spec:
+    if not spec or not _in_faulted_run():
         return 0
     at_step, *at_rank = spec.split(":")
     return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
