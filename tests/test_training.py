@@ -65,6 +65,7 @@ def test_engine_matches_single_process_fp32(straight, reference, engine):
         assert "activation_checkpointing: true" in (straight[engine] / "recipe.yaml").read_text()
     assert len(losses) == len(reference["losses"]) == 6
     assert losses[-1] < losses[0] - 0.5, f"{engine} did not learn: {losses}"
+    assert "precision: the first forward computed in torch.float32" in (straight[engine] / "logs" / "launch.log").read_text()
     for step, (a, b) in enumerate(zip(losses, reference["losses"]), 1):
         assert abs(a - b) < 1e-5, f"{engine} step {step}: {a} vs single-process {b}"
     # the same validation samples whatever the world size and micro-batch
@@ -96,7 +97,8 @@ def test_bf16_with_dropout_trains_and_resumes_bit_identically(world, engine):
     nothing draws from the global generator between the restore and the next step."""
     gpt2 = {"model": {"config": GPT2}, "parallel": {"engine": engine, "precision": "bf16", "nproc": 2}}
     straight = recipe(world, f"bf16-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True}, **gpt2)
-    run_recipe(world["tmp"], straight)
+    proc = run_recipe(world["tmp"], straight)
+    assert "precision: the first forward computed in torch.bfloat16" in proc.stdout, proc.stdout[-2000:]
     straight_dir = Path(straight["run"]["dir"])
     losses = train_losses(straight_dir)
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses

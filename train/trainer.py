@@ -31,7 +31,7 @@ from train.data.prepare import prepare_data
 from train.data.sources import DataError
 from train.distributed import PROCESS_GROUP_TIMEOUT_S, DistInfo, all_ranks_agree, init_distributed
 from train.engines import capabilities
-from train.engines.base import Engine, set_fp32_matmul_precision
+from train.engines.base import Engine, report_compute_dtype, set_fp32_matmul_precision
 from train.engines.build import build_engine
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
@@ -78,6 +78,7 @@ def train(run_dir: Path) -> int:
         counters = CURRENT = Counters()
         parts = build_parts(recipe, data, d, run_dir, counters, log, closing)
         engine, task, batches, early = parts.engine, parts.task, parts.batches, parts.early
+        report_compute_dtype(engine.model, log)
         guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir)
         writer = closing.enter_context(MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console,
                                                      t.max_steps, counters.step)) if d.is_main else None

@@ -21,6 +21,21 @@ def set_fp32_matmul_precision(tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+def report_compute_dtype(model: torch.nn.Module, log) -> None:
+    """Say once, at the first forward, which dtype the model's output layer (its last linear layer,
+    outside any compiled block) computed in: the precision that actually ran under autocast, FSDP's
+    mixed-precision policy or DeepSpeed's casts, not only the one the recipe asked for."""
+    last = next((m for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear)), None)
+    if last is None:
+        return
+
+    def once(module, args, output) -> None:
+        handle.remove()
+        log(f"precision: the first forward computed in {output.dtype} (the output layer's result)")
+
+    handle = last.register_forward_hook(once)
+
+
 class Engine:
     """What the loop needs: a micro-step, an optimizer step, eval forward, save and load."""
 
