@@ -127,6 +127,24 @@ def test_a_read_error_in_the_read_ahead_thread_is_raised_in_the_training_thread(
         it.close()
 
 
+def test_closing_never_waits_for_a_read_ahead_thread_with_a_full_queue():
+    """A reader whose queue is full (or that failed with nobody reading) leaves at once on close."""
+    import time
+
+    from train.data.batches import _ReadAhead
+
+    def numbers_then_error():
+        yield from range(3)
+        raise OSError("late failure")
+
+    for source in (iter(range(100)), numbers_then_error()):
+        ahead = _ReadAhead(source, depth=2)
+        time.sleep(0.3)  # the queue fills (and the failure waits for room)
+        started = time.monotonic()
+        ahead.close()
+        assert time.monotonic() - started < 1 and not ahead._thread.is_alive()
+
+
 def test_rows_read_from_the_arrow_columns_equal_the_datasets_formatter():
     """The fast path (numpy views of fixed-width integer columns, across Arrow chunks) returns the
     same int64 batch, trimmed to the longest attention mask, as ``datasets`` does; anything it

@@ -154,21 +154,25 @@ class _ReadAhead:
         self._thread = threading.Thread(target=self._fill, args=(batches,), name="batch-read-ahead", daemon=True)
         self._thread.start()
 
+    def _offer(self, item) -> bool:
+        """Queue ``item`` once there is room; ``False`` when closed first (nobody will read it)."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _fill(self, batches: Iterator) -> None:
         try:
             for batch in batches:
-                while not self._closed.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._closed.is_set():
+                if not self._offer(batch):
                     return
         except BaseException as err:  # noqa: BLE001 - raised again on the training thread
-            self._queue.put(err)
+            self._offer(err)
         else:
-            self._queue.put(self._END)
+            self._offer(self._END)
 
     def __iter__(self) -> "_ReadAhead":
         return self
