@@ -64,6 +64,10 @@ def cmd_run(args) -> int:
     from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
+    if recipe.parallel.nodes > 1:  # never train one node's share as if it were the whole job
+        raise RecipeError(args.recipe, [f"parallel.nodes: {recipe.parallel.nodes} nodes, but `shardforge run` trains "
+                                        f"on this machine only; submit the multi-node job with `shardforge submit` "
+                                        f"(Slurm), or set parallel.nodes=1"])
     gpus, cpus = _local_gpus(), os.cpu_count() or 1
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "

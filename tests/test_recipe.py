@@ -165,6 +165,14 @@ def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_run_refuses_more_than_one_node_in_one_line(tmp_path):
+    """`run` trains on this machine: a multi-node recipe is refused (not trained as one node's share)."""
+    proc = shardforge("run", "tiny-cpu", "parallel.nodes=2", "parallel.nproc=1", f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "parallel.nodes: 2 nodes, but `shardforge run` trains on this machine only" in proc.stderr
+    assert "shardforge submit" in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_plan_names_the_blocks_fsdp_shards():
     proc = shardforge("plan", "minilm-plays", "parallel.engine=fsdp")
     assert proc.returncode == 0, proc.stderr
