@@ -155,14 +155,11 @@ class _ReadAhead:
         self._thread.start()
 
     def _offer(self, item) -> bool:
-        """Queue ``item`` once there is room; ``False`` when closed first (nobody will read it)."""
-        while not self._closed.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue ``item`` once there is room (:meth:`close` makes some); ``False`` once closed. The
+        thread sleeps in ``put`` without polling: a thread that woke up on a timer would take the
+        GIL from the training thread every time."""
+        self._queue.put(item)
+        return not self._closed.is_set()
 
     def _fill(self, batches: Iterator) -> None:
         try:
@@ -187,7 +184,12 @@ class _ReadAhead:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join(timeout=10)
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()  # room for a put the thread may be waiting in
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
 
 
 class _MicroBatchSampler:
