@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -61,7 +62,7 @@ def cmd_run(args) -> int:
 
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
-    from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
+    from launch.local import RunDirBackup, check_resumable, launch_local, refused_before_training, write_run_dir
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
     if recipe.parallel.nodes > 1:  # never train one node's share as if it were the whole job
@@ -72,16 +73,18 @@ def cmd_run(args) -> int:
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "
                                         f"no GPU and {cpus} CPUs; set parallel.nproc={cpus} or fewer"])
+    run_dir, code = Path(recipe.run.dir), None
+    created = not run_dir.exists()
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
-        lock = RunLock(Path(recipe.run.dir)).acquire()
+        lock = RunLock(run_dir).acquire()
     except RunLocked as err:
         raise RecipeError("run.dir", [str(err)]) from None
     try:
-        problems = check_resumable(recipe, Path(recipe.run.dir))
+        problems = check_resumable(recipe, run_dir)
         if problems:
             raise RecipeError("resume", problems)
-        backup = RunDirBackup(Path(recipe.run.dir))
-        run_dir = write_run_dir(recipe, engine_configs(recipe))
+        backup = RunDirBackup(run_dir)
+        write_run_dir(recipe, engine_configs(recipe))
         print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
               f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
         code = launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early)
@@ -90,6 +93,8 @@ def cmd_run(args) -> int:
         return code
     finally:
         lock.release()
+        if code == EXIT_BAD_INPUT and created and refused_before_training(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing behind (its line was printed)
 
 
 def cmd_submit(args) -> int:

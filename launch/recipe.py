@@ -17,7 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from train.engines import capabilities, engines_that
-from train.model_checks import model_problems
+from train.model_checks import declared_sizes, model_problems, size_problems
 from train.data.files import local_files as _local_files
 from train.recipe import TASK_METRICS, Recipe, recipe_from_dict, resolve_defaults
 from train.schema import RecipeProblems
@@ -218,6 +218,8 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
                  "(inline config for random init)")
     if check_model:  # what only transformers can tell (`shardforge run` leaves it to the ranks)
         p += model_problems(r)
+    elif (m.pretrained is None) != (m.config is None):  # the sizes the recipe or config.json states
+        p += size_problems(r, **declared_sizes(r))
     if m.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
         p.append(f"model.attn_implementation: {m.attn_implementation!r} is not sdpa, eager, "
                  f"flash_attention_2, flash_attention_3 or flex_attention")

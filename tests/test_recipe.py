@@ -145,13 +145,17 @@ print("heavy:", heavy)
     assert (tmp_path / "zero3" / "deepspeed.json").exists()
 
 
+@pytest.mark.launch  # the ranks start (and refuse): not for `make test-fast`
 def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers_model_checks(tmp_path):
     """``run`` leaves the transformers checks to the ranks: they refuse before preparing data, the
-    launch exits 2 with the line `plan` gives (the agent's ending line), and nothing is trained."""
+    launch exits 2 with the line `plan` gives (the agent's ending line), and the run directory it
+    created is removed again. Sizes the recipe states (positions, layers) the launcher checks itself."""
     from train.model_checks import model_problems
 
     bad = ["model.config.model_type=lama", f"run.dir={tmp_path / 'run'}", "parallel.nproc=2",
            f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(RecipeError, match="data.seq_len: 512 is longer than the model's 256 positions"):
+        load_recipe("tiny-cpu", ["data.seq_len=512"], check_model=False)  # stated in the recipe: no transformers
     recipe = load_recipe("tiny-cpu", bad, check_model=False)  # the launcher's own checks pass
     (line,) = model_problems(recipe)
     assert line == "model.config.model_type: 'lama' is not a transformers model type; did you mean 'llama'?"
@@ -161,8 +165,8 @@ def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers
     assert last in (f"shardforge: failed before the first step: rank {r}: {line} (exit 2)" for r in (0, 1)), \
         proc.stdout + proc.stderr  # every rank refuses; the agent names the first report
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "cache").exists(), "refused before preparing data"
+    assert not (tmp_path / "run").exists(), "bad input leaves no run directory behind"
 
 
 def test_run_refuses_more_than_one_node_in_one_line(tmp_path):

@@ -13,6 +13,35 @@ from train.data.files import local_files
 from train.recipe import Recipe
 
 
+def declared_sizes(recipe: Recipe) -> dict[str, int]:
+    """The model's positions and layers where the recipe or the pretrained ``config.json`` states
+    them, read without transformers (the launcher of ``shardforge run`` checks these; sizes left to
+    a model type's defaults are checked by the ranks)."""
+    import json
+
+    m = recipe.model
+    cfg = dict(m.config or {})
+    if m.pretrained and (Path(m.pretrained) / "config.json").is_file():
+        try:
+            cfg = json.loads((Path(m.pretrained) / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+    sizes = {"positions": cfg.get("max_position_embeddings") or cfg.get("n_positions"),
+             "layers": cfg.get("num_hidden_layers") or cfg.get("n_layer")}
+    return {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def size_problems(recipe: Recipe, positions: Optional[int] = None, layers: Optional[int] = None) -> list[str]:
+    """``data.seq_len`` within the model's positions, ``model.freeze_layers`` within its layers."""
+    p = []
+    if positions and recipe.data.seq_len > positions:
+        p.append(f"data.seq_len: {recipe.data.seq_len} is longer than the model's {positions} positions; "
+                 f"set data.seq_len={positions} or raise max_position_embeddings")
+    if layers is not None and recipe.model.freeze_layers > layers:
+        p.append(f"model.freeze_layers: {recipe.model.freeze_layers} is not between 0 and the model's {layers} layers")
+    return p
+
+
 def model_problems(recipe: Recipe) -> list[str]:
     """One line per problem of the model the recipe names, read through transformers."""
     m = recipe.model
@@ -21,19 +50,13 @@ def model_problems(recipe: Recipe) -> list[str]:
     config, problem = inline_config(m.config) if m.config is not None else pretrained_config(m.pretrained)
     if problem:
         return [problem]
-    p: list[str] = []
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and recipe.data.seq_len > limit:
-        p.append(f"data.seq_len: {recipe.data.seq_len} is longer than the model's {limit} positions; "
-                 f"set data.seq_len={limit} or raise max_position_embeddings")
+    p = size_problems(recipe, limit, getattr(config, "num_hidden_layers", None))
     task = recipe.task
     if task in ("sequence_classification", "token_classification") and \
             config.model_type not in task_model_classes(task):
         p.append(f"task: transformers has no {task} head for model type {config.model_type!r}; "
                  f"pick a model that has one (bert, roberta, llama, ...)")
-    layers = getattr(config, "num_hidden_layers", None)
-    if layers is not None and m.freeze_layers > layers:
-        p.append(f"model.freeze_layers: {m.freeze_layers} is not between 0 and the model's {layers} layers")
     return p
 
 
