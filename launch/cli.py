@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -62,7 +61,7 @@ def cmd_run(args) -> int:
 
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
-    from launch.local import RunDirBackup, check_resumable, launch_local, refused_before_training, write_run_dir
+    from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
     if recipe.parallel.nodes > 1:  # never train one node's share as if it were the whole job
@@ -73,8 +72,7 @@ def cmd_run(args) -> int:
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "
                                         f"no GPU and {cpus} CPUs; set parallel.nproc={cpus} or fewer"])
-    run_dir, code = Path(recipe.run.dir), None
-    created = not run_dir.exists()
+    run_dir = Path(recipe.run.dir)
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
         lock = RunLock(run_dir).acquire()
     except RunLocked as err:
@@ -93,8 +91,6 @@ def cmd_run(args) -> int:
         return code
     finally:
         lock.release()
-        if code == EXIT_BAD_INPUT and created and refused_before_training(run_dir):
-            shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing behind (its line was printed)
 
 
 def cmd_submit(args) -> int:

@@ -86,15 +86,6 @@ class RunDirBackup:
             atomic_write(self.run_dir / name, data.decode())
 
 
-def refused_before_training(run_dir: Path) -> bool:
-    """The launch ended before its first step and nothing was ever committed: the ranks refused the
-    recipe or its data (exit 2), so a run directory this launch created holds nothing to keep."""
-    from train.checkpoint_files import committed_checkpoints
-
-    status = read_status(run_dir) or {}
-    return status.get("step", -1) <= 0 and not committed_checkpoints(run_dir / "checkpoints")
-
-
 def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     """Create ``run.dir`` with the resolved recipe and engine configs; nothing half-written on error."""
     run_dir = Path(recipe.run.dir)

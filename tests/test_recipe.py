@@ -148,8 +148,9 @@ print("heavy:", heavy)
 @pytest.mark.launch  # the ranks start (and refuse): not for `make test-fast`
 def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers_model_checks(tmp_path):
     """``run`` leaves the transformers checks to the ranks: they refuse before preparing data, the
-    launch exits 2 with the line `plan` gives (the agent's ending line), and the run directory it
-    created is removed again. Sizes the recipe states (positions, layers) the launcher checks itself."""
+    launch exits 2 with the line `plan` gives (the agent's ending line); the run directory keeps
+    status.json and the ranks' error reports. Sizes the recipe states (positions, layers) the
+    launcher checks itself."""
     from train.model_checks import model_problems
 
     bad = ["model.config.model_type=lama", f"run.dir={tmp_path / 'run'}", "parallel.nproc=2",
@@ -166,7 +167,9 @@ def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers
         proc.stdout + proc.stderr  # every rank refuses; the agent names the first report
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "cache").exists(), "refused before preparing data"
-    assert not (tmp_path / "run").exists(), "bad input leaves no run directory behind"
+    status = json.loads((tmp_path / "run" / "status.json").read_text())  # kept, with the ranks' reports
+    assert status["state"] == "failed" and status["exit_code"] == 2 and status["reason"] == line
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_run_refuses_more_than_one_node_in_one_line(tmp_path):
