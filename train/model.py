@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -92,12 +93,13 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     return model
 
 
-def _expensive_ops() -> set:
+@functools.lru_cache(maxsize=1)
+def _expensive_ops() -> frozenset:
     aten = torch.ops.aten
     names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward")
-    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    return frozenset(getattr(aten, name).default for name in names if hasattr(aten, name))
 
 
 def selective_checkpoint_contexts():

@@ -107,12 +107,8 @@ def shard_block_names(recipe: Recipe) -> list[str]:
     ``shard_modules: null``, resolved as each rank does: see ``train.model.shard_units``)."""
     import torch
 
-    from train.model import build_config, shard_units
-    import transformers
+    from train.model import auto_model_class, build_config, shard_units
 
-    m = recipe.model
-    config = build_config(m, 1024)
-    cls = getattr(transformers, task_model_classes(recipe.task)[config.model_type])
     with torch.device("meta"):  # no weights: only the module tree
-        model = cls._from_config(config)
+        model = auto_model_class(recipe.task).from_config(build_config(recipe.model, 1024))
     return sorted({type(unit).__name__ for unit in shard_units(model)})

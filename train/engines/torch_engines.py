@@ -167,7 +167,7 @@ class FSDPEngine(_TorchEngine):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         else:
             model.to(device)
-        names = cfg.get("shard_modules")  # null: the model's own blocks
+        names = cfg.get("shard_modules")  # null: the model's own blocks; a list: fsdp.json written before that
         blocks = [m for m in model.modules() if type(m).__name__ in set(names)] if names else shard_units(model)
         if not blocks:
             raise RuntimeError(f"fsdp.json shard_modules {names or 'null (the model blocks)'} match no module "
