@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-LAUNCHING_CALLS = {"run_recipe", "launch_in_process", "launch", "submit", "Popen", "_cli"}
+LAUNCHING_CALLS = {"run_recipe", "launch_in_process", "launch", "submit", "Popen", "_cli", "torchrun_program"}
 """Helpers (in tests/helpers.py and the test files) that start ``shardforge run``, a job or the ranks."""
 LAUNCHING_FIXTURES = {"straight", "reference", "cluster", "logged_run"}
 """Module fixtures that train once and are shared by the tests of their file."""

@@ -323,8 +323,7 @@ def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_pat
 
 
 # Declared but not imported by launch/ or train/, and why.
-USED_INDIRECTLY = {"accelerate": "transformers' Trainer, the HF baseline of benchmarks/gpu.py",
-                   "safetensors": "export writes model.safetensors through transformers"}
+USED_INDIRECTLY = {"safetensors": "export writes model.safetensors through transformers"}
 
 
 def test_dependencies_are_declared_used_and_bounded_by_what_is_tested():

@@ -65,7 +65,10 @@ def test_engine_matches_single_process_fp32(straight, reference, engine):
         assert "activation_checkpointing: true" in (straight[engine] / "recipe.yaml").read_text()
     assert len(losses) == len(reference["losses"]) == 6
     assert losses[-1] < losses[0] - 0.5, f"{engine} did not learn: {losses}"
-    assert "precision: the first forward computed in torch.float32" in (straight[engine] / "logs" / "launch.log").read_text()
+    log = (straight[engine] / "logs" / "launch.log").read_text()
+    assert "precision: the first forward computed in torch.float32" in log
+    # rank 1 started from an empty model filled with rank 0's weights (tests/test_placement.py)
+    assert "model: rank 0 built the weights; the other 1 rank(s) built the structure" in log
     for step, (a, b) in enumerate(zip(losses, reference["losses"]), 1):
         assert abs(a - b) < 1e-5, f"{engine} step {step}: {a} vs single-process {b}"
     # the same validation samples whatever the world size and micro-batch

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from train.model import param_numel
+
 # Dense (not sparse) peak TFLOP/s per device by compute dtype: fp32 is true FP32 (CUDA cores),
 # tf32 the TF32 tensor cores that fp32 matmuls use with ``parallel.tf32`` (half the bf16 peak).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -49,13 +51,13 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     no matmul work, so they are excluded; a tied LM head does, so it is added back.
     """
     cfg = model.config
-    params = {id(p): p.numel() for p in model.parameters()}
-    embeddings = {id(m.weight): m.weight.numel() for m in model.modules()
+    params = {id(p): param_numel(p) for p in model.parameters()}
+    embeddings = {id(m.weight): param_numel(m.weight) for m in model.modules()
                   if isinstance(m, torch.nn.Embedding)}
     n = sum(params.values()) - sum(embeddings.values())
     head = model.get_output_embeddings()
     if head is not None and id(head.weight) in embeddings:
-        n += head.weight.numel()
+        n += param_numel(head.weight)
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return 6 * n + 12 * layers * heads * head_dim * seq_len

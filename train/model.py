@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional
@@ -60,16 +61,24 @@ def auto_model_class(task: str):
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causal_lm",
                 labels: Optional[list[str]] = None, log=print,
-                special_ids: Optional[dict[str, Optional[int]]] = None) -> torch.nn.Module:
-    """Build on CPU in fp32 with the same seed on every rank (identical init before sharding).
+                special_ids: Optional[dict[str, Optional[int]]] = None,
+                empty_init: Optional[contextlib.AbstractContextManager] = None) -> torch.nn.Module:
+    """Build on CPU in fp32 from the seed: the weights every rank starts from.
 
-    A pretrained encoder gets a freshly initialised head for the task (same seed everywhere);
-    then layers are frozen and LoRA adapters added as the recipe says.
+    A pretrained encoder gets a freshly initialised head for the task (seeded);
+    then layers are frozen and LoRA adapters added as the recipe says. With ``empty_init`` (a
+    context such as ``accelerate.init_empty_weights`` or DeepSpeed's ``zero.Init``), only the
+    model's structure is built inside it, without reading pretrained weights: the engine fills it
+    with the values of a rank that built the weights (see :mod:`train.engines.placement`).
     """
     auto = auto_model_class(task)
     torch.manual_seed(seed)
     config = build_config(cfg, vocab_size, labels, special_ids)
-    if cfg.pretrained:
+    if empty_init is not None:
+        with empty_init:
+            model = auto.from_config(config, attn_implementation=cfg.attn_implementation)
+        model.tie_weights()  # accelerate's meta patch registers a fresh parameter where transformers tied one
+    elif cfg.pretrained:
         model = auto.from_pretrained(cfg.pretrained, config=config, attn_implementation=cfg.attn_implementation,
                                      dtype=torch.float32)
     else:
@@ -77,9 +86,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora, task)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    if trainable < total:
+    trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(param_numel(p) for p in model.parameters())
+    if trainable < total and empty_init is None:
         log(f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     if cfg.activation_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -91,6 +100,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
         for block in transformer_blocks(model):
             block.compile()
     return model
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """The parameter's full size, also when ZeRO-3 holds only this rank's partition of it."""
+    return int(getattr(p, "ds_numel", p.numel()))
 
 
 @functools.lru_cache(maxsize=1)

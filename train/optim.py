@@ -11,11 +11,12 @@ from train.recipe import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and other 1-D tensors get no weight decay."""
+    """Decay matrices only: norms, biases and other 1-D tensors get no weight decay. (A parameter
+    built under ZeRO-3's ``zero.Init`` holds a flat partition: its shape is ``ds_shape``.)"""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

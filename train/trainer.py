@@ -32,7 +32,8 @@ from train.data.sources import DataError
 from train.distributed import PROCESS_GROUP_TIMEOUT_S, DistInfo, all_ranks_agree, init_distributed
 from train.engines import capabilities
 from train.engines.base import Engine, report_compute_dtype, set_fp32_matmul_precision
-from train.engines.build import build_engine
+from train.engines.build import build_engine, engine_config
+from train.engines.placement import place_model
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
 from train.model import build_model, token_ids
@@ -158,10 +159,17 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     if line:
         log(line)
     task = build_task(recipe.task, data.labels)
-    model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log,
-                        special_ids=token_ids(data.tokenizer))
+    engine_cfg = engine_config(recipe, run_dir)
+    model, weights = place_model(recipe.parallel.engine, lambda empty_init: build_model(
+        recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log,
+        special_ids=token_ids(data.tokenizer), empty_init=empty_init), d.rank, d.world_size, engine_cfg)
+    if weights.from_rank0:
+        how = "inside zero.Init" if capabilities(recipe.parallel.engine).zero_stage == 3 else "on the meta device"
+        log(f"model: rank 0 built the weights; the other {d.world_size - 1} rank(s) built the structure {how} "
+            f"and receive rank 0's values")
     flops_token = flops_per_token(model, recipe.data.seq_len)
-    engine = build_engine(recipe, model, d.device, run_dir)
+    engine = build_engine(recipe, model, d.device, engine_cfg, weights)
+    del model, weights  # the engine holds what it needs; rank 0's full copy is gone
     batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
                                                  d.rank, d.world_size, num_workers=recipe.data.num_workers,
                                                  pin_memory=d.device.type == "cuda"))

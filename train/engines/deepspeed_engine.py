@@ -12,17 +12,27 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from train.engines import capabilities
 from train.engines.base import Engine
+from train.engines.placement import InitialWeights, broadcast_buffers, copy_into_zero3, is_empty, materialize
 from train.optim import build_adamw, lr_factor, param_groups
 from train.recipe import Recipe
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict,
+                 weights: Optional[InitialWeights] = None):
         import deepspeed
 
         self.name = recipe.parallel.engine
         self.recipe, self.device = recipe, device
+        weights = weights or InitialWeights()
+        zero3 = capabilities(self.name).zero_stage == 3
+        if weights.from_rank0 and zero3:  # built under zero.Init on every rank: fill the partitions
+            copy_into_zero3(model, weights)
+            weights.state = None
+        elif is_empty(model):  # a rank > 0 under ZeRO-1/2: deepspeed.initialize broadcasts rank 0's parameters
+            materialize(model, device)
         # With offload the config names DeepSpeed's CPU AdamW; otherwise torch's AdamW is the client.
         client_optimizer, params = None, param_groups(model, recipe.optim.weight_decay)
         if "optimizer" not in cfg:
@@ -31,6 +41,8 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, model_parameters=params, config=cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        if weights.from_rank0 and not zero3:
+            broadcast_buffers(self.engine.module)
         self.model = self.engine
 
     def forward_backward(self, batch, loss_fn, last_micro):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from train.engines.base import DTYPES, Engine
+from train.engines.placement import InitialWeights, is_empty, materialize
 from train.model import shard_units
 from train.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
@@ -124,10 +125,13 @@ class _TorchEngine(Engine):
 class DDPEngine(_TorchEngine):
     name = "ddp"
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device,
+                 weights: Optional[InitialWeights] = None):
         super().__init__(recipe, device)
         from torch.nn.parallel import DistributedDataParallel
 
+        if is_empty(model):  # a rank > 0: the wrapper broadcasts rank 0's parameters and buffers into it
+            materialize(model, device)
         model.to(device)
         self.precision = recipe.parallel.precision
         # One process has nothing to synchronise: skip the wrapper's bucket copies and hooks.
@@ -154,7 +158,8 @@ class DDPEngine(_TorchEngine):
 class FSDPEngine(_TorchEngine):
     name = "fsdp"
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict):
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict,
+                 weights: Optional[InitialWeights] = None):
         super().__init__(recipe, device)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -165,8 +170,7 @@ class FSDPEngine(_TorchEngine):
         kwargs = {"mesh": mesh, "mp_policy": mp}
         if cfg.get("cpu_offload"):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
-        else:
-            model.to(device)
+        empty = is_empty(model)  # fully_shard moves a real model's tensors to the device one block at a time
         names = cfg.get("shard_modules")  # null: the model's own blocks; a list: fsdp.json written before that
         blocks = [m for m in model.modules() if type(m).__name__ in set(names)] if names else shard_units(model)
         if not blocks:
@@ -175,12 +179,28 @@ class FSDPEngine(_TorchEngine):
         for block in blocks:
             fully_shard(block, reshard_after_forward=cfg["reshard_after_forward"], **kwargs)
         fully_shard(model, **kwargs)  # the root keeps FSDP's default: unsharded after forward, as backward needs it first
+        if weights is not None and weights.from_rank0:
+            self._receive_rank0_weights(model, empty, torch.device("cpu") if cfg.get("cpu_offload") else device,
+                                        weights)
         self.model = model
         self._setup_optim(model)
         self.scaler = None
         if recipe.parallel.precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(device.type)
+
+    @staticmethod
+    def _receive_rank0_weights(model: torch.nn.Module, empty: bool, device: torch.device,
+                               weights: InitialWeights) -> None:
+        """Every rank's shards get rank 0's values: rank 0 broadcasts its full state (it built the
+        weights), the others allocate their shards of the meta model first."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if empty:
+            materialize(model, device)
+        set_model_state_dict(model, weights.state if weights.state is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        weights.state = None  # rank 0's full copy is no longer needed
 
     def forward_backward(self, batch, loss_fn, last_micro):
         self.model.set_requires_gradient_sync(last_micro)
