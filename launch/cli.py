@@ -34,6 +34,29 @@ def _local_gpus() -> int:
     return min(count, len(visible.split(","))) if visible else count
 
 
+def _local_gpu_bytes() -> Optional[float]:
+    """Memory of this machine's first visible GPU (NVML), ``None`` without one."""
+    if _local_gpus() == 0:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+            index = int(visible) if visible.isdigit() else 0
+            return float(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # a UUID in CUDA_VISIBLE_DEVICES, no driver: unknown
+        return None
+
+
+def _gpu_bytes(recipe) -> Optional[float]:
+    """``parallel.gpu_mem_gb`` when the recipe states it, else this machine's GPUs."""
+    return recipe.parallel.gpu_mem_gb * 1e9 if recipe.parallel.gpu_mem_gb else _local_gpu_bytes()
+
+
 def _load(args, check_model: bool = True) -> "object":
     return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model)
 
@@ -53,6 +76,14 @@ def cmd_plan(args) -> int:
         from train.model_checks import shard_block_names
 
         print(f"# fsdp: each rank shards every {' and every '.join(shard_block_names(recipe))}, then the root")
+    from train.engines.memory_plan import fit_problem, plan_table
+    from train.model_checks import model_sizes, planned_setup
+
+    sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), _gpu_bytes(recipe)
+    print(plan_table(sizes, setup, gpu_bytes))
+    problem = fit_problem(sizes, setup, gpu_bytes) if gpu_bytes else None
+    print(f"# does not fit: {problem} (`shardforge run` and `submit` refuse it)" if problem else
+          "# fits" if gpu_bytes else "# fit unknown: no GPU here and no parallel.gpu_mem_gb")
     return 0
 
 
@@ -107,6 +138,12 @@ def cmd_submit(args) -> int:
     problems = check_resumable(recipe, run_dir)
     if problems:
         raise RecipeError("resume", problems)
+    if recipe.parallel.gpu_mem_gb:  # the login node cannot see the cluster's GPUs: only a stated size
+        from train.model_checks import memory_problems
+
+        problems = memory_problems(recipe, recipe.parallel.gpu_mem_gb * 1e9)
+        if problems:
+            raise RecipeError(args.recipe, problems)
     if args.dry_run:
         return submit(recipe, run_dir, dry_run=True)
     render_sbatch(recipe, run_dir, sys.executable, ".")  # refuse bad values before writing anything

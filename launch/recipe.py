@@ -209,6 +209,8 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
         p.append(f"run.seed: must be 0 or more (numpy takes unsigned seeds), got {r.run.seed}")
     if t.step_timeout_s < 0:
         p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
+    if par.gpu_mem_gb is not None and par.gpu_mem_gb <= 0:
+        p.append(f"parallel.gpu_mem_gb: must be more than 0 (one GPU's memory in GB, e.g. 80), got {par.gpu_mem_gb}")
     if par.offload and not caps.offload:
         p.append("parallel.offload: DDP keeps every replica on the device; use parallel.engine=zero2, "
                  "zero3 or fsdp to offload, or set parallel.offload=false")

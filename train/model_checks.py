@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from train.data.files import local_files
-from train.recipe import Recipe
+from train.engines.memory_plan import ModelSizes, Setup, fit_problem
+from train.recipe import Recipe, grad_accum_steps, world_size
 
 
 def declared_sizes(recipe: Recipe) -> dict[str, int]:
@@ -112,3 +113,52 @@ def shard_block_names(recipe: Recipe) -> list[str]:
     with torch.device("meta"):  # no weights: only the module tree
         model = auto_model_class(recipe.task).from_config(build_config(recipe.model, 1024))
     return sorted({type(unit).__name__ for unit in shard_units(model)})
+
+
+def model_sizes(recipe: Recipe) -> ModelSizes:
+    """Count the recipe's model on the meta device (no weights), as the ranks will build it
+    (frozen layers and LoRA included). The vocabulary is the config's, else the size of the
+    tokenizer the recipe trains, else 32000; a classification head is counted with 2 labels."""
+    import torch
+
+    from train.model import build_model, param_numel, shard_units
+
+    m = recipe.model
+    tok = recipe.data.tokenizer.train
+    vocab = (m.config or {}).get("vocab_size") or (tok.vocab_size if tok else 32000)
+    labels = ["A", "B"] if recipe.task in ("sequence_classification", "token_classification") else None
+    model = build_model(m, vocab, 0, recipe.task, labels, log=lambda *_: None, empty_init=torch.device("meta"))
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(param_numel(p) for p in unique)
+    blocks = shard_units(model)
+    block = max((sum(param_numel(p) for p in b.parameters()) for b in blocks), default=0)
+    cfg = model.config
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = 0 if head is not None and head.weight is embedding.weight else param_numel(embedding.weight)
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    dropout = max(float(getattr(cfg, name, 0) or 0) for name in ("attention_dropout", "attn_pdrop",
+                                                                   "attention_probs_dropout_prob"))
+    return ModelSizes(
+        params=total, trainable=sum(param_numel(p) for p in unique if p.requires_grad),
+        largest_layer=max(sum(param_numel(p) for p in mod.parameters(recurse=False)) for mod in model.modules()),
+        block=block, root=total - block * len(blocks), layers=cfg.num_hidden_layers, hidden=hidden,
+        intermediate=getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden,
+        heads=cfg.num_attention_heads, vocab=cfg.vocab_size, untied_embedding=untied,
+        keeps_attention_probs=m.attn_implementation == "eager" or dropout > 0)
+
+
+def planned_setup(recipe: Recipe) -> Setup:
+    """The recipe's engine, precision and batch shape, as the memory plan sees them."""
+    p = recipe.parallel
+    return Setup(engine=p.engine, precision=p.precision, offload=p.offload,
+                 activation_checkpointing=recipe.model.activation_checkpointing,
+                 micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
+                 world_size=world_size(recipe), gpus_per_node=p.nproc or 1, accumulation=grad_accum_steps(recipe))
+
+
+def memory_problems(recipe: Recipe, gpu_bytes: Optional[float]) -> list[str]:
+    """One line when the recipe's plan cannot fit GPUs of ``gpu_bytes`` (nothing when unknown)."""
+    if not gpu_bytes or (recipe.model.pretrained is None) == (recipe.model.config is None):
+        return []
+    problem = fit_problem(model_sizes(recipe), planned_setup(recipe), gpu_bytes)
+    return [problem] if problem else []

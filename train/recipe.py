@@ -220,6 +220,10 @@ class ParallelConfig:
     reduce_bucket_mb: int = 200
     """DeepSpeed reduce / all-gather (and ZeRO-3 prefetch) bucket size in MiB of gradients; converted
     to the element count DeepSpeed expects (2 bytes per element in bf16/fp16, 4 in fp32)."""
+    gpu_mem_gb: Optional[float] = None
+    """Memory of one GPU in GB, for the memory plan (``shardforge plan``) and the check that refuses
+    a plan that cannot fit. Unset: the GPUs of the machine that plans or trains (NVML / CUDA);
+    set it for a Slurm cluster's GPUs, which ``shardforge submit`` cannot see from the login node."""
     tf32: bool = True
     """On GPUs, fp32 matmuls and convolutions run on TF32 tensor cores (torch's own default is full
     fp32): all of ``precision: fp32`` and the fp32 parts of mixed precision. MFU for fp32 is then

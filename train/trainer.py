@@ -37,7 +37,7 @@ from train.engines.placement import place_model
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
 from train.model import build_model, token_ids
-from train.model_checks import model_problems
+from train.model_checks import memory_problems, model_problems
 from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
 from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
@@ -64,6 +64,7 @@ def train(run_dir: Path) -> int:
     d = join_process_group(recipe)
     set_fp32_matmul_precision(recipe.parallel.tf32)
     problems = model_problems(recipe)  # `shardforge run` leaves these checks to the ranks
+    problems = problems or memory_problems(recipe, gpu_bytes(recipe, d.device))
     if problems:
         raise RecipeProblems(problems)
     log = print if d.is_main else (lambda *a, **k: None)
@@ -200,6 +201,13 @@ def join_process_group(recipe: Recipe) -> DistInfo:
 
     load_ops(offload=recipe.parallel.offload)
     return init_distributed(deepspeed=True)
+
+
+def gpu_bytes(recipe: Recipe, device: torch.device) -> Optional[float]:
+    """The GPU memory the plan must fit: ``parallel.gpu_mem_gb``, else this rank's GPU (none on CPU)."""
+    if recipe.parallel.gpu_mem_gb:
+        return recipe.parallel.gpu_mem_gb * 1e9
+    return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
 
 
 def seed_rank(seed: int, rank: int) -> None:
