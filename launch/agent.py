@@ -31,8 +31,8 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from launch.runlock import RunLock, RunLocked  # noqa: E402
-from train.rundir import (EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, describe, exit_code,  # noqa: E402
-                          final_status, launch_id)
+from train.rundir import (EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, NODE_RANK_ENV, describe,  # noqa: E402
+                          exit_code, final_status, launch_id)
 
 
 class SignalForwarder:
@@ -137,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torchrun_args = args.torchrun[1:] if args.torchrun[:1] == ["--"] else args.torchrun
     launch = launch_id()  # exported: the trainers tag status.json and their reports with it
     forwarder = SignalForwarder()
-    node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")) or 0)
+    node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get(NODE_RANK_ENV, "0")) or 0)
     lock = RunLock(args.run_dir) if args.lock and node_rank == 0 else None
     if lock is not None:
         try:

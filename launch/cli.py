@@ -92,18 +92,17 @@ def cmd_run(args) -> int:
 
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
-    from launch.local import RunDirBackup, check_resumable, launch_local, write_run_dir
+    from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
-    if recipe.parallel.nodes > 1:  # never train one node's share as if it were the whole job
-        raise RecipeError(args.recipe, [f"parallel.nodes: {recipe.parallel.nodes} nodes, but `shardforge run` trains "
-                                        f"on this machine only; submit the multi-node job with `shardforge submit` "
-                                        f"(Slurm), or set parallel.nodes=1"])
+    node = node_of(recipe.parallel.nodes, args.node_rank, args.master, args.recipe)
     gpus, cpus = _local_gpus(), os.cpu_count() or 1
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "
                                         f"no GPU and {cpus} CPUs; set parallel.nproc={cpus} or fewer"])
     run_dir = Path(recipe.run.dir)
+    if node.rank > 0:  # node 0 checks and writes the run directory; its rendezvous starts no rank before that
+        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
         lock = RunLock(run_dir).acquire()
     except RunLocked as err:
@@ -116,7 +115,7 @@ def cmd_run(args) -> int:
         write_run_dir(recipe, engine_configs(recipe))
         print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
               f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
-        code = launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early)
+        code = launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
         if code == EXIT_BAD_INPUT:  # the ranks refused (a changed data file, say): leave the run as it was
             backup.restore()
         return code
@@ -189,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
         if name == "submit":
             p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
+        if name == "run":
+            p.add_argument("--node-rank", type=int, default=None,
+                           help="parallel.nodes > 1 without Slurm: this machine's node (0 .. nodes-1); "
+                                "start `shardforge run` on every node")
+            p.add_argument("--master", default=None, metavar="HOST:PORT",
+                           help="parallel.nodes > 1: node 0's address and a free port, the same on every node")
         p.set_defaults(func=func)
     p = sub.add_parser("report", help="draw report.png and report.html from a run's TensorBoard files")
     p.add_argument("run_dir", help="run directory (runs/<name>)")

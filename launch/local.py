@@ -9,14 +9,15 @@ import signal
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from launch.recipe import recipe_yaml
+from launch.recipe import RecipeError, recipe_yaml
 from train.engines import ENGINE_CONFIG_FILES
 from train.recipe import Recipe
-from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, atomic_write, describe, exit_code, final_status,
-                          read_status, write_status)
+from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, NODE_RANK_ENV, atomic_write, describe, exit_code,
+                          final_status, read_status, write_status)
 from train.stop import STOP_SIGNALS, stop_signals_blocked
 
 
@@ -105,10 +106,54 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     return run_dir
 
 
-def agent_command(run_dir: Path, nproc: int) -> list[str]:
+@dataclass(frozen=True)
+class Node:
+    """This machine's place in a ``shardforge run`` job: one node, or one of ``count`` started by hand."""
+
+    rank: int = 0
+    count: int = 1
+    master: Optional[tuple[str, int]] = None
+    """Node 0's host and port (torchrun's static rendezvous on a c10d TCP store); ``None``: one node."""
+
+    @property
+    def launch_id(self) -> str:
+        """Every node's agent and ranks must tag ``status.json`` alike: one id for the whole job,
+        taken from ``SHARDFORGE_LAUNCH_ID`` when set on every node, else from the rendezvous address."""
+        if self.master is None:
+            return uuid.uuid4().hex[:12]
+        return os.environ.get(LAUNCH_ID_ENV) or f"{self.master[0]}-{self.master[1]}"
+
+
+def node_of(nodes: int, node_rank: Optional[int], master: Optional[str], where: str) -> Node:
+    """The :class:`Node` of ``--node-rank``/``--master``, or :class:`RecipeError` naming the fix."""
+    if nodes == 1:
+        if node_rank is not None or master is not None:
+            raise RecipeError(where, ["--node-rank/--master: parallel.nodes is 1; set parallel.nodes to the number of "
+                                      "machines, or leave both options out"])
+        return Node()
+    if node_rank is None or master is None:  # never train one node's share as if it were the whole job
+        raise RecipeError(where, [f"parallel.nodes: {nodes} nodes; start `shardforge run` on every node with "
+                                  f"--node-rank 0..{nodes - 1} and --master HOST:PORT of node 0, or submit the job "
+                                  f"with `shardforge submit` (Slurm), or set parallel.nodes=1"])
+    problems = []
+    if not 0 <= node_rank < nodes:
+        problems.append(f"--node-rank: {node_rank} is not between 0 and {nodes - 1} (parallel.nodes={nodes})")
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        problems.append(f"--master: {master!r} is not HOST:PORT with a port between 1 and 65535, e.g. node0:29500")
+    if problems:
+        raise RecipeError(where, problems)
+    return Node(node_rank, nodes, (host, int(port)))
+
+
+def agent_command(run_dir: Path, nproc: int, node: Node = Node()) -> list[str]:
     """The stop-safe torchrun (``launch.agent``) for one node of ``nproc`` ranks."""
-    return [sys.executable, "-m", "launch.agent", str(run_dir), "--", "--standalone", "--nnodes=1",
-            f"--nproc_per_node={nproc}"]
+    if node.master is None:
+        rendezvous = ["--standalone", "--nnodes=1"]
+    else:
+        rendezvous = [f"--nnodes={node.count}", f"--node-rank={node.rank}", f"--master-addr={node.master[0]}",
+                      f"--master-port={node.master[1]}"]
+    return [sys.executable, "-m", "launch.agent", str(run_dir), "--", *rendezvous, f"--nproc_per_node={nproc}"]
 
 
 class EarlyStop:
@@ -124,26 +169,30 @@ class EarlyStop:
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
 
-def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop] = None) -> int:
+def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop] = None,
+                 node: Node = Node()) -> int:
     """Run the agent (torchrun) in the foreground, copying its output to ``logs/launch.log``;
     return the run's documented exit code (see ``train.rundir``).
 
     USR1, TERM, INT and HUP ask the trainers to stop at the next step with a checkpoint (exit 75);
     a second Ctrl-C kills them. A stop that arrived before the launch ends it without starting.
     """
-    launch = os.environ[LAUNCH_ID_ENV] = uuid.uuid4().hex[:12]
+    launch = os.environ[LAUNCH_ID_ENV] = node.launch_id
+    os.environ[NODE_RANK_ENV] = str(node.rank)
     if early is not None and early.signal_name:
-        write_status(run_dir, "stopped", -1, f"{early.signal_name} before the launch; nothing to save")
-        print(f"shardforge: {describe(read_status(run_dir, launch))}", flush=True)
+        if node.rank == 0:  # node 0 speaks for the job in status.json
+            write_status(run_dir, "stopped", -1, f"{early.signal_name} before the launch; nothing to save")
+            print(f"shardforge: {describe(read_status(run_dir, launch))}", flush=True)
         return EXIT_REQUEUE
     env = dict(os.environ)
     if cpu and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    log_path = run_dir / "logs" / "launch.log"
+    log_path = run_dir / "logs" / ("launch.log" if node.rank == 0 else f"launch-node{node.rank}.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         with stop_signals_blocked():  # the agent starts with them blocked: none can kill it early
-            proc = subprocess.Popen(agent_command(run_dir, nproc), env=env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(agent_command(run_dir, nproc, node), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
 
             def forward(signum, frame):  # the agent hands it to every trainer

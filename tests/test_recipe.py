@@ -173,11 +173,18 @@ def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers
 
 
 def test_run_refuses_more_than_one_node_in_one_line(tmp_path):
-    """`run` trains on this machine: a multi-node recipe is refused (not trained as one node's share)."""
+    """A multi-node recipe without --node-rank/--master is refused (never trained as one node's
+    share); the options are checked (tests/test_multinode.py trains across two launches)."""
     proc = shardforge("run", "tiny-cpu", "parallel.nodes=2", "parallel.nproc=1", f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "parallel.nodes: 2 nodes, but `shardforge run` trains on this machine only" in proc.stderr
+    assert "parallel.nodes: 2 nodes; start `shardforge run` on every node with --node-rank 0..1 and " \
+           "--master HOST:PORT of node 0" in proc.stderr
     assert "shardforge submit" in proc.stderr and not (tmp_path / "run").exists()
+    proc = shardforge("run", "tiny-cpu", "parallel.nodes=2", "--node-rank", "2", "--master", "n0")
+    assert proc.returncode == 2 and "--node-rank: 2 is not between 0 and 1" in proc.stderr
+    assert "--master: 'n0' is not HOST:PORT" in proc.stderr
+    proc = shardforge("run", "tiny-cpu", "--node-rank", "0", "--master", "n0:29500")
+    assert proc.returncode == 2 and "--node-rank/--master: parallel.nodes is 1" in proc.stderr
 
 
 def test_plan_names_the_blocks_fsdp_shards():
