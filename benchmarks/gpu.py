@@ -16,7 +16,8 @@ Without a GPU the script validates itself end to end with a tiny model on CPU:
 
 Per part, bf16:
   * ``shardforge run`` with one process per configuration (engine × torch.compile), reading
-    tokens/s, MFU, peak memory and NVML telemetry from its metrics.jsonl (medians after warm-up);
+    tokens/s, MFU, peak memory and NVML telemetry from its metrics.jsonl (medians after warm-up),
+    next to what the memory plan predicts for the same run (``plan_gb``);
   * the Hugging Face ``Trainer`` on the same model, batch, precision, data and fused AdamW, logging
     every step like ours, eager and (in the row that compares compiled runs) with ``torch_compile``;
   * a bf16 matmul peak measured in the same run, so MFU is reported both against the datasheet
@@ -141,9 +142,22 @@ def run_ours(recipe: dict, tmp: Path, warmup: int, timeout_s: float) -> dict:
     row = {key: median_of(rec, key) for key in ("tokens_per_s", "mfu", "model_tflops", "step_time_s",
                                                 "data_wait_s", "optim_s")}
     row["mem_gb"] = max((r.get("mem_allocated_gb", 0) for r in rec), default=None)
+    row["plan_gb"] = plan_estimate_gb(recipe)
     row["nvml"] = {k.split("/")[0]: median_of(rec, k) for k in rec[0] if k.startswith("gpu_") and k.endswith("/mean")} \
         if rec else {}
     return {**row, "wall_s": time.time() - t0, "final_loss": rec[-1]["loss"] if rec else None}
+
+
+def plan_estimate_gb(recipe: dict) -> float:
+    """What ``shardforge plan`` predicts per GPU for this run (GiB, as ``mem_gb``): recorded next to the
+    measured peak so the memory plan's activation estimate is checked on a real GPU."""
+    from train.engines.memory_plan import estimate
+    from train.model_checks import model_sizes, planned_setup
+    from train.recipe import recipe_from_dict, resolve_defaults
+
+    r = recipe_from_dict(recipe)
+    resolve_defaults(r, nproc=1)
+    return estimate(model_sizes(r), planned_setup(r)).total / 2**30
 
 
 def run_hf(recipe: dict, tmp: Path, compile_: bool, warmup: int, device: str, timeout_s: float) -> dict:
@@ -313,12 +327,12 @@ def finish(rows: list[dict], peak: float, datasheet) -> None:
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':<10} {'engine':<11} {'compile':<8} {'tok/s':>10} {'MFU/sheet':>9} {'MFU/meas':>9} "
-          f"{'mem GB':>7} {'vs HF':>6}")
+          f"{'mem GB':>7} {'plan GB':>7} {'vs HF':>6}")
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     for row in rows:
         print(f"{row['model']:<10} {row['engine']:<11} {str(row['compile']):<8} {fmt(row.get('tokens_per_s'), '10.0f')} "
               f"{fmt(row.get('mfu_vs_datasheet'), '9.1%')} {fmt(row.get('mfu_vs_measured'), '9.1%')} "
-              f"{fmt(row.get('mem_gb'), '7.1f')} {fmt(row.get('vs_hf'), '6.2f')}"
+              f"{fmt(row.get('mem_gb'), '7.1f')} {fmt(row.get('plan_gb'), '7.1f')} {fmt(row.get('vs_hf'), '6.2f')}"
               + (f"  ERROR {row['error'][-300:]!r}" if "error" in row else ""))
 
 

@@ -10,6 +10,7 @@ at PRETRAINED)).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -90,9 +91,11 @@ def main() -> int:
     if d.rank == 0:
         out.write_text(json.dumps({"world_size": d.world_size, "results": results,
                                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-    dist.destroy_process_group()
+    dist.barrier()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # as train/__main__.py: tearing gloo and DeepSpeed's threads down at exit can abort or hang

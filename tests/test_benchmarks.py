@@ -42,6 +42,20 @@ def test_gpu_benchmark_validates_on_cpu(tmp_path):
     assert {r["engine"] for r in rows} == {"ddp", "fsdp", "zero2", "hf-trainer"}
     assert all(r["tokens_per_s"] and r["tokens_per_s"] > 0 for r in rows), rows
     assert all(r["vs_hf"] for r in rows if r["engine"] != "hf-trainer")
+    assert all(r["plan_gb"] > 0 for r in rows if r["engine"] != "hf-trainer")  # the plan, next to the peak
+
+
+def test_build_memory_benchmark_smoke(tmp_path):
+    """Every rank building the weights vs rank 0 building them (fsdp, zero3), and the plan vs DeepSpeed."""
+    out = tmp_path / "build.json"
+    proc = _run("benchmarks.build_memory", "--smoke", "--nproc", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {(c["engine"], c["mode"]) for c in result["cases"]} == {
+        (e, m) for e in ("fsdp", "zero3") for m in ("eager", "placed")}
+    assert all(c["peak_rss_node"] > 0 and len(c["peak_rss_per_rank"]) == len(c["rss_after_build"]) == 2
+               for c in result["cases"])
+    assert {r["recipe"] for r in result["plan_vs_deepspeed"]} == {"llama-1b", "llama-7b-zero3"}
 
 
 def test_bad_benchmark_arguments_exit_2():
