@@ -1,15 +1,24 @@
-"""``shardforge run`` across nodes without Slurm (``--node-rank``/``--master``): here two "nodes"
-are two launches on this machine, each with its own torchrun agent, meeting at node 0's
-rendezvous over TCP. (Separate machines, through network namespaces, are not tested yet.)"""
+"""``shardforge run`` across nodes without Slurm (``--node-rank``/``--master``): two launches,
+each with its own torchrun agent, meeting at node 0's rendezvous over TCP; first on this machine's
+loopback, then as two hosts: two network namespaces joined by a bridge, each with its own address,
+as separate machines on one network (they share the filesystem, as nodes share a run directory).
+
+The namespaces need root and ``ip`` (iproute2); without them that test is skipped, unless
+SHARDFORGE_REQUIRE_NETNS=1 (set by ``.ci/run``) makes that a failure."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import REPO, make_corpus, read_metrics, run_recipe, tiny_recipe, write_recipe
 
@@ -20,20 +29,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_nodes(recipe_path: Path, nodes: int, *overrides: str) -> list[subprocess.CompletedProcess]:
-    """Start ``shardforge run`` once per node, all at once, and wait for every one."""
-    master = f"127.0.0.1:{free_port()}"
+def start_nodes(recipe_path: Path, nodes: int, *overrides: str, hosts: list[dict] | None = None) -> list:
+    """Start ``shardforge run`` once per node, all at once (node 1 first: it waits for node 0's
+    rendezvous); ``hosts``: run node K inside network namespace ``hosts[K]``."""
+    master = f"{hosts[0]['ip'] if hosts else '127.0.0.1'}:{free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     env.pop("SHARDFORGE_LAUNCH_ID", None)  # left here by in-process launches: the nodes derive theirs
-    procs = [subprocess.Popen([sys.executable, "-m", "launch", "run", str(recipe_path), *overrides,
-                               "--node-rank", str(k), "--master", master], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k in reversed(range(nodes))]  # node 1 first: it waits for node 0's rendezvous
+    procs = {}
+    for k in reversed(range(nodes)):
+        cmd = [sys.executable, "-m", "launch", "run", str(recipe_path), *overrides, "--node-rank", str(k),
+               "--master", master]
+        node_env = env
+        if hosts:  # gloo must use the host's own interface, not the loopback its hostname resolves to
+            cmd = ["ip", "netns", "exec", hosts[k]["netns"], *cmd]
+            node_env = {**env, "GLOO_SOCKET_IFNAME": hosts[k]["ifname"]}
+        procs[k] = subprocess.Popen(cmd, cwd=REPO, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, start_new_session=True)
+    return [procs[k] for k in range(nodes)]
+
+
+def wait_nodes(procs: list, timeout: float = 600) -> list[subprocess.CompletedProcess]:
     out = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate(timeout=timeout)
         out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return out[::-1]
+    return out
+
+
+def run_nodes(recipe_path: Path, nodes: int, *overrides: str, hosts: list[dict] | None = None) -> list:
+    return wait_nodes(start_nodes(recipe_path, nodes, *overrides, hosts=hosts))
 
 
 def trajectory(run_dir: Path) -> list[tuple]:
@@ -60,3 +84,74 @@ def test_two_nodes_train_stop_and_resume_on_one_node_bit_exact(tmp_path):
     resumed = run_recipe(tmp_path, {**split, "parallel": {**split["parallel"], "nproc": 2, "nodes": 1}})
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert trajectory(run_dir) == trajectory(tmp_path / "straight")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces on a bridge: hosts 10.213.0.10 and .11, each with its own veth."""
+    can = os.geteuid() == 0 and shutil.which("ip") is not None
+    if not can:
+        if os.environ.get("SHARDFORGE_REQUIRE_NETNS") == "1":
+            pytest.fail("network namespaces need root and iproute2 here (SHARDFORGE_REQUIRE_NETNS=1)")
+        pytest.skip("network namespaces need root and iproute2")
+    tag = f"{os.getpid() % 10000}"
+    bridge, hosts = f"sfbr{tag}", []
+    try:
+        _ip("link", "add", bridge, "type", "bridge")
+        _ip("link", "set", bridge, "up")
+        for k in range(2):
+            ns, outer, inner = f"sfns{tag}-{k}", f"sfv{tag}{k}", f"sfh{k}"
+            _ip("netns", "add", ns)
+            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+            _ip("link", "set", inner, "netns", ns)
+            _ip("link", "set", outer, "master", bridge)
+            _ip("link", "set", outer, "up")
+            _ip("netns", "exec", ns, "ip", "addr", "add", f"10.213.0.{10 + k}/24", "dev", inner)
+            _ip("netns", "exec", ns, "ip", "link", "set", inner, "up")
+            _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            hosts.append({"netns": ns, "ip": f"10.213.0.{10 + k}", "ifname": inner, "veth": outer})
+        yield hosts
+    finally:
+        for host in hosts:
+            subprocess.run(["ip", "netns", "del", host["netns"]], capture_output=True)
+            subprocess.run(["ip", "link", "del", host["veth"]], capture_output=True)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+
+
+def test_two_hosts_match_one_node_and_a_lost_node_ends_the_job(tmp_path, two_hosts):
+    """2 hosts x 1 rank (FSDP, gloo over the bridge) give the 1-node x 2-rank trajectory bit for
+    bit; then killing every process of host 1 mid-run ends host 0's launch within 60 s (no hang),
+    with status.json naming a failure."""
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    straight = tiny_recipe(corpus, cache, tmp_path / "straight", parallel={"engine": "fsdp", "nproc": 2})
+    run_recipe(tmp_path, straight)
+    hosts = tiny_recipe(corpus, cache, tmp_path / "hosts", parallel={"engine": "fsdp", "nproc": 1, "nodes": 2})
+    node0, node1 = run_nodes(write_recipe(tmp_path / "hosts.yaml", hosts), 2, hosts=two_hosts)
+    assert (node0.returncode, node1.returncode) == (0, 0), node0.stdout[-3000:] + node0.stderr[-3000:] + \
+        node1.stdout[-2000:] + node1.stderr[-2000:]
+    assert trajectory(tmp_path / "hosts") == trajectory(tmp_path / "straight")
+
+    lost = tiny_recipe(corpus, cache, tmp_path / "lost", parallel={"engine": "fsdp", "nproc": 1, "nodes": 2},
+                       train={"max_steps": 400}, checkpoint={"every_steps": 0, "at_end": False})
+    node0, node1 = start_nodes(write_recipe(tmp_path / "lost.yaml", lost), 2, hosts=two_hosts)
+    metrics = tmp_path / "lost" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 2):
+        time.sleep(0.5)
+    assert metrics.exists(), "the 2-host run never logged a step"
+    import psutil
+
+    host1 = psutil.Process(node1.pid)
+    for proc in [host1, *host1.children(recursive=True)]:  # the whole of host 1: launcher, agent, rank
+        proc.send_signal(signal.SIGKILL)
+    killed = time.time()
+    stdout, stderr = node0.communicate(timeout=120)
+    assert time.time() - killed < 60, f"host 0 took {time.time() - killed:.0f} s to end: {stdout[-3000:]}{stderr[-3000:]}"
+    assert node0.returncode not in (0, 75), stdout[-2000:] + stderr[-2000:]
+    status = json.loads((tmp_path / "lost" / "status.json").read_text())
+    assert status["state"] == "failed", status
+    node1.communicate(timeout=30)
