@@ -250,3 +250,28 @@ def make_pretrained(root: Path, task: str, seed: int = 0) -> Path:
     model.save_pretrained(root)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(root)
     return root
+
+
+# ---------------------------------------------------------------- Slurm jobs
+
+
+def job_info(job: str, env: dict | None = None) -> dict:
+    """``scontrol show job`` as a dict (``env``: e.g. the two-node cluster's ``SLURM_CONF``)."""
+    import re
+
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: str, states: set, timeout: float = 300, env: dict | None = None) -> dict:
+    """Poll the job until its state is one of ``states``."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job, env)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} not in {states} after {timeout}s: {job_info(job, env)}")

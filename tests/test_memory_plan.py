@@ -150,8 +150,8 @@ def test_submit_and_run_refuse_a_plan_that_cannot_fit(tmp_path):
     assert "set model.activation_checkpointing=true" in proc.stderr and not (tmp_path / "big").exists()
     # run: the ranks check (the launcher does not import transformers); on CPU only a stated size counts
     recipe = tiny_recipe(make_corpus(tmp_path / "corpus"), tmp_path / "cache", tmp_path / "run",
-                         parallel={"gpu_mem_gb": 0.01, "nproc": 2})
+                         parallel={"gpu_mem_gb": 0.0001, "nproc": 2})
     proc = launch_in_process("run", str(write_recipe(tmp_path / "r.yaml", recipe)))
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "memory: ddp, micro-batch" in proc.stdout + proc.stderr
-    assert "more than 90% of the GPU's 0.01 GB" in proc.stdout + proc.stderr
+    assert "more than 90% of the GPU's 0.0001 GB" in proc.stdout + proc.stderr

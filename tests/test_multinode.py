@@ -64,10 +64,17 @@ def trajectory(run_dir: Path) -> list[tuple]:
     return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
 
 
-def test_two_nodes_train_stop_and_resume_on_one_node_bit_exact(tmp_path):
-    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
-    straight = tiny_recipe(corpus, cache, tmp_path / "straight", parallel={"engine": "fsdp", "nproc": 2})
-    run_recipe(tmp_path, straight)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One node of 2 ranks, FSDP: the trajectory every multi-node run here must give."""
+    tmp = tmp_path_factory.mktemp("multinode")
+    corpus, cache = make_corpus(tmp / "corpus"), tmp / "cache"
+    run_recipe(tmp, tiny_recipe(corpus, cache, tmp / "straight", parallel={"engine": "fsdp", "nproc": 2}))
+    return {"corpus": corpus, "cache": cache, "run_dir": tmp / "straight"}
+
+
+def test_two_nodes_train_stop_and_resume_on_one_node_bit_exact(tmp_path, straight):
+    corpus, cache = straight["corpus"], straight["cache"]
     split = tiny_recipe(corpus, cache, tmp_path / "split", parallel={"engine": "fsdp", "nproc": 1, "nodes": 2},
                         checkpoint={"every_steps": 0, "at_end": False})
     path = write_recipe(tmp_path / "split.yaml", split)
@@ -83,7 +90,7 @@ def test_two_nodes_train_stop_and_resume_on_one_node_bit_exact(tmp_path):
     # the same run directory resumed by one node of 2 processes: the trajectory of the straight run
     resumed = run_recipe(tmp_path, {**split, "parallel": {**split["parallel"], "nproc": 2, "nodes": 1}})
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    assert trajectory(run_dir) == trajectory(tmp_path / "straight")
+    assert trajectory(run_dir) == trajectory(straight["run_dir"])
 
 
 def _ip(*args: str) -> None:
@@ -122,18 +129,16 @@ def two_hosts():
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
 
 
-def test_two_hosts_match_one_node_and_a_lost_node_ends_the_job(tmp_path, two_hosts):
+def test_two_hosts_match_one_node_and_a_lost_node_ends_the_job(tmp_path, two_hosts, straight):
     """2 hosts x 1 rank (FSDP, gloo over the bridge) give the 1-node x 2-rank trajectory bit for
     bit; then killing every process of host 1 mid-run ends host 0's launch within 60 s (no hang),
     with status.json naming a failure."""
-    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
-    straight = tiny_recipe(corpus, cache, tmp_path / "straight", parallel={"engine": "fsdp", "nproc": 2})
-    run_recipe(tmp_path, straight)
+    corpus, cache = straight["corpus"], straight["cache"]
     hosts = tiny_recipe(corpus, cache, tmp_path / "hosts", parallel={"engine": "fsdp", "nproc": 1, "nodes": 2})
     node0, node1 = run_nodes(write_recipe(tmp_path / "hosts.yaml", hosts), 2, hosts=two_hosts)
     assert (node0.returncode, node1.returncode) == (0, 0), node0.stdout[-3000:] + node0.stderr[-3000:] + \
         node1.stdout[-2000:] + node1.stderr[-2000:]
-    assert trajectory(tmp_path / "hosts") == trajectory(tmp_path / "straight")
+    assert trajectory(tmp_path / "hosts") == trajectory(straight["run_dir"])
 
     lost = tiny_recipe(corpus, cache, tmp_path / "lost", parallel={"engine": "fsdp", "nproc": 1, "nodes": 2},
                        train={"max_steps": 400}, checkpoint={"every_steps": 0, "at_end": False})

@@ -19,7 +19,8 @@ import pytest
 
 from launch.recipe import RecipeError, load_recipe
 from launch.slurm import render_sbatch
-from tests.helpers import make_corpus, read_metrics, shardforge, tiny_recipe, train_losses, write_recipe
+from tests.helpers import (job_info, make_corpus, read_metrics, shardforge, tiny_recipe, train_losses, wait_for,
+                           write_recipe)
 from train.recipe import recipe_from_dict
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -123,21 +124,6 @@ def _cluster_up() -> bool:
 slurm_required = os.environ.get("SHARDFORGE_REQUIRE_SLURM") == "1"
 needs_cluster = pytest.mark.skipif(not slurm_required and not _cluster_up(),
                                    reason="no local Slurm (run `bash slurm/local-cluster.sh start`)")
-
-
-def job_info(job: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def wait_for(job: str, states: set, timeout: float = 300) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(job)
-        if info.get("JobState") in states:
-            return info
-        time.sleep(1)
-    raise AssertionError(f"job {job} not in {states} after {timeout}s: {job_info(job)}")
 
 
 def submit(path: Path, *overrides: str) -> str:

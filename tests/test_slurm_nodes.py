@@ -1,0 +1,109 @@
+"""Slurm across two hosts: the two-node cluster of ``slurm/local-cluster.sh`` (nodes sfnode0 and
+sfnode1, each in network and UTS namespaces of its own, one slurmd each). The rendered job script
+runs one agent per node (srun), torchrun's c10d rendezvous on the first node, gloo over the
+nodes' own interfaces. Without that cluster these tests are skipped, unless
+SHARDFORGE_REQUIRE_SLURM=1 (set by ``.ci/run``) makes that a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (job_info, make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe, wait_for,
+                           write_recipe)
+
+TWO_CONF = "/etc/slurm-two/slurm.conf"
+ENV = {"SLURM_CONF": TWO_CONF}
+STEPS = 30
+
+
+def _two_nodes_up() -> bool:
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env={**os.environ, **ENV}) \
+        if Path(TWO_CONF).exists() else None
+    return proc is not None and proc.returncode == 0 and proc.stdout.split() == ["idle"]
+
+
+needs_two_nodes = pytest.mark.skipif(os.environ.get("SHARDFORGE_REQUIRE_SLURM") != "1" and not _two_nodes_up(),
+                                     reason="no two-node Slurm (run `bash slurm/local-cluster.sh start` as root)")
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, env={**os.environ, **ENV}).stdout
+
+
+def wait_for_steps(job: str, run_dir: Path, steps: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < steps:
+        assert time.time() < deadline and job_info(job, ENV)["JobState"] in ("PENDING", "RUNNING"), job_info(job, ENV)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    assert _two_nodes_up(), f"SHARDFORGE_REQUIRE_SLURM=1 but the two-node Slurm ({TWO_CONF}) does not answer"
+    tmp = tmp_path_factory.mktemp("slurm-nodes")
+    corpus = make_corpus(tmp / "corpus")
+
+    def recipe(name: str, nodes: int, nproc: int, **train):
+        return tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": STEPS, "log_every": 1, **train},
+                           parallel={"engine": "fsdp", "nproc": nproc, "nodes": nodes},
+                           checkpoint={"every_steps": 0, "at_end": True},
+                           slurm={"gpus_per_node": 0, "cpus_per_task": 2, "mem": "0", "time": "10", "partition": "two",
+                                  "signal_lead_s": 30, "max_restarts": 2,
+                                  "env": {"GLOO_SOCKET_IFNAME": "sfeth"}})  # each node's own interface
+
+    straight = recipe("straight", nodes=1, nproc=2)
+    run_recipe(tmp, straight)  # the same world size on one machine: the trajectory to match
+    return {"tmp": tmp, "recipe": recipe, "straight": Path(straight["run"]["dir"])}
+
+
+def submit(two, name: str, **train) -> tuple[str, Path]:
+    r = two["recipe"](name, nodes=2, nproc=1, **train)
+    proc = shardforge("submit", str(write_recipe(two["tmp"] / f"{name}.yaml", r)), env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return re.search(r"submitted job (\d+)", proc.stdout).group(1), Path(r["run"]["dir"])
+
+
+def trajectory(run_dir: Path) -> list[tuple]:
+    return [(m["step"], m["loss"], m["grad_norm"]) for m in read_metrics(run_dir) if "loss" in m]
+
+
+@needs_two_nodes
+def test_two_node_job_requeued_mid_run_resumes_like_one_node(two):
+    job, run_dir = submit(two, "requeued")
+    wait_for_steps(job, run_dir, 5)
+    scontrol("requeue", job)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, env=ENV)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert info["NodeList"] == "sfnode[0-1]" and "rendezvous sfnode0:" in log, (info, log[:500])
+    assert "resumed from" in log and re.search(r"stop requested \(SIGTERM\) at step \d+", log), log[-3000:]
+    assert [s for s, _, _ in trajectory(run_dir)] == list(range(1, STEPS + 1))
+    assert trajectory(run_dir) == trajectory(two["straight"])
+
+
+@needs_two_nodes
+def test_losing_a_node_ends_the_job_within_a_minute(two):
+    job, run_dir = submit(two, "lost", max_steps=100000)
+    wait_for_steps(job, run_dir, 3)
+    pids = subprocess.run(["ip", "netns", "pids", "sfnode1"], capture_output=True, text=True).stdout.split()
+    killed = 0
+    for pid in pids:  # the job's agent and rank on sfnode1 (not Slurm's daemons): the node's share is gone
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launch.agent" in cmd or b"train" in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+    assert killed, f"nothing of the job found on sfnode1: {pids}"
+    t0 = time.time()
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, timeout=120, env=ENV)
+    assert time.time() - t0 < 60, f"the job took {time.time() - t0:.0f} s to end after losing sfnode1"
+    assert info["JobState"] == "FAILED", info
