@@ -14,42 +14,38 @@ from launch.runlock import RunLock, RunLocked
 from train.rundir import EXIT_BAD_INPUT
 
 
-def _local_gpus() -> int:
-    """GPUs this process may use, from NVML and CUDA_VISIBLE_DEVICES (importing torch costs seconds)."""
-    import os
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
+def _nvml(query, default):
+    """``query(pynvml)`` between NVML's init and shutdown; ``default`` without a driver or library
+    (a CPU machine) or when the query fails. NVML, not torch: importing torch costs seconds."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            count = pynvml.nvmlDeviceGetCount()
+            return query(pynvml)
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library: a CPU machine
+    except Exception:
+        return default
+
+
+def _local_gpus() -> int:
+    """GPUs this process may use, from NVML and CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
         return 0
+    count = _nvml(lambda nvml: nvml.nvmlDeviceGetCount(), 0)
     return min(count, len(visible.split(","))) if visible else count
 
 
 def _local_gpu_bytes() -> Optional[float]:
-    """Memory of this machine's first visible GPU (NVML), ``None`` without one."""
+    """Memory of this machine's first visible GPU, ``None`` without one (or named by UUID)."""
     if _local_gpus() == 0:
         return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-            index = int(visible) if visible.isdigit() else 0
-            return float(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).total)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # a UUID in CUDA_VISIBLE_DEVICES, no driver: unknown
-        return None
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    index = int(first) if first.isdigit() else 0
+    return _nvml(lambda nvml: float(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total),
+                 None)
 
 
 def _gpu_bytes(recipe) -> Optional[float]:

@@ -115,10 +115,10 @@ class Node:
     master: Optional[tuple[str, int]] = None
     """Node 0's host and port (torchrun's static rendezvous on a c10d TCP store); ``None``: one node."""
 
-    @property
-    def launch_id(self) -> str:
-        """Every node's agent and ranks must tag ``status.json`` alike: one id for the whole job,
-        taken from ``SHARDFORGE_LAUNCH_ID`` when set on every node, else from the rendezvous address."""
+    def new_launch_id(self) -> str:
+        """The id this launch tags ``status.json`` with: a fresh one on a single node; for several,
+        one for the whole job, from ``SHARDFORGE_LAUNCH_ID`` when set on every node, else from the
+        rendezvous address."""
         if self.master is None:
             return uuid.uuid4().hex[:12]
         return os.environ.get(LAUNCH_ID_ENV) or f"{self.master[0]}-{self.master[1]}"
@@ -177,7 +177,7 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop
     USR1, TERM, INT and HUP ask the trainers to stop at the next step with a checkpoint (exit 75);
     a second Ctrl-C kills them. A stop that arrived before the launch ends it without starting.
     """
-    launch = os.environ[LAUNCH_ID_ENV] = node.launch_id
+    launch = os.environ[LAUNCH_ID_ENV] = node.new_launch_id()
     os.environ[NODE_RANK_ENV] = str(node.rank)
     if early is not None and early.signal_name:
         if node.rank == 0:  # node 0 speaks for the job in status.json
