@@ -114,11 +114,12 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str
 
 
 def report(run_dir: Path, status: dict) -> None:
-    """The root cause's traceback once (for a crash), then the one line."""
+    """The root cause's traceback once (for a crash; a lost peer's collective error is no cause),
+    then the one line."""
     from train.rundir import read_error_reports
 
     reports = read_error_reports(run_dir, status.get("launch_id", ""))
-    if status.get("state") == "failed" and reports and reports[0].get("traceback"):
+    if status.get("state") == "failed" and not status.get("lost") and reports and reports[0].get("traceback"):
         print(f"shardforge: rank {reports[0]['rank']} raised:\n{reports[0]['traceback'].rstrip()}",
               file=sys.stderr, flush=True)
     print(f"shardforge: {describe(status)}", file=sys.stderr if status.get("state") == "failed" else sys.stdout,

@@ -6,6 +6,7 @@ SHARDFORGE_REQUIRE_SLURM=1 (set by ``.ci/run``) makes that a failure."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -50,21 +51,21 @@ def two(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm-nodes")
     corpus = make_corpus(tmp / "corpus")
 
-    def recipe(name: str, nodes: int, nproc: int, **train):
+    def recipe(name: str, nodes: int, nproc: int, env: dict | None = None, every_steps: int = 0, **train):
         return tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": STEPS, "log_every": 1, **train},
                            parallel={"engine": "fsdp", "nproc": nproc, "nodes": nodes},
-                           checkpoint={"every_steps": 0, "at_end": True},
+                           checkpoint={"every_steps": every_steps, "at_end": True},
                            slurm={"gpus_per_node": 0, "cpus_per_task": 2, "mem": "0", "time": "10", "partition": "two",
                                   "signal_lead_s": 30, "max_restarts": 2,
-                                  "env": {"GLOO_SOCKET_IFNAME": "sfeth"}})  # each node's own interface
+                                  "env": {"GLOO_SOCKET_IFNAME": "sfeth", **(env or {})}})  # each node's own interface
 
     straight = recipe("straight", nodes=1, nproc=2)
     run_recipe(tmp, straight)  # the same world size on one machine: the trajectory to match
     return {"tmp": tmp, "recipe": recipe, "straight": Path(straight["run"]["dir"])}
 
 
-def submit(two, name: str, **train) -> tuple[str, Path]:
-    r = two["recipe"](name, nodes=2, nproc=1, **train)
+def submit(two, name: str, **settings) -> tuple[str, Path]:
+    r = two["recipe"](name, nodes=2, nproc=1, **settings)
     proc = shardforge("submit", str(write_recipe(two["tmp"] / f"{name}.yaml", r)), env=ENV)
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1), Path(r["run"]["dir"])
@@ -89,12 +90,22 @@ def test_two_node_job_requeued_mid_run_resumes_like_one_node(two):
 
 
 @needs_two_nodes
-def test_losing_a_node_ends_the_job_within_a_minute(two):
-    job, run_dir = submit(two, "lost", max_steps=100000)
-    wait_for_steps(job, run_dir, 3)
+def test_losing_a_node_ends_the_step_within_a_minute_and_the_requeued_job_resumes(two):
+    """Node 1's rank pauses at step 8 (first run only; checkpoint at step 5), then everything of
+    the job on sfnode1 (its agent and rank, not Slurm's daemons) is SIGKILLed: node 0's rank
+    fails in a collective, no rank holds a cause, so the job script requeues the job; the next
+    run resumes from step 5 and ends with the 1-node trajectory bit for bit."""
+    cue = two["tmp"] / "lost-paused"
+    job, run_dir = submit(two, "lost", every_steps=5, env={
+        "SHARDFORGE_PAUSE_AT": "forward:8:1", "SHARDFORGE_PAUSE_FILE": str(cue), "SHARDFORGE_FAULTS_IN_RUN": "0"})
+    wait_for(job, {"RUNNING"}, env=ENV)
+    deadline = time.time() + 240
+    while not cue.exists():
+        assert time.time() < deadline and job_info(job, ENV)["JobState"] == "RUNNING", job_info(job, ENV)
+        time.sleep(0.2)
     pids = subprocess.run(["ip", "netns", "pids", "sfnode1"], capture_output=True, text=True).stdout.split()
     killed = 0
-    for pid in pids:  # the job's agent and rank on sfnode1 (not Slurm's daemons): the node's share is gone
+    for pid in pids:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -104,6 +115,27 @@ def test_losing_a_node_ends_the_job_within_a_minute(two):
             killed += 1
     assert killed, f"nothing of the job found on sfnode1: {pids}"
     t0 = time.time()
-    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "PENDING"}, timeout=120, env=ENV)
-    assert time.time() - t0 < 60, f"the job took {time.time() - t0:.0f} s to end after losing sfnode1"
-    assert info["JobState"] == "FAILED", info
+    while job_info(job, ENV)["Restarts"] == "0" and job_info(job, ENV)["JobState"] == "RUNNING":
+        assert time.time() - t0 < 60, f"the job still runs {time.time() - t0:.0f} s after losing sfnode1"
+        time.sleep(0.2)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, env=ENV)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "shardforge: lost; requeueing (restart 1 of 2)" in log, log[-3000:]
+    assert "resumed from" in log and "at step 5" in log, log[-3000:]
+    assert [s for s, _, _ in trajectory(run_dir)] == list(range(1, STEPS + 1))
+    assert trajectory(run_dir) == trajectory(two["straight"])
+
+
+@needs_two_nodes
+def test_a_ranks_own_error_fails_the_job_without_requeue(two):
+    """An exception on node 1's rank would recur on a requeue: the job ends FAILED at once,
+    status.json names the rank and the error."""
+    job, run_dir = submit(two, "raised", env={"SHARDFORGE_RAISE_AT": "forward:4:1"})
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}, env=ENV)
+    log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log[-3000:])
+    assert "requeueing" not in log and "shardforge: trainers failed" in log, log[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["rank"] == 1 and not status["lost"], status
+    assert "injected fault at forward of step 4 on rank 1" in status["reason"], status

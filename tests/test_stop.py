@@ -26,7 +26,8 @@ import pytest
 from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, train_losses, write_recipe
 from train.checkpoint_files import committed_checkpoints
 from train.rundir import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_HANG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_REQUEUE,
-                          describe, exit_code, final_status, read_status, write_error_report, write_status)
+                          describe, exit_code, final_status, job_ending, read_status, write_error_report,
+                          write_status)
 
 STEPS = 10
 
@@ -268,3 +269,38 @@ def test_final_status_picks_the_root_cause_and_the_documented_exit_code(tmp_path
     write_error_report(tmp_path, 0, "save_failed", "checkpoint step-000004 failed (rank 0: No space left)", step=4)
     status = final_status(tmp_path, "launch-d")
     assert status["rank"] == 0 and "No space left" in status["reason"], status
+
+
+def test_a_failure_no_rank_caused_is_lost_and_the_job_script_requeues_it(tmp_path, monkeypatch):
+    """A node or process that went away (only collective errors, or a rank killed without a
+    report) once the loop ran is ``lost``: the Slurm job requeues it. A rank's own error, or a
+    failure before the loop began, is not."""
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-a")
+    write_status(tmp_path, "running", 8, started=1.0)
+    write_error_report(tmp_path, 0, "collective", "RuntimeError: Connection closed by peer", step=8)
+    assert job_ending(tmp_path, "lost-a", 137) == "lost"  # the job script settles it: srun killed the agents
+    status = read_status(tmp_path, "lost-a")
+    assert status["state"] == "failed" and status["lost"] and exit_code(status) == EXIT_CRASH
+    assert describe(status).endswith("(a process or a node went away): run again to resume (exit 1)"), describe(status)
+
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-b")  # killed without a word (kill -9, OOM killer)
+    write_status(tmp_path, "running", 8, started=1.0)
+    assert final_status(tmp_path, "lost-b", [(1, "was killed by SIGKILL")])["lost"]
+
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-c")  # the cause is rank 1's own: it would recur
+    write_status(tmp_path, "running", 8, started=1.0)
+    write_error_report(tmp_path, 0, "collective", "RuntimeError: Connection closed by peer", step=8)
+    write_error_report(tmp_path, 1, "crash", "RuntimeError: shape mismatch", step=8)
+    assert job_ending(tmp_path, "lost-c", 1) == "failed" and not read_status(tmp_path, "lost-c")["lost"]
+
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-d")  # before the loop began: not resumable progress
+    write_status(tmp_path, "running", -1)
+    assert job_ending(tmp_path, "lost-d", 1) == "failed"
+    assert job_ending(tmp_path, "lost-d", 1) == "failed"  # settled once, read the same again
+
+    monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-e")  # nothing of this launch was written
+    assert job_ending(tmp_path, "lost-e", 143) == "stopped" and job_ending(tmp_path, "lost-e", 1) == "unknown"
+    assert read_status(tmp_path, "lost-e") == {}
+    for state in ("completed", "stopped", "hung"):
+        write_status(tmp_path, state, 9)
+        assert job_ending(tmp_path, "lost-e", 0) == state

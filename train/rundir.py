@@ -94,11 +94,12 @@ def fsync_path(path: Path) -> None:
 
 
 def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: Optional[int] = None,
-                 exit_code: Optional[int] = None, started: Optional[float] = None) -> None:
+                 exit_code: Optional[int] = None, started: Optional[float] = None, lost: bool = False) -> None:
     """Record how this launch stands or ended (``running|completed|stopped|failed|hung``).
 
     ``started``: when this launch's training loop began; kept from the previous write of the
-    same launch when not given (``None`` while the loop has not begun).
+    same launch when not given (``None`` while the loop has not begun). ``lost``: a ``failed``
+    launch in which no rank holds a cause (see :func:`final_status`).
     """
     code = exit_code if exit_code is not None else STATE_EXIT.get(state)
     launch = launch_id()
@@ -106,7 +107,7 @@ def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: O
         started = read_status(run_dir, launch).get("started")
     atomic_write(run_dir / STATUS_FILE, json.dumps(
         {"state": state, "step": step, "reason": reason, "rank": rank, "exit_code": code,
-         "launch_id": launch, "time": time.time(), "started": started}), fsync=state != "running")
+         "launch_id": launch, "time": time.time(), "started": started, "lost": lost}), fsync=state != "running")
 
 
 def read_status(run_dir: Path, launch: Optional[str] = None) -> dict:
@@ -157,11 +158,18 @@ def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, s
 
     ``process_failures``: (rank, how it ended) for processes that exited non-zero, as the
     agent saw them, for when no rank could write a report (``kill -9``, the OOM killer).
+
+    A failure after the training loop began in which no rank reports a cause of its own (only
+    collective errors, or processes that vanished) is marked ``lost``: a process or a node went
+    away from the outside, which resuming from the latest checkpoint can survive. A rank's own
+    error (an exception, bad input, a non-finite loss) would recur, so it is never ``lost``.
     """
     status = read_status(run_dir, launch)
     if status.get("state") in ("completed", "stopped", "hung", "failed") and not interrupted:
         return status
     reports = read_error_reports(run_dir, launch)
+    caused = bool(reports) and not (reports[0].get("symptom") or reports[0].get("kind") == "collective")
+    lost = not interrupted and not caused and status.get("started") is not None
     step = status.get("step", -1)
     if interrupted:
         reason, rank, code = ("interrupted twice: the trainers were killed; the latest committed "
@@ -175,8 +183,21 @@ def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, s
         reason, code = f"rank {rank} {how} without reporting an error (killed? out of memory?)", EXIT_CRASH
     else:
         reason, rank, code = "the trainers exited without recording how they ended", None, EXIT_CRASH
-    write_status(run_dir, "failed", step, reason, rank, code)
+    write_status(run_dir, "failed", step, reason, rank, code, lost=lost)
     return read_status(run_dir, launch)
+
+
+def job_ending(run_dir: Path, launch: str, step_exit_code: int) -> str:
+    """How a Slurm job step ended, in the one word the job script acts on: ``completed``,
+    ``stopped``, ``hung``, ``lost`` (failed with no rank to blame: requeue), ``failed`` or
+    ``unknown``. Settles ``status.json`` when the agents could not (srun killed them)."""
+    status = read_status(run_dir, launch)
+    if not status and step_exit_code in (128 + 10, 128 + 15):
+        return "stopped"  # USR1/TERM ended the step before the agent took signals: nothing to save
+    if not status:
+        return "unknown"  # the trainers never started: nothing of this launch to settle
+    status = final_status(run_dir, launch)
+    return "lost" if status.get("state") == "failed" and status.get("lost") else status.get("state", "unknown")
 
 
 def exit_code(status: dict) -> int:
@@ -201,4 +222,6 @@ def describe(status: dict) -> str:
         at = f" after step {step}" if step > 0 else " before the first step"  # the last step that completed
     rank = status.get("rank")
     who = f"rank {rank}: " if rank is not None and not reason.startswith(f"rank {rank}") else ""
-    return f"failed{at}: {who}{reason} (exit {code})"
+    hint = "; no rank reported an error of its own (a process or a node went away): run again to resume" \
+        if status.get("lost") else ""
+    return f"failed{at}: {who}{reason}{hint} (exit {code})"
