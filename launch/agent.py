@@ -1,10 +1,15 @@
-"""``python -m launch.agent RUN_DIR -- TORCHRUN_OPTIONS``: torchrun for one node, made stop-safe.
+"""``python -m launch.agent RUN_DIR --nproc N`` (one machine) or ``python -m launch.agent RUN_DIR --
+TORCHRUN_OPTIONS`` (one node of several): the trainers of one node, started stop-safe.
 
-It runs torchrun's agent in this process with the stop signals (USR1, TERM, INT, HUP) blocked
-from its first line, so a signal can neither kill it during its imports nor make torchrun
-tear the trainers down: a thread takes each signal with ``sigwait`` and hands it to the
-trainers, which stop at a step boundary with a checkpoint (see ``train.stop``). Under Slurm
-the trainers are signalled directly as well; they act once.
+On one machine it starts the N trainers itself (:func:`run_ranks`: the environment torchrun
+gives them, a free port on the loopback, and torchrun's rule for a failure), without importing
+torch: torchrun's agent imports it before it starts a trainer, which cost each launch about
+1.5 s of CPU before the first rank began. Across nodes it runs torchrun's agent in this process
+(c10d rendezvous). Either way the stop signals (USR1, TERM, INT, HUP) are blocked from the
+first line, so a signal can neither kill the agent during its imports nor tear the trainers
+down: a thread takes each signal with ``sigwait`` and hands it to the trainers, which stop at a
+step boundary with a checkpoint (see ``train.stop``). Under Slurm the trainers are signalled
+directly as well; they act once.
 
 When torchrun returns, the agent settles ``status.json`` (a rank may have died before it could
 write it), prints the root cause's traceback once and one line naming the ending, and exits
@@ -24,6 +29,8 @@ signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: before any impo
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -31,8 +38,8 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from launch.runlock import RunLock, RunLocked  # noqa: E402
-from train.rundir import (EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, NODE_RANK_ENV, describe,  # noqa: E402
-                          exit_code, final_status, launch_id)
+from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, NODE_RANK_ENV,  # noqa: E402
+                          describe, exit_code, final_status, launch_id)
 
 
 class SignalForwarder:
@@ -97,6 +104,60 @@ class SignalForwarder:
                             pass
 
 
+def _how(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    """Trainer ``rank``'s environment on a one-machine launch: what torchrun's agent sets."""
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+           "ROLE_NAME": "default", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+           "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"}
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, so results match a torchrun launch
+    return env
+
+
+def run_ranks(nproc: int, run_dir: Path, poll_s: float = 0.1, grace_s: float = 30.0,
+              program: Optional[list[str]] = None) -> list[tuple[int, str]]:
+    """Start ``nproc`` trainers on this machine and wait for them; return (rank, how it ended) for
+    those that failed. Torchrun's rule: when one fails, the others get SIGTERM (they are then
+    failing in a collective, which they report as such) and SIGKILL after ``grace_s``.
+    ``program``: the command of each rank (default ``python -u -m train RUN_DIR``)."""
+    program = program or [sys.executable, "-u", "-m", "train", str(run_dir)]
+    port = _free_port()  # rank 0's store binds it a moment later
+    procs = [subprocess.Popen(program, env=rank_env(rank, nproc, port),
+                              start_new_session=True)  # its own group: a second Ctrl-C kills it with its workers
+             for rank in range(nproc)]
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if not failed and all(code == 0 for code in codes):
+            return []
+        if failed:
+            break
+        time.sleep(poll_s)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return [(rank, _how(code)) for rank, code in failed]
+
+
 def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str]]:
     """Run torchrun's agent here; return (rank, how it ended) for the trainers that failed."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -108,8 +169,7 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str
         run(parse_args([*torchrun_args, "-m", "train", str(run_dir)]))
     except ChildFailedError as err:
         failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
-        return [(rank, f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}")
-                for rank, f in failures]
+        return [(rank, _how(f.exitcode)) for rank, f in failures]
     return []
 
 
@@ -133,10 +193,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="exit 0 for completed and stopped (the Slurm job script reads status.json)")
     parser.add_argument("--lock", action="store_true",
                         help="hold the run directory's lock (launch.runlock) on node 0 while training")
-    parser.add_argument("torchrun", nargs=argparse.REMAINDER, help="-- then torchrun's options")
-    args = parser.parse_args(argv)
-    torchrun_args = args.torchrun[1:] if args.torchrun[:1] == ["--"] else args.torchrun
+    parser.add_argument("--nproc", type=int, help="start this many trainers on this machine (no torchrun)")
+    parser.epilog = "-- then torchrun's options: one node of several"
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, torchrun_args = parser.parse_args(argv[:split]), argv[split + 1:]
+    if (args.nproc is None) == (not torchrun_args):
+        parser.error("give either --nproc N or -- and torchrun's options")
     launch = launch_id()  # exported: the trainers tag status.json and their reports with it
+    os.environ[AGENT_ENV] = "1"
     forwarder = SignalForwarder()
     node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get(NODE_RANK_ENV, "0")) or 0)
     lock = RunLock(args.run_dir) if args.lock and node_rank == 0 else None
@@ -147,7 +212,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"shardforge: {err}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT
     try:
-        failures = run_torchrun(torchrun_args, args.run_dir)
+        failures = run_ranks(args.nproc, args.run_dir) if args.nproc else run_torchrun(torchrun_args, args.run_dir)
     finally:
         if lock is not None:
             lock.release()

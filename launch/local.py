@@ -147,12 +147,12 @@ def node_of(nodes: int, node_rank: Optional[int], master: Optional[str], where: 
 
 
 def agent_command(run_dir: Path, nproc: int, node: Node = Node()) -> list[str]:
-    """The stop-safe torchrun (``launch.agent``) for one node of ``nproc`` ranks."""
+    """The stop-safe agent (``launch.agent``) for one node of ``nproc`` ranks: it starts them
+    itself on one machine, through torchrun's static rendezvous across nodes."""
     if node.master is None:
-        rendezvous = ["--standalone", "--nnodes=1"]
-    else:
-        rendezvous = [f"--nnodes={node.count}", f"--node-rank={node.rank}", f"--master-addr={node.master[0]}",
-                      f"--master-port={node.master[1]}"]
+        return [sys.executable, "-m", "launch.agent", str(run_dir), f"--nproc={nproc}"]
+    rendezvous = [f"--nnodes={node.count}", f"--node-rank={node.rank}", f"--master-addr={node.master[0]}",
+                  f"--master-port={node.master[1]}"]
     return [sys.executable, "-m", "launch.agent", str(run_dir), "--", *rendezvous, f"--nproc_per_node={nproc}"]
 
 

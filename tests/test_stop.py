@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -304,3 +305,42 @@ def test_a_failure_no_rank_caused_is_lost_and_the_job_script_requeues_it(tmp_pat
     for state in ("completed", "stopped", "hung"):
         write_status(tmp_path, state, 9)
         assert job_ending(tmp_path, "lost-e", 0) == state
+
+
+def test_the_agent_starts_ranks_like_torchrun_and_ends_the_others_when_one_fails(tmp_path, monkeypatch):
+    """``launch.agent`` starts one machine's ranks itself (no torch import): torchrun's environment;
+    all exit 0 -> no failures; rank 1 exits 3 -> rank 0 gets SIGTERM, and SIGKILL after the grace
+    period when it ignores it; the failure names rank 1."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    from launch.agent import run_ranks  # its first line blocks the stop signals: not in pytest's process
+
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, signal, sys, time
+        from pathlib import Path
+        rank, mode = int(os.environ["RANK"]), sys.argv[1]
+        keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+        Path(r"{tmp_path}", f"{{mode}}-{{rank}}.json").write_text(json.dumps({{k: os.environ.get(k) for k in keys}}))
+        if mode == "ok":
+            sys.exit(0)
+        if rank == 1:
+            time.sleep(0.5)
+            sys.exit(3)
+        def note(signum, frame):
+            Path(r"{tmp_path}", "term-0").write_text("got SIGTERM")
+        signal.signal(signal.SIGTERM, note)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+        time.sleep(60)
+    """))
+    assert run_ranks(2, tmp_path, program=[sys.executable, str(script), "ok"]) == []
+    env = [json.loads((tmp_path / f"ok-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"]) for e in env] == \
+        [("0", "0", "2", "2"), ("1", "1", "2", "2")]
+    assert env[0]["MASTER_ADDR"] == "127.0.0.1" and env[0]["MASTER_PORT"] == env[1]["MASTER_PORT"]
+    assert env[0]["OMP_NUM_THREADS"] == "1", "torchrun's default for several ranks"
+    started = time.monotonic()
+    failures = run_ranks(2, tmp_path, grace_s=1.0, program=[sys.executable, str(script), "fail"])
+    assert failures == [(1, "exited with code 3")]
+    assert (tmp_path / "term-0").read_text() == "got SIGTERM" and time.monotonic() - started < 30

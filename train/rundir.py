@@ -25,10 +25,12 @@ STATUS_FILE = "status.json"
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
 LAUNCH_ID_ENV = "SHARDFORGE_LAUNCH_ID"
-NODE_RANK_ENV = "SHARDFORGE_NODE_RANK"
-"""This machine's node in a multi-node ``shardforge run`` (Slurm jobs have ``SLURM_NODEID``)."""
 """Set by whoever starts a launch (the local launcher, the Slurm job script, else the agent):
 ties ``status.json`` and error reports to the launch that wrote them."""
+AGENT_ENV = "SHARDFORGE_AGENT"
+"""Set to 1 for the trainers started by ``launch.agent``: it settles and prints how they ended."""
+NODE_RANK_ENV = "SHARDFORGE_NODE_RANK"
+"""This machine's node in a multi-node ``shardforge run`` (Slurm jobs have ``SLURM_NODEID``)."""
 
 EXIT_OK = 0
 EXIT_CRASH = 1  # an unexpected error (a bug, an OOM, a killed process)

@@ -1,4 +1,4 @@
-"""The per-rank program: ``python -m train RUN_DIR`` (started by torchrun or Slurm).
+"""The per-rank program: ``python -m train RUN_DIR`` (started by launch.agent, directly or through torchrun).
 
 :func:`train` builds the parts, then runs the loop: step → metrics → evaluation → save → stop.
 Each part decides its own timing (``train.saving``, ``train.evaluation``, ``train.policy``,
@@ -40,8 +40,8 @@ from train.model import build_model, token_ids
 from train.model_checks import memory_problems, model_problems
 from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
-from train.rundir import (EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe, write_error_report,
-                          write_status)
+from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe,
+                          write_error_report, write_status)
 from train.safe_load import forbid_code_in_checkpoints
 from train.saving import Saver
 from train.schema import RecipeProblems
@@ -313,8 +313,8 @@ def error_kind(err: BaseException) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     """Train, and leave an account of any error for the agent: ``logs/error-rank-N.json``.
 
-    Under torchrun every ending the ranks agree on (completed, stopped) exits 0 and ``status.json``
-    carries it; an error exits non-zero, so torchrun ends the other ranks, and the agent picks the
+    Under the agent every ending the ranks agree on (completed, stopped) exits 0 and ``status.json``
+    carries it; an error exits non-zero, so the agent ends the other ranks, picks the
     root cause among the ranks' reports and prints it once.
     """
     argv = sys.argv[1:] if argv is None else argv
@@ -322,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m train RUN_DIR", file=sys.stderr)
         return EXIT_BAD_INPUT
     run_dir, rank = Path(argv[0]), int(os.environ.get("RANK", "0"))
-    under_agent = "TORCHELASTIC_RUN_ID" in os.environ
+    under_agent = os.environ.get(AGENT_ENV) == "1"
     try:
         code = train(run_dir)
         return 0 if code == EXIT_REQUEUE and under_agent else code
