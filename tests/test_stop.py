@@ -299,6 +299,15 @@ def test_a_failure_no_rank_caused_is_lost_and_the_job_script_requeues_it(tmp_pat
     assert job_ending(tmp_path, "lost-d", 1) == "failed"
     assert job_ending(tmp_path, "lost-d", 1) == "failed"  # settled once, read the same again
 
+    # lost again, with no checkpoint committed since the last lost launch: it may recur, no requeue
+    for launch, ending in (("lost-a2", "lost-again"), ("lost-a3", "lost")):
+        if launch == "lost-a3":  # a new checkpoint since: progress, so requeue again
+            (tmp_path / "checkpoints" / "step-000010").mkdir(parents=True)
+            (tmp_path / "checkpoints" / "step-000010" / "manifest.json").write_text("{}")
+        monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", launch)
+        write_status(tmp_path, "running", 8, started=1.0)
+        assert job_ending(tmp_path, launch, 137) == ending, launch
+
     monkeypatch.setenv("SHARDFORGE_LAUNCH_ID", "lost-e")  # nothing of this launch was written
     assert job_ending(tmp_path, "lost-e", 143) == "stopped" and job_ending(tmp_path, "lost-e", 1) == "unknown"
     assert read_status(tmp_path, "lost-e") == {}

@@ -24,6 +24,7 @@ RECIPE_FILE = "recipe.yaml"
 STATUS_FILE = "status.json"
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
+LOST_FILE = "lost.json"  # in logs/: the newest checkpoint when a Slurm launch was last lost
 LAUNCH_ID_ENV = "SHARDFORGE_LAUNCH_ID"
 """Set by whoever starts a launch (the local launcher, the Slurm job script, else the agent):
 ties ``status.json`` and error reports to the launch that wrote them."""
@@ -191,15 +192,32 @@ def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, s
 
 def job_ending(run_dir: Path, launch: str, step_exit_code: int) -> str:
     """How a Slurm job step ended, in the one word the job script acts on: ``completed``,
-    ``stopped``, ``hung``, ``lost`` (failed with no rank to blame: requeue), ``failed`` or
-    ``unknown``. Settles ``status.json`` when the agents could not (srun killed them)."""
+    ``stopped``, ``hung``, ``lost`` (failed with no rank to blame: requeue), ``lost-again`` (lost
+    as the previous launch was, with no checkpoint committed in between: it may recur, so no
+    requeue), ``failed`` or ``unknown``. Settles ``status.json`` when the agents could not (srun
+    killed them)."""
     status = read_status(run_dir, launch)
     if not status and step_exit_code in (128 + 10, 128 + 15):
         return "stopped"  # USR1/TERM ended the step before the agent took signals: nothing to save
     if not status:
         return "unknown"  # the trainers never started: nothing of this launch to settle
     status = final_status(run_dir, launch)
-    return "lost" if status.get("state") == "failed" and status.get("lost") else status.get("state", "unknown")
+    if not (status.get("state") == "failed" and status.get("lost")):
+        return status.get("state", "unknown")
+    from train.checkpoint_files import committed_checkpoints
+
+    newest = committed_checkpoints(run_dir / "checkpoints")
+    checkpoint = newest[-1].name if newest else None
+    record = run_dir / "logs" / LOST_FILE
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("launch_id") not in (None, launch) and previous.get("checkpoint") == checkpoint:
+        return "lost-again"
+    atomic_write(record, json.dumps({"launch_id": launch, "checkpoint": checkpoint, "step": status.get("step")}),
+                 fsync=True)
+    return "lost"
 
 
 def exit_code(status: dict) -> int:
