@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from launch.recipe import RecipeError
-from train.recipe import Recipe
+from train.recipe import SLURM_SIGNAL_SLACK_S, Recipe
 from train.rundir import EXIT_REQUEUE
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
@@ -70,8 +70,10 @@ def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str) -
         if not _ENV_NAME.match(str(name)):
             problems.append(f"slurm.env: {name!r} is not an environment variable name")
         env.append(f"export {name}={shlex.quote(str(value))}")
-    if s.signal_lead_s < 10:
-        problems.append(f"slurm.signal_lead_s={s.signal_lead_s}: leave at least 10 s to checkpoint")
+    if s.signal_lead_s < SLURM_SIGNAL_SLACK_S + 10:
+        problems.append(f"slurm.signal_lead_s={s.signal_lead_s}: Slurm checks time limits about every "
+                        f"{SLURM_SIGNAL_SLACK_S} s, so its USR1 can come that much after the lead; set at least "
+                        f"{SLURM_SIGNAL_SLACK_S + 10} (a step, a save and {SLURM_SIGNAL_SLACK_S} s)")
     if s.max_restarts < 0:
         problems.append(f"slurm.max_restarts={s.max_restarts}: must be 0 or more")
     if problems:

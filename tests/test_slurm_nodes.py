@@ -56,7 +56,7 @@ def two(tmp_path_factory):
                            parallel={"engine": "fsdp", "nproc": nproc, "nodes": nodes},
                            checkpoint={"every_steps": every_steps, "at_end": True},
                            slurm={"gpus_per_node": 0, "cpus_per_task": 2, "mem": "0", "time": "10", "partition": "two",
-                                  "signal_lead_s": 30, "max_restarts": 2,
+                                  "signal_lead_s": 45, "max_restarts": 2,
                                   "env": {"GLOO_SOCKET_IFNAME": "sfeth", **(env or {})}})  # each node's own interface
 
     straight = recipe("straight", nodes=1, nproc=2)

@@ -19,6 +19,10 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 """Validation metrics where lower is better (``eval.mode: auto``)."""
 
 
+SLURM_SIGNAL_SLACK_S = 30
+"""slurmctld checks time limits (and sends ``--signal`` warnings) about every 30 s."""
+
+
 @dataclass
 class RunConfig:
     name: str = "tiny"
@@ -283,7 +287,9 @@ class SlurmConfig:
     time: str = "24:00:00"
     """Time limit per job (requeued jobs start the clock again)."""
     signal_lead_s: int = 300
-    """Seconds before the time limit that Slurm signals the job to checkpoint."""
+    """Seconds before the time limit that Slurm signals the job to checkpoint. slurmctld looks at
+    time limits only every :data:`SLURM_SIGNAL_SLACK_S` seconds, so the signal can come that much
+    later: leave a step, a save and that slack."""
     max_restarts: int = 10
     """Requeue at most this many times."""
     extra_sbatch: list[str] = field(default_factory=list)

@@ -13,7 +13,7 @@ from typing import Callable
 from train.checkpoint import Checkpointer, CheckpointSaveError
 from train.checkpoint_files import step_dir_name
 from train.policy import Agreed, NonFiniteGuard, NonFiniteStop
-from train.recipe import CheckpointConfig, Recipe
+from train.recipe import SLURM_SIGNAL_SLACK_S, CheckpointConfig, Recipe
 from train.rundir import BEST_FILE, atomic_write
 from train.scores import EarlyStopping
 from train.state import Counters
@@ -127,7 +127,8 @@ class Saver:
     def _warn_if_slower_than_lead(self, save_s: float) -> None:
         lead = self.recipe.slurm.signal_lead_s
         step_s = self.counters.elapsed_s / max(1, self.counters.step)
-        if "SLURM_JOB_ID" in os.environ and save_s + step_s > lead:
+        if "SLURM_JOB_ID" in os.environ and save_s + step_s > lead - SLURM_SIGNAL_SLACK_S:
             self.log(f"warning: a save takes {save_s:.0f} s and a step {step_s:.0f} s, more than "
-                     f"slurm.signal_lead_s={lead}: a job stopped at its time limit would lose its last "
-                     f"steps; raise slurm.signal_lead_s")
+                     f"slurm.signal_lead_s={lead} less the {SLURM_SIGNAL_SLACK_S} s Slurm may be late with "
+                     f"its signal: a job stopped at its time limit would lose its last steps; raise "
+                     f"slurm.signal_lead_s")
