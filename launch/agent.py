@@ -29,7 +29,6 @@ signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: before any impo
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -38,6 +37,7 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from launch.runlock import RunLock, RunLocked  # noqa: E402
+from train.ports import free_port  # noqa: E402
 from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_OK, EXIT_REQUEUE, NODE_RANK_ENV,  # noqa: E402
                           describe, exit_code, final_status, launch_id)
 
@@ -108,12 +108,6 @@ def _how(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     """Trainer ``rank``'s environment on a one-machine launch: what torchrun's agent sets."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
@@ -133,17 +127,13 @@ def run_ranks(nproc: int, run_dir: Path, poll_s: float = 0.1, grace_s: float = 3
     failing in a collective, which they report as such) and SIGKILL after ``grace_s``.
     ``program``: the command of each rank (default ``python -u -m train RUN_DIR``)."""
     program = program or [sys.executable, "-u", "-m", "train", str(run_dir)]
-    port = _free_port()  # rank 0's store binds it a moment later
+    port = free_port()  # rank 0's store binds it a moment later
     procs = [subprocess.Popen(program, env=rank_env(rank, nproc, port),
                               start_new_session=True)  # its own group: a second Ctrl-C kills it with its workers
              for rank in range(nproc)]
-    while True:
-        codes = [proc.poll() for proc in procs]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if not failed and all(code == 0 for code in codes):
+    while not (failed := [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.poll()]):
+        if all(proc.returncode == 0 for proc in procs):
             return []
-        if failed:
-            break
         time.sleep(poll_s)
     for proc in procs:
         if proc.poll() is None:

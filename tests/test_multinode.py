@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, make_corpus, read_metrics, run_recipe, tiny_recipe, train_losses, write_recipe
+from train.ports import free_port
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_nodes(recipe_path: Path, nodes: int, *overrides: str, hosts: list[dict] | None = None) -> list:

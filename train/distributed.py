@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
-
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from train.ports import free_port
 
 
 @dataclass
@@ -29,12 +29,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 PROCESS_GROUP_TIMEOUT_S = 1800.0
 """How long a collective waits for the other ranks (rank 0 tokenizing a large corpus, a slow save)."""
 
@@ -44,7 +38,7 @@ def init_distributed(deepspeed: bool = False, timeout_s: float = PROCESS_GROUP_T
     DeepSpeed's own initialisation for its engines."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():

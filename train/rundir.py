@@ -151,8 +151,12 @@ def read_error_reports(run_dir: Path, launch: str) -> list[dict]:
             continue
         if isinstance(report, dict) and report.get("launch_id") == launch:
             reports.append(report)
-    return sorted(reports, key=lambda r: (bool(r.get("symptom")) or r.get("kind") == "collective",
-                                          r.get("time", 0.0)))
+    return sorted(reports, key=lambda r: (_is_symptom(r), r.get("time", 0.0)))
+
+
+def _is_symptom(report: dict) -> bool:
+    """The report's rank failed only because another did (a collective error, a shared save)."""
+    return bool(report.get("symptom")) or report.get("kind") == "collective"
 
 
 def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, str]] = (),
@@ -171,7 +175,7 @@ def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, s
     if status.get("state") in ("completed", "stopped", "hung", "failed") and not interrupted:
         return status
     reports = read_error_reports(run_dir, launch)
-    caused = bool(reports) and not (reports[0].get("symptom") or reports[0].get("kind") == "collective")
+    caused = bool(reports) and not _is_symptom(reports[0])
     lost = not interrupted and not caused and status.get("started") is not None
     step = status.get("step", -1)
     if interrupted:
@@ -215,8 +219,7 @@ def job_ending(run_dir: Path, launch: str, step_exit_code: int) -> str:
         previous = {}
     if previous.get("launch_id") not in (None, launch) and previous.get("checkpoint") == checkpoint:
         return "lost-again"
-    atomic_write(record, json.dumps({"launch_id": launch, "checkpoint": checkpoint, "step": status.get("step")}),
-                 fsync=True)
+    atomic_write(record, json.dumps({"launch_id": launch, "checkpoint": checkpoint}), fsync=True)
     return "lost"
 
 
