@@ -5,6 +5,7 @@ one line, and no file created."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_corpus, run_recipe, shardforge, tiny_recipe
+from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe
 from train.checkpoint_files import MANIFEST, file_digest
 
 
@@ -70,7 +71,7 @@ def test_a_planted_pickle_runs_no_code_on_resume_or_export(stopped, tmp_path, en
     text = out.stdout + out.stderr
     assert "refused: a file holds objects that would run code" in text and "Traceback" not in text, text[-3000:]
     assert not marker.exists(), "the checkpoint ran code on resume"
-    exported = shardforge("export", r["run"]["dir"], str(tmp_path / "export"))
+    exported = launch_in_process("export", r["run"]["dir"], str(tmp_path / "export"))
     assert exported.returncode == 2 and "refused" in exported.stderr, exported.stdout + exported.stderr
     assert "Traceback" not in exported.stderr and not marker.exists(), exported.stderr
     assert exported.stderr.strip().splitlines()[-1].startswith("shardforge: error:"), exported.stderr
@@ -83,5 +84,38 @@ def test_a_manifest_must_list_every_file_the_loaders_open(stopped, tmp_path):
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     out = run_recipe(stopped[0], r, "train.stop_after=0", f"checkpoint.resume={ckpt}", expect=2)
     assert "is not listed in manifest.json" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
-    exported = shardforge("export", r["run"]["dir"], str(tmp_path / "export"), "--step", "2")
+    exported = launch_in_process("export", r["run"]["dir"], str(tmp_path / "export"), "--step", "2")
     assert exported.returncode == 2 and "is not listed in manifest.json" in exported.stderr, exported.stderr
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_tensor_records_are_read_in_place_and_anything_else_by_the_weights_only_loader(tmp_path, monkeypatch):
+    """DCP's tensor records (one ``torch.save`` archive each) are rebuilt by the reader's own small
+    unpickler, which knows three names; a record holding anything else goes to torch's weights-only
+    loader, so a planted object is refused there and runs nothing."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from train.safe_load import load_tensor_record, safe_reader
+
+    state = {"w": torch.randn(5, 7), "t": torch.randn(3, 4).t(), "view": torch.arange(10)[2:7],
+             "empty": torch.zeros(0, 3), "bf16": torch.randn(4, 4, dtype=torch.bfloat16), "scalar": torch.tensor(3.5),
+             "mask": torch.ones(2, 3, dtype=torch.bool), "f8": torch.randn(3).to(torch.float8_e4m3fn)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "dcp")), no_dist=True)
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(1) or real_load(*a, **k))
+    back = {k: torch.full_like(v, 0) if v.dtype != torch.float8_e4m3fn else torch.zeros(3).to(v.dtype)
+            for k, v in state.items()}
+    dcp.load(back, storage_reader=safe_reader(tmp_path / "dcp"), no_dist=True)
+    for key, value in state.items():
+        assert torch.equal(back[key].float(), value.float()) and back[key].dtype == value.dtype, key
+    assert len(calls) == 1, "only the float8 record (rebuilt by _rebuild_tensor_v3) is left to torch.load"
+
+    marker = tmp_path / "pwned"
+    record = io.BytesIO()
+    torch.save(Exploit(marker), record)
+    with pytest.raises(pickle.UnpicklingError):
+        load_tensor_record(bytearray(record.getvalue()))
+    assert not marker.exists()
