@@ -57,7 +57,8 @@ common_config() {  # what both clusters share
   cat <<CONF
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10
+# cred_expire=5, Slurm's minimum: a requeued job may start again only cred_expire + 1 s later
+AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
