@@ -128,7 +128,7 @@ class _TensorRecordUnpickler(pickle.Unpickler):
                 and pid[2] in self.records and pid[3] == "cpu" and isinstance(pid[4], int)):
             raise _NotPlain(repr(pid))
         dtype, (start, size), numel = pid[1].dtype, self.records[pid[2]], pid[4]
-        if numel * torch.empty(0, dtype=dtype).element_size() != size:
+        if numel * dtype.itemsize != size:
             raise _NotPlain(f"{size} bytes for {numel} elements of {dtype}")
         if numel == 0:
             return torch.empty(0, dtype=dtype)
