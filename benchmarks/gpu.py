@@ -190,14 +190,14 @@ def hf_worker(spec_path: str, out_path: str) -> int:
     model = AutoModelForCausalLM.from_config(build_config(r.model, len(data.tokenizer),
                                                           special_ids=token_ids(data.tokenizer)),
                                              attn_implementation="sdpa")
-    blocks = data.train.with_format("torch")
+    blocks = data.train
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self):
             return len(blocks)
 
         def __getitem__(self, i):
-            ids = blocks[i]["input_ids"]
+            ids = torch.from_numpy(blocks.rows([i])["input_ids"][0]).long()
             return {"input_ids": ids, "labels": ids}
 
     times: list[float] = []

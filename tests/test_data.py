@@ -8,10 +8,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 import train.data.pretraining as pretraining
 from tests.helpers import make_corpus, tiny_recipe
 from train.data.batches import TrainBatches
+from train.data.samples import Samples
 from train.data.prepare import prepare_data
 from train.data.pretraining import tokenize_and_pack
 from train.data.sources import DataError, load_source
@@ -19,9 +21,9 @@ from train.data.tokenizer import load_or_train_tokenizer
 from train.recipe import recipe_from_dict
 
 
-def numbered(n: int) -> datasets.Dataset:
+def numbered(n: int) -> Samples:
     """Sample i holds the tokens [i, i, i, i], so a batch names its sample ids."""
-    return datasets.Dataset.from_dict({"input_ids": [[i] * 4 for i in range(n)]})
+    return Samples.from_dict({"input_ids": [[i] * 4 for i in range(n)]})
 
 
 def take_steps(ds, world: int, micro: int, accum: int, steps: int, seed: int = 0, state=None):
@@ -145,30 +147,41 @@ def test_closing_never_waits_for_a_read_ahead_thread_with_a_full_queue():
         assert time.monotonic() - started < 1 and not ahead._thread.is_alive()
 
 
-def test_rows_read_from_the_arrow_columns_equal_the_datasets_formatter():
-    """The fast path (numpy views of fixed-width integer columns, across Arrow chunks) returns the
-    same int64 batch, trimmed to the longest attention mask, as ``datasets`` does; anything it
-    cannot view directly (an index mapping, ragged lists, strings) goes through ``datasets``."""
+def test_samples_read_from_the_cache_equal_what_datasets_reads(tmp_path):
+    """The trainer reads a prepared split straight from the Arrow files ``datasets`` saved (several
+    shards, several chunks each): the same rows, in any order and with repeats, as ``datasets``'
+    own numpy formatter gives; ``_PackedSamples`` trims a batch to its longest attention mask. A
+    column that is not integers or fixed-width integer lists is refused by name."""
     from train.data.batches import _PackedSamples
+    from train.data.sources import DataError
 
     rng = np.random.default_rng(0)
     parts = []
-    for n in (5, 7):  # two Arrow chunks
+    for n in (5, 7, 6):  # three Arrow chunks
         mask = [[1] * int(k) + [0] * (6 - int(k)) for k in rng.integers(1, 6, n)]
         parts.append(datasets.Dataset.from_dict({"input_ids": rng.integers(0, 99, (n, 6)).tolist(),
                                                  "attention_mask": mask, "labels": rng.integers(0, 3, n).tolist()}))
-    ds = datasets.concatenate_datasets(parts)
-    assert ds.data.table.column(0).num_chunks == 2
-    fast, slow = _PackedSamples(ds), _PackedSamples(ds)
-    slow._columns = None
-    assert fast._columns is not None
-    for idx in ([0, 4, 5, 11], [11], [6, 2, 6]):
-        a, b = fast.__getitems__(idx), slow.__getitems__(idx)
-        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
-        assert a["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max())
-    assert _PackedSamples(ds.select([3, 1]))._columns is None
-    assert _PackedSamples(datasets.Dataset.from_dict({"input_ids": [[1, 2], [3]]}))._columns is None
-    assert _PackedSamples(datasets.Dataset.from_dict({"input_ids": [[1, 2]], "text": ["a"]}))._columns is None
+    datasets.concatenate_datasets(parts).save_to_disk(str(tmp_path / "split"), num_shards=2)
+    ours = Samples.read(tmp_path / "split")
+    theirs = datasets.load_from_disk(str(tmp_path / "split")).with_format("numpy")
+    assert len(ours) == len(theirs) == 18 and len(json.loads((tmp_path / "split" / "state.json").read_text())["_data_files"]) == 2
+    assert max(len(c) for c in ours._columns.values()) > 0
+    for idx in ([0, 4, 5, 11, 17], [11], [6, 2, 6], list(range(18))[::-1], []):
+        a, b = ours.rows(idx), theirs[idx]
+        assert a.keys() == b.keys()
+        for k in a:
+            expected = np.asarray(b[k]).reshape(a[k].shape)
+            assert a[k].dtype.kind == "i" and np.array_equal(a[k], expected), (k, idx)  # int32 as stored
+    batch = _PackedSamples(ours).__getitems__([0, 4, 5])
+    assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(1).max())
+    assert batch["input_ids"].equal(torch.from_numpy(ours.rows([0, 4, 5])["input_ids"][:, :batch["input_ids"].shape[1]]))
+    with pytest.raises(IndexError, match="outside the 18 samples"):
+        ours.rows([18])
+    with pytest.raises(DataError, match="column 'input_ids' holds lists of 1 to 2 tokens"):
+        Samples.from_dict({"input_ids": [[1, 2], [3]]})
+    with pytest.raises(DataError, match="column 'text' holds string"):
+        Samples.from_dict({"input_ids": [[1, 2]], "text": ["a"]})
+    assert len(Samples.from_dict({"input_ids": []}).rows([])["input_ids"]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +222,7 @@ def test_second_prepare_reuses_the_cache(corpus, tmp_path, monkeypatch):
     calls["n"] = 0
     second = prepare_data(recipe, log=lambda *_: None)
     assert calls["n"] == 0 and second.stats["cache_hit"] and second.key == first.key
-    assert second.train["input_ids"] == first.train["input_ids"]
+    assert second.train.table.column("input_ids").to_pylist() == first.train.table.column("input_ids").to_pylist()
     changed = prepare_data(make_recipe(corpus, tmp_path, seq_len=16), log=lambda *_: None)
     assert changed.key != first.key and not changed.stats["cache_hit"]
     assert len(changed.train) + len(changed.val) > len(first.train) + len(first.val)
@@ -226,7 +239,7 @@ def test_jsonl_template_and_mixing(tmp_path, corpus):
     total = mixed.stats["tokens_kept"] // 32  # packed samples of both sources before mixing
     assert len(mixed.train) == round(total * 3 / 4) + round(total / 4)
     assert mixed.stats["val_samples"] == 0
-    qa = [row for row in mixed.train["input_ids"] if mixed.tokenizer.decode(row).count("answer") > 0]
+    qa = [row for row in mixed.train.table.column("input_ids").to_pylist() if mixed.tokenizer.decode(row).count("answer") > 0]
     assert abs(len(qa) - round(total / 4)) <= 1, "the QA source must fill a quarter of the samples"
 
 

@@ -42,9 +42,9 @@ def test_accumulated_loss_weighs_every_token_equally(task_name):
     gradient equals the gradient of one batch holding both (the mean over all 16 tokens), not the
     mean of the two micro-batch means. The denominator comes from the per-sample loss-token counts
     of the training set (here 3 samples, of which the step takes 2), as in the loop."""
-    import datasets
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
+    from train.data.samples import Samples
     from train.step import step_loss_denominator
     from train.tasks import build_task
 
@@ -74,7 +74,7 @@ def test_accumulated_loss_weighs_every_token_equally(task_name):
 
     reference = grads([whole])
     per_micro_mean = grads([dict(b) for b in micro])
-    train_set = datasets.Dataset.from_dict({"labels": [labels[1].tolist(), [0] * 16, labels[0].tolist()]})
+    train_set = Samples.from_dict({"labels": [labels[1].tolist(), [0] * 16, labels[0].tolist()]})
     denominator = step_loss_denominator(task.sample_loss_tokens(train_set), np.array([2, 0]), 2)
     for b in micro:
         b["loss_denominator"] = denominator
@@ -88,7 +88,7 @@ def test_sft_labels_cover_the_response_only(ft_data, tmp_path):
     records = [json.loads(line) for line in ft_data["sft"].read_text().splitlines()]
     by_prompt = {tuple(tok(r["prompt"], add_special_tokens=False)["input_ids"]): r for r in records}
     checked = 0
-    for row in prepared.train.select(range(20)):
+    for row in prepared.train.table.slice(0, 20).to_pylist():
         ids, labels, mask = row["input_ids"], row["labels"], row["attention_mask"]
         n = sum(mask)
         prompt_len = next(i for i, x in enumerate(labels) if x != IGNORE)
@@ -104,7 +104,7 @@ def test_sft_labels_cover_the_response_only(ft_data, tmp_path):
 def test_sft_chat_learns_assistant_turns_only(ft_data, tmp_path):
     prepared = _prepare("sft", ft_data["chat"], tmp_path, val_fraction=0.0, test_fraction=0.0, seq_len=128)
     tok = prepared.tokenizer
-    row = prepared.train[0]
+    row = prepared.train.table.slice(0, 1).to_pylist()[0]
     learned = tok.decode([i for i, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
     ignored = tok.decode([i for i, lab, m in zip(row["input_ids"], row["labels"], row["attention_mask"])
                           if lab == IGNORE and m])
@@ -118,7 +118,7 @@ def test_token_labels_go_on_the_first_sub_token(tmp_path):
     path.write_text(json.dumps({"words": ["Rosencrantz", "and", "Guildenstern", "are", "dead"],
                                 "tags": ["B-PER", "O", "B-PER", "O", "O"]}) + "\n")
     prepared = _prepare("token_classification", path, tmp_path, val_fraction=0.0, test_fraction=0.0)
-    row = prepared.train[0]
+    row = prepared.train.table.slice(0, 1).to_pylist()[0]
     tok = prepared.tokenizer
     enc = tok(["Rosencrantz", "and", "Guildenstern", "are", "dead"], is_split_into_words=True)
     assert len(enc["input_ids"]) > 7  # the names split into several word pieces
@@ -391,6 +391,6 @@ def test_minilm_demo_beats_the_majority_baseline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "test_results.json").read_text())
     test = prepare_data(read_recipe(run_dir), log=lambda *_: None).test
-    majority = np.bincount(np.asarray(test["labels"])).max() / len(test)
+    majority = np.bincount(test.rows(range(len(test)))["labels"]).max() / len(test)
     assert results["samples"] == len(test) > 200
     assert results["metrics"]["accuracy"] >= majority + 0.05, (results["metrics"]["accuracy"], majority)

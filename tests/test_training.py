@@ -162,7 +162,7 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     data = prepare_data(recipe, log=lambda *_: None)
     assert len(tokenizer) == len(data.tokenizer)
     n = recipe.train.eval_batches * recipe.train.global_batch_size
-    ids = torch.tensor(data.val.with_format("numpy")[:n]["input_ids"])
+    ids = torch.from_numpy(data.val.rows(range(min(n, len(data.val))))["input_ids"]).long()
     assert len(ids) == min(n, len(data.val)) > 0
     with torch.no_grad():
         logits = model(input_ids=ids).logits

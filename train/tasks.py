@@ -44,8 +44,8 @@ def _token_mean(losses: torch.Tensor, mask: torch.Tensor, batch: dict) -> torch.
 
 def _count_per_sample(dataset, count: Callable[[np.ndarray], np.ndarray], chunk: int = 4096) -> np.ndarray:
     """``count(labels)`` over the padded ``labels`` column, a chunk of samples at a time."""
-    rows = dataset.with_format("numpy")
-    return np.concatenate([count(np.asarray(rows[i:i + chunk]["labels"])) for i in range(0, len(dataset), chunk)]
+    n = len(dataset)
+    return np.concatenate([count(dataset.rows(np.arange(i, min(i + chunk, n)))["labels"]) for i in range(0, n, chunk)]
                           or [np.zeros(0, dtype=np.int64)])
 
 

@@ -17,6 +17,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from train.data.samples import Samples
 from train.data.sources import DataError
 from train.stop import ignore_stop_signals, stop_signals_blocked
 
@@ -63,32 +64,20 @@ def rank_slice(step_indices: np.ndarray, rank: int, world: int) -> np.ndarray:
 
 
 class _PackedSamples(torch.utils.data.Dataset):
-    """Batches of samples as a dict of int64 tensors, one per column.
+    """Batches of :class:`Samples` as a dict of int64 tensors, one per column.
 
     Padded (fine-tuning) samples are trimmed to the longest in the batch, so a batch of short
-    records costs what it holds, not ``seq_len``. Rows are gathered straight from numpy views of
-    the Arrow columns when every column is an integer or a fixed-width list of integers (packed
-    and padded samples are), which is several times faster than the ``datasets`` formatter.
+    records costs what it holds, not ``seq_len``.
     """
 
-    def __init__(self, ds):
-        self.ds = ds.with_format("numpy")
-        self._columns = _column_views(ds)
+    def __init__(self, samples: Samples):
+        self.samples = samples
 
     def __len__(self) -> int:
-        return len(self.ds)
-
-    def _rows(self, indices: list[int]) -> dict[str, np.ndarray]:
-        if self._columns is None:
-            return self.ds[indices]
-        starts, columns = self._columns
-        idx = np.asarray(indices, dtype=np.int64)
-        chunk = np.searchsorted(starts, idx, side="right") - 1
-        return {name: np.stack([chunks[c][i] for c, i in zip(chunk, idx - starts[chunk])])
-                for name, chunks in columns.items()}
+        return len(self.samples)
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = self._rows(indices)
+        rows = self.samples.rows(indices)
         batch = {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in rows.items()}
         mask = batch.get("attention_mask")
         if mask is not None and len(mask):
@@ -98,42 +87,6 @@ class _PackedSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
-
-
-def _column_views(ds) -> Optional[tuple[np.ndarray, dict[str, list[np.ndarray]]]]:
-    """(first row of each Arrow chunk, column → per-chunk numpy views): 1-D for integer columns,
-    2-D for fixed-width integer lists. ``None`` when any column is something else, has nulls or
-    the dataset has an index mapping (then rows go through ``datasets``)."""
-    import pyarrow as pa
-
-    if getattr(ds, "_indices", None) is not None:
-        return None
-    table = ds.data.table
-    lengths = [len(c) for c in table.column(0).chunks] if table.num_columns else []
-    columns: dict[str, list[np.ndarray]] = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if [len(c) for c in col.chunks] != lengths:
-            return None
-        views = []
-        for chunk in col.chunks:
-            try:
-                if pa.types.is_integer(chunk.type):
-                    views.append(chunk.to_numpy(zero_copy_only=True))
-                    continue
-                if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)) \
-                        or not pa.types.is_integer(chunk.type.value_type) or chunk.null_count:
-                    return None
-                offsets = chunk.offsets.to_numpy()
-                widths = np.diff(offsets)
-                if len(widths) and (widths != widths[0]).any():
-                    return None
-                values = chunk.flatten().to_numpy(zero_copy_only=True)
-                views.append(values.reshape(len(chunk), int(widths[0]) if len(widths) else 0))
-            except (pa.ArrowInvalid, NotImplementedError):
-                return None
-        columns[name] = views
-    return np.cumsum([0, *lengths[:-1]]).astype(np.int64), columns
 
 
 def _identity(batch):
@@ -216,7 +169,7 @@ class TrainBatches:
     taken at a step boundary resumes at exactly the next unseen step.
     """
 
-    def __init__(self, dataset, seed: int, global_batch: int, micro: int, rank: int, world: int,
+    def __init__(self, dataset: Samples, seed: int, global_batch: int, micro: int, rank: int, world: int,
                  num_workers: int = 0, pin_memory: bool = False):
         self.dataset, self.seed = dataset, seed
         self.global_batch, self.micro, self.rank, self.world = global_batch, micro, rank, world
@@ -269,7 +222,7 @@ class TrainBatches:
     def fingerprint(self, steps_back: int = 0) -> str:
         """sha256 of the token ids of the next optimizer step's global batch (or of one ``steps_back``)."""
         idx = self.stream.step_indices(self.consumed - steps_back * self.global_batch, self.global_batch)
-        tokens = np.asarray(self.dataset.with_format("numpy")[np.sort(idx).tolist()]["input_ids"])
+        tokens = self.dataset.rows(np.sort(idx))["input_ids"]
         return hashlib.sha256(np.ascontiguousarray(tokens, dtype=np.int64).tobytes()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -310,7 +263,7 @@ class TrainBatches:
         self.close()
 
 
-def eval_batches(dataset, micro: int, rank: int, world: int, num_samples: int = 0) -> list[dict]:
+def eval_batches(dataset: Samples, micro: int, rank: int, world: int, num_samples: int = 0) -> list[dict]:
     """A fixed, rank-sharded list of validation micro-batches (the same at every evaluation).
 
     The first ``num_samples`` samples of the split (0: all of them), whatever the world size:

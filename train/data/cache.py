@@ -27,7 +27,7 @@ def fingerprint(obj: Any) -> str:
 @dataclass
 class PreparedData:
     train: Any
-    """Packed training samples (a ``datasets.Dataset`` of ``input_ids``)."""
+    """Packed training samples (a :class:`train.data.samples.Samples` of ``input_ids``)."""
     val: Any
     """Packed validation samples."""
     tokenizer: Any
@@ -69,12 +69,13 @@ def write_cache(out: Path, splits: dict, stats: dict) -> None:
 
 
 def read_cache(out: Path, names: tuple[str, ...], columns: tuple[str, ...]) -> tuple[dict, Callable]:
-    """(``stats.json`` with ``cache_hit`` unset, ``load(name)``); a missing split loads empty."""
-    import datasets
+    """(``stats.json`` with ``cache_hit`` unset, ``load(name)``: a :class:`Samples`); a missing
+    split loads empty."""
+    from train.data.samples import Samples
 
-    def load(name: str):
+    def load(name: str) -> Samples:
         if not (out / name).exists():
-            return datasets.Dataset.from_dict({c: [] for c in columns})
-        return datasets.load_from_disk(str(out / name))
+            return Samples.from_dict({c: [] for c in columns})
+        return Samples.read(out / name)
 
     return json.loads((out / "stats.json").read_text()), load

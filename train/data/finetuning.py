@@ -227,12 +227,12 @@ def task_cache_key(recipe: Recipe, tokenizer) -> str:
 
 def prepare_task_data(recipe: Recipe, tokenizer, log=print):
     """Tokenize, label, split and cache the data of a fine-tuning task; a :class:`PreparedData`."""
-    import datasets
-
     d = recipe.data
     key = task_cache_key(recipe, tokenizer)
     out = Path(d.cache_dir).expanduser() / key
     if not (out / "stats.json").exists():
+        import datasets
+
         start = time.time()
         parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]", log) for i, s in enumerate(d.sources)]
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
