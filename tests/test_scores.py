@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -82,11 +85,14 @@ def test_early_stopping_stops_at_the_right_evaluation():
     assert [resumed.update(v, 0) for v in accuracy[4:6]] == [False, False] and resumed.stopped
 
 
-def test_entity_and_class_scores_agree_with_seqeval_and_scikit_learn():
+def test_entity_and_class_scores_agree_with_seqeval_and_scikit_learn(monkeypatch):
     """Cross-checks against the reference implementations (test-only dependencies): entity
     precision/recall/F1, overall and per type, against seqeval's conlleval-style scoring (an I-
     after O or after another type starts an entity, as in ``bio_entities``); accuracy and macro and
     micro F1 against scikit-learn on the same labels. Random tag sequences, including ill-formed ones."""
+    reference_dir = Path(sys.prefix) / "reference"  # `make install` puts them there, off the trainers' path
+    assert reference_dir.is_dir(), f"{reference_dir} is missing: run `make install` (it installs seqeval there)"
+    monkeypatch.syspath_prepend(str(reference_dir))
     from seqeval.metrics import classification_report
     from sklearn.metrics import accuracy_score, f1_score, precision_score
 
