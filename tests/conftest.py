@@ -1,7 +1,13 @@
-"""Marks every test that launches training (``-m launch``), so ``make test-fast`` can leave them out.
+"""Marks every test that launches training (``-m launch``), so ``make test-fast`` can leave them out,
+and groups the tests for ``make test``'s two workers (pytest-xdist, ``--dist loadfile``).
 
 A test launches when its body calls one of the launching helpers or it uses a fixture that
 launches. Read from the source, so a new test is marked without anyone remembering to.
+
+Workers: a file's tests stay together (its module fixtures train once), and both Slurm files
+share one worker, since they spend most of their time waiting on the scheduler (requeue delays,
+time-limit checks): they go first, so that waiting overlaps the other worker's CPU-bound files,
+which follow with the most launches first (the longest files do not end up last, alone).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +36,38 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "launch: starts training processes (left out by `make test-fast`)")
 
 
+WAITING_FILES = ("test_slurm.py", "test_slurm_nodes.py")
+"""Files whose tests mostly wait on Slurm: one unit of work, scheduled first."""
+
+
+def _group(path: str) -> str:
+    """The unit of work a test file belongs to (a test's path, or its node id)."""
+    name = Path(path.split("::", 1)[0]).name
+    return "slurm" if name in WAITING_FILES else path.split("::", 1)[0]
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; `make test` runs with --dist loadfile
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile``, with both Slurm files as one unit. (Marking tests ``xdist_group`` for
+    ``--dist loadgroup`` does nothing with pytest 9.2: pytest-xdist issue #1386.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return FileGroups(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    launches: dict[str, int] = {}
     for item in items:
         function = getattr(item, "function", None)
-        if function is None:
-            continue
-        if _called_names(function) & LAUNCHING_CALLS or set(item.fixturenames) & LAUNCHING_FIXTURES:
+        if function is not None and (_called_names(function) & LAUNCHING_CALLS
+                                     or set(item.fixturenames) & LAUNCHING_FIXTURES):
             item.add_marker(pytest.mark.launch)
+            launches[_group(item.nodeid)] = launches.get(_group(item.nodeid), 0) + 1
+    # A stable sort: each file's tests keep their order (and each module fixture its life).
+    items.sort(key=lambda item: (_group(item.nodeid) != "slurm", -launches.get(_group(item.nodeid), 0)))

@@ -80,6 +80,7 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_the_next_run(world):
     """A job killed while DeepSpeed held torch's build baton (a plain ``lock`` file, taken even when
     nothing is rebuilt) leaves it behind; every later DeepSpeed run used to wait on it forever (the
     kill harness hit it). The ranks now load ops under an flock and clear such batons."""
+    import fcntl
     import sys
 
     from torch.utils.cpp_extension import get_default_build_root
@@ -93,7 +94,9 @@ def test_a_stale_deepspeed_build_lock_does_not_hang_the_next_run(world):
     proc, _ = launch(world, "stale-baton", {}, train={"max_steps": 2},
                      parallel={"engine": "zero1", "precision": "fp32", "nproc": 2})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert not any((d / "lock").exists() for d in build_dirs)
+    with open(root / "shardforge-build.lock", "a") as held:  # a DeepSpeed run of the other test worker
+        fcntl.flock(held, fcntl.LOCK_EX)                     # may hold a live baton: wait for it
+        assert not any((d / "lock").exists() for d in build_dirs)
 
 
 def test_nan_stop_exits_without_saving_and_names_the_step(world):
