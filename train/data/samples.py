@@ -65,23 +65,23 @@ def _column_view(column: pa.ChunkedArray, where: str) -> tuple[np.ndarray, list[
         if not len(chunk):
             continue
         if chunk.null_count:
-            raise DataError(f"{where} has missing values; prepare the data again (`shardforge prepare`)")
+            raise DataError(f"{where} has missing values; delete that cache directory and prepare again")
         if pa.types.is_integer(chunk.type):
             views.append(chunk.to_numpy(zero_copy_only=True))
             continue
         if not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type)) \
                 or not pa.types.is_integer(chunk.type.value_type):
             raise DataError(f"{where} holds {chunk.type}, not integers or lists of integers; "
-                            f"prepare the data again (`shardforge prepare`)")
+                            f"delete that cache directory and prepare again")
         offsets = chunk.offsets.to_numpy()
         widths = np.diff(offsets)
         if (widths != widths[0]).any():
             raise DataError(f"{where} holds lists of {widths.min()} to {widths.max()} tokens, not one width; "
-                            f"prepare the data again (`shardforge prepare`)")
+                            f"delete that cache directory and prepare again")
         values = chunk.flatten().to_numpy(zero_copy_only=True)
         views.append(values.reshape(len(chunk), int(widths[0])))
     if len({v.shape[1:] for v in views}) > 1:
-        raise DataError(f"{where} changes width between Arrow chunks; prepare the data again (`shardforge prepare`)")
+        raise DataError(f"{where} changes width between Arrow chunks; delete that cache directory and prepare again")
     starts = np.cumsum([0, *(len(v) for v in views[:-1])]).astype(np.int64)
     return starts, views
 
