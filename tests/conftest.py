@@ -42,8 +42,8 @@ WAITING_FILES = ("test_slurm.py", "test_slurm_nodes.py")
 
 def _group(path: str) -> str:
     """The unit of work a test file belongs to (a test's path, or its node id)."""
-    name = Path(path.split("::", 1)[0]).name
-    return "slurm" if name in WAITING_FILES else path.split("::", 1)[0]
+    file = path.split("::", 1)[0]
+    return "slurm" if Path(file).name in WAITING_FILES else file
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; `make test` runs with --dist loadfile

@@ -44,10 +44,6 @@ class Samples:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    @property
-    def column_names(self) -> list[str]:
-        return self.table.column_names
-
     def rows(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``indices`` (in that order, repeats allowed) of every column: 1-D for integer
         columns, 2-D (rows × width) for list columns."""
