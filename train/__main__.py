@@ -5,6 +5,10 @@ from train.stop import StopRequest
 
 StopRequest.install()  # first: a USR1 during the imports below must not kill the trainer
 
+from train import startup_gc  # noqa: E402
+
+startup_gc.pause()  # until train.trainer has imported what it needs (see train/startup_gc.py)
+
 from train.trainer import main  # noqa: E402
 
 code = main()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train import faults
+from train import faults, startup_gc
 from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
 from train.checkpoint_files import step_dir_name
 from train.data.batches import TrainBatches, eval_batches
@@ -63,10 +63,8 @@ def train(run_dir: Path) -> int:
     recipe = read_recipe(run_dir)
     d = join_process_group(recipe)
     set_fp32_matmul_precision(recipe.parallel.tf32)
-    problems = model_problems(recipe)  # `shardforge run` leaves these checks to the ranks
-    problems = problems or memory_problems(recipe, gpu_bytes(recipe, d.device))
-    if problems:
-        raise RecipeProblems(problems)
+    check_model(recipe, d)  # imports transformers' model stack
+    startup_gc.resume()  # the heavy imports are done; nothing is built yet
     log = print if d.is_main else (lambda *a, **k: None)
     stop = StopRequest.install()
     if d.is_main:
@@ -191,6 +189,13 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
         check_fingerprint(manifest, batches, recipe, data.key)
         log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
     return Parts(engine, task, batches, early, checkpointer, flops_token, log_window)
+
+
+def check_model(recipe: Recipe, d: DistInfo) -> None:
+    """The checks of the model and its memory that ``shardforge run`` leaves to the ranks."""
+    problems = model_problems(recipe) or memory_problems(recipe, gpu_bytes(recipe, d.device))
+    if problems:
+        raise RecipeProblems(problems)
 
 
 def join_process_group(recipe: Recipe) -> DistInfo:
