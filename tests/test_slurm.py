@@ -19,8 +19,8 @@ import pytest
 
 from launch.recipe import RecipeError, load_recipe
 from launch.slurm import render_sbatch
-from tests.helpers import (job_info, make_corpus, read_metrics, shardforge, tiny_recipe, train_losses, wait_for,
-                           write_recipe)
+from tests.helpers import (job_info, launch_in_process, make_corpus, read_metrics, shardforge, tiny_recipe,
+                           train_losses, wait_for, write_recipe)
 from train.recipe import recipe_from_dict
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -149,8 +149,10 @@ needs_cluster = pytest.mark.skipif(not slurm_required and not _cluster_up(),
                                    reason="no local Slurm (run `bash slurm/local-cluster.sh start`)")
 
 
-def submit(path: Path, *overrides: str) -> str:
-    proc = shardforge("submit", str(path), *overrides)
+def submit(path: Path, *overrides: str, cli: bool = False) -> str:
+    """``shardforge submit`` in this process (it checks the model through transformers: ~4 CPU-s of
+    imports a job saved), or through the real CLI with ``cli``; the job id."""
+    proc = (shardforge if cli else launch_in_process)("submit", str(path), *overrides)
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -173,7 +175,7 @@ def cluster(tmp_path_factory):
         return write_recipe(tmp / f"{name}.yaml", r), tmp / name
 
     path, run_dir = recipe("straight")
-    job = submit(path)
+    job = submit(path, cli=True)
     info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (job_info, make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe, wait_for,
-                           write_recipe)
+from tests.helpers import (job_info, launch_in_process, make_corpus, read_metrics, run_recipe, tiny_recipe,
+                           wait_for, write_recipe)
 
 TWO_CONF = "/etc/slurm-two/slurm.conf"
 ENV = {"SLURM_CONF": TWO_CONF}
@@ -66,7 +66,7 @@ def two(tmp_path_factory):
 
 def submit(two, name: str, **settings) -> tuple[str, Path]:
     r = two["recipe"](name, nodes=2, nproc=1, **settings)
-    proc = shardforge("submit", str(write_recipe(two["tmp"] / f"{name}.yaml", r)), env=ENV)
+    proc = launch_in_process("submit", str(write_recipe(two["tmp"] / f"{name}.yaml", r)), env=ENV)
     assert proc.returncode == 0, proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1), Path(r["run"]["dir"])
 
