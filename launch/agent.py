@@ -150,8 +150,12 @@ def run_ranks(nproc: int, run_dir: Path, poll_s: float = 0.1, grace_s: float = 3
 
 def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str]]:
     """Run torchrun's agent here; return (rank, how it ended) for the trainers that failed."""
+    from train import startup_gc
+
+    startup_gc.pause()  # as in the trainers: ~0.3 CPU-s less for torch's imports
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+    startup_gc.resume()
 
     if os.environ.get("SHARDFORGE_TORCHRUN_LOG") is None:  # torchrun's own failure log repeats ours
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

@@ -12,6 +12,7 @@ ZeRO-3, about 1 s less to the first step.
 Frozen objects are still freed when their last reference goes; only cyclic garbage the imports
 left (about 12,000 small objects: functions, cells, tuples; no tensor, checked for every engine)
 stays for the life of the process. No model, engine or checkpoint is built with the collector off.
+The agent of a multi-node launch (``launch.agent``) imports torchrun's agent the same way.
 """
 
 import gc
@@ -23,6 +24,6 @@ def pause() -> None:
 
 
 def resume() -> None:
-    """After the heavy imports (torch, transformers' model stack, DeepSpeed), before the model."""
+    """After the heavy imports (torch, transformers' model stack, DeepSpeed), before anything is built."""
     gc.freeze()
     gc.enable()
