@@ -51,4 +51,4 @@ def test_collector_is_off_for_the_imports_and_on_before_anything_is_built(tmp_pa
     assert seen["point"] == "prepare"
     assert seen["imported"] == ["torch", "transformers.configuration_utils"], seen
     assert seen["early"] == [], f"collections ran during the imports: {seen['early'][:5]}"
-    assert seen["enabled"] and seen["frozen"] > 100_000, seen  # torch + transformers: about a million objects
+    assert seen["enabled"] and seen["frozen"] > 100_000, seen  # torch + transformers: about 550,000 objects
