@@ -18,7 +18,7 @@ import yaml
 
 from train.engines import capabilities, engines_that
 from train.model_checks import declared_sizes, model_problems, size_problems
-from train.data.files import local_files as _local_files
+from train.data.files import local_files as _local_files, path_problem
 from train.recipe import TASK_METRICS, Recipe, recipe_from_dict, resolve_defaults
 from train.schema import RecipeProblems
 
@@ -129,6 +129,31 @@ def apply_override(data: dict, path: list[str], value: Any) -> Optional[str]:
     return None
 
 
+REPLACES = {("data", "tokenizer", "path"): ("data", "tokenizer", "train"),
+            ("data", "tokenizer", "train"): ("data", "tokenizer", "path"),
+            ("model", "pretrained"): ("model", "config"),
+            ("model", "config"): ("model", "pretrained")}
+"""Keys that exclude each other: a command-line override that sets the first drops the second from
+the recipe file (``tiny-cpu data.tokenizer.path=...`` loads that tokenizer instead of training one;
+``model.pretrained=...`` replaces the inline ``model.config``).
+A recipe file that sets both is refused (:func:`check_recipe`)."""
+
+
+def drop_replaced(data: dict, parsed: list[tuple[list[str], Any]]) -> None:
+    """Remove from ``data`` (the recipe file, in place) each key of :data:`REPLACES` that an override
+    replaces, unless the overrides set it as well (then the recipe is refused as setting both)."""
+    def overridden(key: tuple[str, ...], set_only: bool) -> bool:
+        return any(tuple(keys[: len(key)]) == key and not (set_only and value is None) for keys, value in parsed)
+
+    for key, other in REPLACES.items():
+        if overridden(key, set_only=True) and not overridden(other, set_only=False):
+            node: Any = data
+            for part in other[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(other[-1], None)
+
+
 def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] = None,
                 for_slurm: bool = False, check_model: bool = True) -> Recipe:
     """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem.
@@ -152,6 +177,7 @@ def load_recipe(name: str, overrides: list[str] = (), local_gpus: Optional[int] 
         raise RecipeError(str(path), ["the top level must be a mapping of sections (run, model, ...)"])
     data = copy.deepcopy(data)
     parsed, problems = parse_overrides(list(overrides))
+    drop_replaced(data, parsed)
     for keys, value in parsed:
         problem = apply_override(data, keys, value)
         if problem:
@@ -236,9 +262,10 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
     for where, src in named:
         if not src.path:
             p.append(f"{where}.path: empty; set it to a file, folder, glob or hub dataset name")
-        elif _local_files(src.path) == []:
-            p.append(f"{where}.path: no such file or no txt/json/jsonl/parquet files in {src.path!r}; "
-                     f"fix the path (run `make demo` once to fetch the Shakespeare corpus)")
+        elif (problem := path_problem(where, src.path, src.split)) is not None:
+            missing = _local_files(src.path) == [] and not Path(src.path).expanduser().exists()
+            demo = " (run `make demo` once to fetch the Shakespeare corpus)" if missing else ""
+            p.append(problem + demo)
         if src.weight <= 0:
             p.append(f"{where}.weight: must be positive, got {src.weight}")
     if not 0 <= d.val_fraction < 1:
@@ -256,6 +283,10 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
     if tok.train is None and tok.path is None and m.pretrained is None:
         p.append("data.tokenizer: no tokenizer; set data.tokenizer.path, model.pretrained, or "
                  "data.tokenizer.train.vocab_size to train one")
+    if tok.train is not None and tok.path is not None:
+        p.append(f"data.tokenizer: sets both path ({tok.path!r}, a tokenizer to load) and train (a tokenizer "
+                 f"to train), and one would be ignored; remove one of them (on the command line, setting "
+                 f"either replaces the other)")
     if tok.train is not None and m.pretrained is not None and r.task == "causal_lm":
         p.append("data.tokenizer.train: model.pretrained brings its own tokenizer (its embeddings index its "
                  "vocabulary); remove data.tokenizer.train")

@@ -385,3 +385,66 @@ def test_prepare_fills_the_cache_that_run_then_reuses(tmp_path):
     assert first.returncode == 0 and "shardforge: data cache written:" in first.stdout, first.stdout + first.stderr
     assert "data cache reused" in launch_in_process("prepare", str(recipe)).stdout
     assert not (tmp_path / "run").exists(), "prepare writes no run directory"
+
+
+def _planned_tokenizer(capsys, *args: str) -> dict:
+    """`shardforge plan ARGS`: the data.tokenizer section of the resolved recipe it prints."""
+    assert cli_main(["plan", *args]) == 0
+    out = capsys.readouterr().out
+    return yaml.safe_load(out.split("# recipe (resolved)\n", 1)[1].split("# world size", 1)[0])["data"]["tokenizer"]
+
+
+def test_an_override_of_the_tokenizer_path_or_train_replaces_the_other(tmp_path, capsys):
+    """tiny-cpu trains a tokenizer; `data.tokenizer.path=...` used to be ignored (a tokenizer was
+    trained anyway). A recipe file that sets both is refused in one line."""
+    minilm = str(REPO / "data" / "minilm")
+    assert _planned_tokenizer(capsys, "tiny-cpu", f"data.tokenizer.path={minilm}") == {"path": minilm, "train": None}
+    r = load_recipe("tiny-cpu", ["data.tokenizer.path=null"])  # clearing the path keeps the trained tokenizer
+    assert r.data.tokenizer.path is None and r.data.tokenizer.train.vocab_size == 2048
+    loads = tmp_path / "loads.yaml"
+    loads.write_text((CONFIG_DIR / "tiny-cpu.yaml").read_text().replace(
+        "train: {vocab_size: 2048}", f"path: {minilm}"))
+    assert load_recipe(str(loads)).data.tokenizer.path == minilm
+    assert _planned_tokenizer(capsys, str(loads), "data.tokenizer.train.vocab_size=1024") == \
+        {"path": None, "train": {"vocab_size": 1024, "max_chars": 20_000_000}}
+    both = tmp_path / "both.yaml"
+    both.write_text((CONFIG_DIR / "tiny-cpu.yaml").read_text().replace(
+        "train: {vocab_size: 2048}", f"train: {{vocab_size: 2048}}\n    path: {minilm}"))
+    for args in ([str(both)], ["tiny-cpu", f"data.tokenizer.path={minilm}", "data.tokenizer.train.vocab_size=512"]):
+        with pytest.raises(RecipeError) as err:
+            load_recipe(args[0], args[1:])
+        (p,) = err.value.problems
+        assert p.startswith(f"data.tokenizer: sets both path ({minilm!r}, a tokenizer to load) and train"), p
+        assert cli_main(["plan", *args]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and "data.tokenizer: sets both" in captured.err
+
+
+def test_data_files_of_an_unsupported_format_are_refused_at_recipe_load(tmp_path):
+    """Before, a .csv failed in the ranks with "unsupported file types (['None'])" after `plan` passed."""
+    import datasets
+
+    for name in ("sheet.xlsx", "notes.docx"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04")
+        (p,) = problems(f"data.sources.0.path={tmp_path / name}")
+        ext = name.rsplit(".", 1)[1]
+        assert p == (f"data.sources[0].path: {str(tmp_path / name)!r} is a .{ext} file, which shardforge cannot "
+                     f"read; convert it to one of .txt .json .jsonl .csv .tsv .parquet files, or a folder written "
+                     f"by Dataset.save_to_disk"), p
+    (p,) = problems(f"data.sources.0.path={tmp_path}")  # a folder of nothing readable
+    assert p.startswith(f"data.sources[0].path: no such file or no .txt .json .jsonl .csv .tsv .parquet files in "
+                        f"{str(tmp_path)!r} (it holds .docx .xlsx); fix the path"), p
+    (tmp_path / "a.csv").write_text("text,label\nhi,1\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "hi"}\n')
+    (p,) = problems(f"data.sources.0.path={tmp_path}/[ab].*")
+    assert p == f"data.sources[0].path: '{tmp_path}/[ab].*' mixes csv and json files; one source reads one " \
+                f"format: split it into one source per format", p
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["hi"]})}).save_to_disk(str(tmp_path / "dd"))
+    (p,) = problems(f"data.sources.0.path={tmp_path / 'dd'}", "data.sources.0.split=test")
+    assert p.startswith(f"data.sources[0].split: 'test' is not a split of the DatasetDict saved in "
+                        f"{str(tmp_path / 'dd')!r} (splits: train); set data.sources[0].split"), p
+    (p,) = problems(f"data.sources.0.path={tmp_path}", f"data.val_source.path={tmp_path / 'a.csv'}")
+    assert p.startswith(f"data.sources[0].path: {str(tmp_path)!r} holds a dataset written by save_to_disk in "
+                        f"{str(tmp_path / 'dd')!r}; make that folder a source of its own"), p
+    for ok in (tmp_path / "a.csv", tmp_path / "dd", tmp_path / "b.jsonl"):
+        assert load_recipe("tiny-cpu", [f"data.sources.0.path={ok}"], check_model=False).data.sources[0].path == str(ok)

@@ -81,21 +81,25 @@ class TokenizerTrainConfig:
 @dataclass
 class TokenizerConfig:
     path: Optional[str] = None
-    """Local path or hub name of a fast tokenizer; defaults to ``model.pretrained``."""
+    """Local path or hub name of a fast tokenizer; defaults to ``model.pretrained``. Exclusive with
+    ``train``: an override of one drops the other from the recipe file."""
     train: Optional[TokenizerTrainConfig] = None
-    """Train a byte-level BPE on the training text once, saved in the run directory."""
+    """Train a byte-level BPE on the training text once, saved in the run directory. Exclusive with
+    ``path``."""
 
 
 @dataclass
 class SourceConfig:
     path: str = ""
-    """Local file, folder or glob (txt, json, jsonl, parquet), or a hub dataset name."""
+    """Local file, folder or glob (txt, json, jsonl, csv, tsv, parquet), a folder written by
+    ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a hub dataset name."""
     name: Optional[str] = None
     """Hub dataset config name."""
     split: str = "train"
-    """Split to read."""
+    """Split to read (of a hub dataset, or of a ``DatasetDict`` saved with ``save_to_disk``)."""
     text_field: str = "text"
-    """Column holding the text (ignored when ``template`` is set)."""
+    """Column holding the text (ignored when ``template`` is set); for ``causal_lm`` it must hold
+    strings (chat messages need ``task: sft``)."""
     template: Optional[str] = None
     """Python format template over the record's columns, e.g. ``"Q: {question}\\nA: {answer}"``."""
     weight: float = 1.0

@@ -43,7 +43,10 @@ class PreparedData:
 
 
 def source_stamps(recipe: Recipe) -> list:
-    """(file, size, mtime) of every local data file, so editing data in place refreshes the cache."""
+    """(file, size, mtime) of every local data file, so editing data in place refreshes the cache: the
+    files of a path, folder or glob in every format, and of a ``save_to_disk`` folder the files it
+    wrote (saving again rewrites them; the ``cache-*`` files ``datasets`` may add are left out, or
+    every read would change the key)."""
     d = recipe.data
     stamps = []
     for src in [*d.sources, d.val_source, d.test_source]:

@@ -4,10 +4,10 @@ with one-line errors that name the source and the fix."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from train.data.files import BUILDERS, local_files
+from train.data.files import (file_format, local_files, path_problem, saved_data_files, saved_dataset,
+                              saved_splits)
 from train.recipe import SourceConfig
 from train.rundir import first_line
 
@@ -16,30 +16,44 @@ class DataError(ValueError):
     """A data problem with one line naming the source and the fix."""
 
 
+READERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "text": ("text", {"sample_by": "document"}),  # a text file is one document
+    "json": ("json", {}),
+    # keep_default_na=False: a cell "NA", "null" or "None" is that text, and an empty one is "", not a
+    # missing value
+    "csv": ("csv", {"keep_default_na": False}),
+    "tsv": ("csv", {"keep_default_na": False, "sep": "\t"}),
+    "parquet": ("parquet", {}),
+    "arrow": ("arrow", {}),  # a folder written by save_to_disk
+}
+"""Format (:data:`train.data.files.FORMATS`) → the ``datasets`` builder that reads it, and its options."""
+
+
 def load_records(src: SourceConfig, where: str):
     """Load one source as a ``datasets.Dataset`` with its own columns (checked to be non-empty)."""
     import datasets
 
     files = local_files(src.path)
     if files is not None:
-        if not files:
-            raise DataError(f"{where}.path: no such file or no txt/json/jsonl/parquet files in "
-                            f"{src.path!r}; fix the path")
-        kinds = {BUILDERS.get(Path(f).suffix) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise DataError(f"{where}.path: {src.path!r} mixes or holds unsupported file types "
-                            f"({sorted(str(k) for k in kinds)}); use one of .txt .json .jsonl .parquet")
-        builder = kinds.pop()
+        problem = path_problem(where, src.path, src.split)
+        if problem:
+            raise DataError(problem)
+        folder = saved_dataset(src.path)
+        if folder is not None:  # read as Arrow files, like any local file: the user's folder stays as it is
+            splits = saved_splits(folder)
+            files, fmt = saved_data_files(folder if splits is None else folder / src.split), "arrow"
+        else:
+            fmt = file_format(files[0])
         for f in files:
             if not os.access(f, os.R_OK):
                 raise DataError(f"{where}.path: cannot read {f!r}; check its permissions")
         if all(os.path.getsize(f) == 0 for f in files):
             raise DataError(f"{where}: {src.path!r} is empty; point it at non-empty data")
-        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        builder, kwargs = READERS[fmt]
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         except Exception as err:  # datasets wraps parser errors in many types
-            raise DataError(f"{where}.path: could not read {src.path!r} as {builder}: "
+            raise DataError(f"{where}.path: could not read {src.path!r} as {fmt}: "
                             f"{first_line(err)}; check the file") from None
     else:
         try:
@@ -62,12 +76,41 @@ def check_template(src: SourceConfig, ds, where: str) -> None:
                             f"{ds.column_names} of {src.path!r}; fix the template") from None
 
 
+def _holds(feature: Any) -> str:
+    """What a column of this ``datasets`` feature holds, in words."""
+    if isinstance(feature, dict):
+        return f"mappings ({', '.join(feature)})"
+    if hasattr(feature, "feature"):  # List, LargeList (and Sequence, which makes a List)
+        return f"lists of {_holds(feature.feature)}"
+    if isinstance(feature, list) and feature:
+        return f"lists of {_holds(feature[0])}"
+    dtype = getattr(feature, "dtype", None)
+    return f"{dtype} values" if dtype else type(feature).__name__
+
+
+def check_text_column(src: SourceConfig, ds, where: str) -> None:
+    """Refuse, in one line, a ``text_field`` column that holds no text (chat messages, mappings,
+    numbers): ``str()`` of it would train on Python's spelling of a list. Read from the column's
+    type, so it costs nothing and fails before a tokenizer is trained on it."""
+    feature = ds.features[src.text_field]
+    if getattr(feature, "dtype", None) in ("string", "large_string", "null"):  # null: every value missing,
+        return  # which to_text names per record
+    first = repr(ds[0][src.text_field])
+    first = first if len(first) <= 60 else first[:57] + "..."
+    raise DataError(f"{where}.text_field: column {src.text_field!r} of {src.path!r} holds "
+                    f"{_holds(feature)}, not text (first record: {first}); pre-training reads text: set "
+                    f"{where}.text_field to a text column or {where}.template to render the record; "
+                    f"chat/messages data needs task: sft (with data.messages_field={src.text_field})")
+
+
 def load_source(src: SourceConfig, where: str):
     """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
     ds = load_records(src, where)
     if src.template is None and src.text_field not in ds.column_names:
         raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
                         f"(columns: {', '.join(ds.column_names)}); set {where}.text_field")
+    if src.template is None:
+        check_text_column(src, ds, where)
     check_template(src, ds, where)
     template, field_name = src.template, src.text_field
 
