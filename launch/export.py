@@ -53,12 +53,14 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
 
 
 def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded fp32 model state saved in ``ckpt`` by any engine."""
+    """The unsharded fp32 model state saved in ``ckpt`` by any engine. A checkpoint that holds only
+    the trainable parameters (its manifest names the ``frozen_base`` digest) takes the frozen rest
+    from ``model``, which :func:`build_export_model` built with the real base weights."""
     from train.engines import capabilities
     from train.safe_load import forbid_code_in_checkpoints, safe_reader
 
-    engine = json.loads((ckpt / MANIFEST).read_text())["engine"]
-    deepspeed = capabilities(engine).checkpoint_format == "deepspeed"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    deepspeed = capabilities(manifest["engine"]).checkpoint_format == "deepspeed"
     forbid_code_in_checkpoints(deepspeed=deepspeed)  # DeepSpeed's loader passes weights_only=False
     if deepspeed:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -66,28 +68,77 @@ def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt / "deepspeed"), tag="state")
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    own = model.state_dict()
+    wanted = own
+    if manifest.get("frozen_base"):
+        saved = {key.removeprefix("model.") for key in safe_reader(ckpt / "dcp").read_metadata().state_dict_metadata}
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        absent = sorted(set(own) - saved - frozen)
+        if absent:
+            raise ExportError(f"{ckpt}: holds trainable parameters only, but not {absent[:3]} of the recipe's model")
+        wanted = {k: v for k, v in own.items() if k in saved}
+    state = {"model": {k: v.detach().clone() for k, v in wanted.items()}}
     dcp.load(state, storage_reader=safe_reader(ckpt / "dcp"))  # no process group: a single-process load
-    return state["model"]
+    return {**own, **state["model"]}
 
 
-def build_export_model(recipe, run_dir: Path, tokenizer) -> torch.nn.Module:
-    """The recipe's model on CPU, randomly initialised (LoRA adapters included), ready for a state
-    dict; it carries the run tokenizer's special ids, as in training, and generates with its pad id."""
+def _labels(run_dir: Path) -> Optional[list[str]]:
     from train.rundir import LABELS_FILE
-    from train.model import add_lora, auto_model_class, build_config, token_ids
 
-    labels_file = run_dir / LABELS_FILE
-    labels = json.loads(labels_file.read_text()) if labels_file.exists() else None
-    config = build_config(recipe.model, len(tokenizer), labels, token_ids(tokenizer))
-    config.use_cache = True
-    model = auto_model_class(recipe.task).from_config(config)  # on CPU: non-persistent buffers need real init
-    generation = getattr(model, "generation_config", None)  # generative models only
+    path = run_dir / LABELS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def build_export_model(recipe, run_dir: Path, tokenizer, frozen_base: Optional[str] = None) -> torch.nn.Module:
+    """The recipe's model on CPU (LoRA adapters included), ready for a state dict; it carries the run
+    tokenizer's special ids, as in training, and generates with its pad id.
+
+    Randomly initialised, unless the checkpoint holds only the trainable parameters (``frozen_base``,
+    its manifest's digest of the frozen ones): then it is built as training built it (the weights of
+    ``model.pretrained``, or the seed), and its frozen weights must have that digest."""
+    import dataclasses
+
+    from train.model import add_lora, auto_model_class, build_config, build_model, frozen_digest, token_ids
+
+    labels = _labels(run_dir)
+    if frozen_base is not None:
+        as_trained = dataclasses.replace(recipe.model, activation_checkpointing=False, compile=False)
+        model = build_model(as_trained, len(tokenizer), recipe.run.seed, recipe.task, labels, log=lambda *_: None,
+                            special_ids=token_ids(tokenizer))
+        if frozen_digest(model) != frozen_base:
+            raise ExportError(f"{run_dir}: its checkpoint holds only the trainable parameters, and the frozen ones "
+                              f"built from model.pretrained {recipe.model.pretrained!r} differ from those it was "
+                              f"trained with; export where that model (unchanged) is at that path")
+        model.eval()
+        model.config.use_cache = True
+    else:
+        config = build_config(recipe.model, len(tokenizer), labels, token_ids(tokenizer))
+        config.use_cache = True
+        model = auto_model_class(recipe.task).from_config(config)  # on CPU: non-persistent buffers need real init
+        if recipe.model.lora is not None:
+            model = add_lora(model, recipe.model.lora, recipe.task)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation = getattr(base, "generation_config", None)  # generative models only
     if not recipe.model.pretrained and generation is not None and tokenizer.pad_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
-    if recipe.model.lora is not None:
-        model = add_lora(model, recipe.model.lora, recipe.task)
     return model
+
+
+def base_model_reference(pretrained: Optional[str]) -> Optional[str]:
+    """``model.pretrained`` as an adapter's ``base_model_name_or_path``: absolute when it is a local
+    path (the adapter then loads from anywhere), as given for a hub name."""
+    if pretrained is None or not Path(pretrained).expanduser().exists():
+        return pretrained
+    return str(Path(pretrained).expanduser().resolve())
+
+
+def label_config(labels: Optional[list[str]]) -> Optional[dict]:
+    """``num_labels``, ``id2label`` and ``label2id`` of a classifier run: the keyword arguments its
+    base model is loaded with before ``PeftModel.from_pretrained`` adds the adapter and trained head."""
+    if not labels:
+        return None
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)}}
 
 
 def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
@@ -114,7 +165,8 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
         raise RecipeError(str(run_dir / "recipe.yaml"), [str(err)]) from None
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    model = build_export_model(recipe, run_dir, tokenizer)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    model = build_export_model(recipe, run_dir, tokenizer, manifest.get("frozen_base"))
     with refusing_code(ckpt, ExportError):
         state = full_state_dict(ckpt, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -130,7 +182,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
         if mode == "merged":
             model = model.merge_and_unload()
         else:
-            model.peft_config["default"].base_model_name_or_path = recipe.model.pretrained
+            model.peft_config["default"].base_model_name_or_path = base_model_reference(recipe.model.pretrained)
     out_dir = out_dir.resolve()
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +190,9 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     tokenizer.save_pretrained(str(tmp))
     (tmp / "shardforge_export.json").write_text(json.dumps(
         {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "task": recipe.task, "lora": mode,
-         "engine": json.loads((ckpt / MANIFEST).read_text())["engine"]}, indent=1))
+         "engine": manifest["engine"],
+         **({"base_model": base_model_reference(recipe.model.pretrained),
+             "label_config": label_config(_labels(run_dir))} if mode == "adapter" else {})}, indent=1))
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     os.replace(tmp, out_dir)

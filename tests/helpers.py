@@ -52,6 +52,29 @@ def tiny_recipe(corpus: Path, cache: Path, run_dir: Path, **sections) -> dict:
     return recipe
 
 
+def data_recipe(corpus: Path, tmp: Path, **data):
+    """:func:`tiny_recipe` on ``corpus`` with ``data`` set, loaded as the ranks load it."""
+    from train.recipe import recipe_from_dict
+
+    r = tiny_recipe(corpus, tmp / "cache", tmp / "run")
+    r["data"].update(data)
+    return recipe_from_dict(r)
+
+
+def data_error(corpus: Path, tmp: Path, **data) -> str:
+    """The one-line ``DataError`` that preparing :func:`data_recipe` raises."""
+    import pytest
+
+    from train.data.prepare import prepare_data
+    from train.data.sources import DataError
+
+    with pytest.raises(DataError) as err:
+        prepare_data(data_recipe(corpus, tmp, **data), log=lambda *_: None)
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -105,24 +128,64 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
                                        err.buffer.getvalue().decode())
 
 
-def run_recipe(tmp: Path, recipe: dict, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+def run_recipe(tmp: Path, recipe: dict, *overrides: str, expect: int = 0,
+               env: dict | None = None) -> subprocess.CompletedProcess:
     path = write_recipe(tmp / f"{Path(recipe['run']['dir']).name}.yaml", recipe)
-    proc = launch_in_process("run", str(path), *overrides)
+    proc = launch_in_process("run", str(path), *overrides, env=env)
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
+# A ``sitecustomize`` for the rank processes (on their PYTHONPATH; the launcher and agent have no
+# RANK): it wraps TrainStep.run to note, at the first step of each launch, which of the model's
+# modules are not in training mode. A seam outside the code under test: nothing in train/ knows it.
+TRAIN_MODE_PROBE = """
+import json, os
+if "RANK" in os.environ and os.environ.get("SHARDFORGE_TEST_MODE_LOG"):
+    import train.step as _step
+    _run = _step.TrainStep.run
+    def _probed_run(self, step):
+        if not getattr(self, "_mode_probed", False):
+            self._mode_probed = True
+            off = [name or "<root>" for name, m in self.engine.model.named_modules() if not m.training]
+            with open(os.environ["SHARDFORGE_TEST_MODE_LOG"], "a") as f:
+                f.write(json.dumps({"rank": int(os.environ["RANK"]), "step": step, "not_training": off[:5],
+                                    "modules": len(list(self.engine.model.modules()))}) + "\\n")
+        return _run(self, step)
+    _step.TrainStep.run = _probed_run
+"""
+
+
+def mode_probe_env(tmp: Path) -> tuple[dict, Path]:
+    """The environment that installs :data:`TRAIN_MODE_PROBE` in the ranks, and the log it appends to."""
+    probe_dir = tmp / "mode-probe"
+    probe_dir.mkdir(exist_ok=True)
+    (probe_dir / "sitecustomize.py").write_text(TRAIN_MODE_PROBE)
+    log = probe_dir / "modes.jsonl"
+    return {"PYTHONPATH": f"{probe_dir}{os.pathsep}{REPO}", "SHARDFORGE_TEST_MODE_LOG": str(log)}, log
+
+
+def assert_trained_in_train_mode(log: Path, launches: int, nproc: int) -> None:
+    """Every rank of every launch ran its first step with every module in training mode."""
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == launches * nproc, records
+    assert all(r["modules"] > 1 and r["not_training"] == [] for r in records), records
+
+
 def assert_stop_and_resume_exact(tmp: Path, recipe: dict, stop_after: int) -> None:
     """``recipe`` (already run straight) stopped after ``stop_after`` steps and resumed, in a run
-    dir of its own, logs the same losses, gradient norms and evaluations, bit for bit."""
+    dir of its own, logs the same losses, gradient norms and evaluations, bit for bit; each rank of
+    both launches starts training with the model in training mode (dropout on)."""
     import copy
 
     straight = Path(recipe["run"]["dir"])
     again = copy.deepcopy(recipe)
     again["run"].update(name=f"{straight.name}-resumed", dir=str(straight.with_name(f"{straight.name}-resumed")))
-    first = run_recipe(tmp, again, f"train.stop_after={stop_after}", expect=75)
+    env, modes = mode_probe_env(tmp)
+    first = run_recipe(tmp, again, f"train.stop_after={stop_after}", expect=75, env=env)
     assert f"train.stop_after={stop_after}" in first.stdout
-    assert "resumed from" in run_recipe(tmp, again).stdout
+    assert "resumed from" in run_recipe(tmp, again, env=env).stdout
+    assert_trained_in_train_mode(modes, launches=2, nproc=again["parallel"]["nproc"])
 
     def trajectory(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in m.items() if k == "step" or k in ("loss", "grad_norm") or k.startswith("eval_")}
@@ -233,7 +296,9 @@ def finetune_recipe(task: str, data_path: Path, cache: Path, run_dir: Path, **se
 
 def make_pretrained(root: Path, task: str, seed: int = 0) -> Path:
     """A tiny randomly initialised model saved with ``save_pretrained`` plus MiniLM's tokenizer:
-    a stand-in for a hub checkpoint (``model.pretrained``) that the tests can compare weights with."""
+    a stand-in for a hub checkpoint (``model.pretrained``) that the tests can compare weights with.
+    Both have dropout (BERT's default 0.1; the Llama its attention dropout), so a rank that trains
+    in eval mode, as ``from_pretrained`` returns a model, changes the losses."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -241,7 +306,7 @@ def make_pretrained(root: Path, task: str, seed: int = 0) -> Path:
     if task == "sft":
         config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                                      vocab_size=30528)
+                                      vocab_size=30528, attention_dropout=0.1)
         model = AutoModelForCausalLM.from_config(config)
     else:
         config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -250,6 +315,30 @@ def make_pretrained(root: Path, task: str, seed: int = 0) -> Path:
     model.save_pretrained(root)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(root)
     return root
+
+
+def on_pretrained(recipe: dict, tmp: Path, task: str) -> Path:
+    """Point ``recipe`` at a pretrained stand-in (:func:`make_pretrained`: saved with dropout) and
+    its tokenizer, as users fine-tune: ``from_pretrained`` returns it in eval mode."""
+    pretrained = make_pretrained(tmp / f"pretrained-{task}", task)
+    recipe["model"]["pretrained"] = str(pretrained)
+    recipe["model"].pop("config", None)
+    recipe["data"]["tokenizer"] = {}
+    return pretrained
+
+
+def exported_state(run_dir: Path, step: int | None = None) -> dict:
+    """The full fp32 state of a run's checkpoint (the best one by default), as export reads it."""
+    from launch.export import build_export_model, full_state_dict, pick_checkpoint
+    from train.rundir import read_recipe
+
+    from transformers import AutoTokenizer
+
+    recipe = read_recipe(run_dir)
+    ckpt = pick_checkpoint(run_dir, step)
+    frozen_base = json.loads((ckpt / "manifest.json").read_text()).get("frozen_base")
+    model = build_export_model(recipe, run_dir, AutoTokenizer.from_pretrained(run_dir / "tokenizer"), frozen_base)
+    return full_state_dict(ckpt, model)
 
 
 # ---------------------------------------------------------------- Slurm jobs

@@ -1,4 +1,5 @@
-"""Fine-tuning: SFT, sequence and token classification, metrics, early stopping, LoRA, freezing.
+"""Fine-tuning: SFT, sequence and token classification, metrics, early stopping, freezing (LoRA:
+tests/test_lora.py).
 
 Unit tests check the arithmetic and the labels by hand; the launches are real 2-process runs on
 CPU (gloo), each task under two engines, one of them sharded. The data are real Shakespeare
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from tests.helpers import (assert_stop_and_resume_exact, finetune_recipe, launch_in_process, make_finetune_data,
-                           make_pretrained, minilm_dir, read_metrics, run_recipe, train_losses)
+                           minilm_dir, on_pretrained, read_metrics, run_recipe, train_losses)
 from train.recipe import recipe_from_dict
 from train.tasks import IGNORE
 
@@ -113,6 +114,35 @@ def test_sft_chat_learns_assistant_turns_only(ft_data, tmp_path):
     assert ignored.count("< | user | >") == 2 and ignored.count("< | assistant | >") == 2  # headers are not learned
 
 
+def test_saved_tokenizer_prompts_chat_as_in_training(ft_data, tmp_path):
+    """The run's tokenizer (as the trainer saves it, written or from a cache hit) carries the chat
+    template the samples were rendered with: ``apply_chat_template(history, add_generation_prompt=True)``
+    gives, token for token, the sample's ids before each assistant turn's learned tokens."""
+    from transformers import AutoTokenizer
+
+    from train.data.finetuning import CHAT_TEMPLATE
+
+    chats = [json.loads(line)["messages"] for line in ft_data["chat"].read_text().splitlines()]
+    for attempt in ("written", "reused"):
+        prepared = _prepare("sft", ft_data["chat"], tmp_path, val_fraction=0.0, test_fraction=0.0, seq_len=128)
+        assert prepared.stats["cache_hit"] == (attempt == "reused")
+        prepared.tokenizer.save_pretrained(tmp_path / attempt)  # what the trainer writes to RUN_DIR/tokenizer
+        tok = AutoTokenizer.from_pretrained(tmp_path / attempt)
+        assert tok.chat_template == CHAT_TEMPLATE  # MiniLM brings none: the default, saved
+        prompts = {tuple(tok.apply_chat_template(chat[:turns], add_generation_prompt=True, return_dict=False)): chat
+                   for chat in chats for turns in (1, 3)}
+        checked = 0
+        for i in range(20):
+            row = prepared.train.rows([i])
+            ids, labels = row["input_ids"][0].tolist(), row["labels"][0].tolist()
+            starts = [k for k in range(len(labels)) if labels[k] != IGNORE and (k == 0 or labels[k - 1] == IGNORE)]
+            assert len(starts) == 2  # the two assistant turns
+            first, second = (prompts.get(tuple(ids[:k])) for k in starts)
+            assert first is not None and first is second  # both prompts of the same conversation
+            checked += 1
+        assert checked == 20
+
+
 def test_token_labels_go_on_the_first_sub_token(tmp_path):
     path = tmp_path / "ner.jsonl"
     path.write_text(json.dumps({"words": ["Rosencrantz", "and", "Guildenstern", "are", "dead"],
@@ -164,18 +194,6 @@ def test_bad_finetune_recipes_are_refused_in_one_line(ft_data, tmp_path, change,
 # ---------------------------------------------------------------- real 2-process runs
 
 
-def _state(run_dir: Path, step: int | None = None) -> dict:
-    """The full fp32 state of a run's checkpoint (the best one by default), as export reads it."""
-    from launch.export import build_export_model, full_state_dict, pick_checkpoint
-    from train.rundir import read_recipe
-
-    recipe = read_recipe(run_dir)
-    from transformers import AutoTokenizer
-
-    model = build_export_model(recipe, run_dir, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
-    return full_state_dict(pick_checkpoint(run_dir, step), model)
-
-
 def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_data, tmp_path):
     """Freeze embeddings + layer 0; stop early after 2 evaluations without gain; keep the best."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -191,6 +209,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
                              train={"max_steps": 40, "eval_every": 4},
                              eval={"metric": "accuracy", "patience": 2, "min_delta": 1.0},  # only the 1st counts
                              checkpoint={"keep_last": 1, "at_end": True})
+    on_pretrained(recipe, tmp_path, "sequence_classification")
     proc = run_recipe(tmp_path, recipe)
     assert "early stopping: accuracy did not improve for 2 evaluations" in proc.stdout
     metrics = read_metrics(run_dir)
@@ -223,6 +242,8 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
         previous = m["step"]
     assert logs[-1]["tokens"] == expected and abs(counted - expected) < 1e-6 * expected, (counted, expected)
 
+    # stopped right after an evaluation and resumed: the same run, early stop and test results
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=4)
     again = run_recipe(tmp_path, recipe)  # an early-stopped run stays stopped
     assert max(m["step"] for m in read_metrics(run_dir) if "loss" in m) == 12, again.stdout
 
@@ -261,6 +282,7 @@ def test_sequence_classification_zero2(ft_data, tmp_path):
     run_dir = tmp_path / "cls-zero2"
     recipe = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "cache", run_dir,
                              parallel={"engine": "zero2"}, train={"max_steps": 8, "eval_every": 4})
+    on_pretrained(recipe, tmp_path, "sequence_classification")
     run_recipe(tmp_path, recipe)
     losses = train_losses(run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -271,108 +293,32 @@ def test_sequence_classification_zero2(ft_data, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 4 and model.config.label2id["tempest"] == 2
     assert model.config.hidden_dropout_prob > 0  # BERT's default dropout, kept across the stop below
-    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=4)
-
-
-def test_token_classification_fsdp_lora(ft_data, tmp_path):
-    """LoRA under FSDP2: base weights bit-unchanged; the merged export gives the training model's logits."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-    from safetensors.torch import load_file
-
-    from launch.export import build_export_model
-    from train.rundir import read_recipe
-
-    pretrained = make_pretrained(tmp_path / "pretrained", "token_classification")
-    run_dir = tmp_path / "ner-lora"
-    recipe = finetune_recipe("token_classification", ft_data["ner"], tmp_path / "cache", run_dir,
-                             parallel={"engine": "fsdp"}, train={"max_steps": 8, "eval_every": 4},
-                             model={"pretrained": str(pretrained), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
-                             optim={"lr": 2e-2, "warmup_steps": 0})
-    recipe["model"].pop("config")
-    recipe["data"]["tokenizer"] = {}
-    proc = run_recipe(tmp_path, recipe)
-    assert "parameters trainable" in proc.stdout
-    results = json.loads((run_dir / "test_results.json").read_text())["metrics"]
-    assert {"entity_f1", "entity_precision", "entity_recall", "token_accuracy"} <= set(results)
-
-    state = _state(run_dir)
-    base = load_file(str(pretrained / "model.safetensors"))
-    compared = 0
-    for key, value in state.items():
-        if "lora_" in key or "classifier" in key:
-            continue
-        name = key.removeprefix("base_model.model.").removeprefix("bert.").replace(".base_layer", "")
-        assert torch.equal(value, base[name]), key  # bit-unchanged
-        compared += 1
-    assert compared == len([k for k in base if not k.startswith("pooler.")])  # token heads have no pooler
-    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in state.items())
-
-    out = tmp_path / "merged"
-    assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
-    merged = AutoModelForTokenClassification.from_pretrained(out, dtype=torch.float32).eval()
-    training = build_export_model(read_recipe(run_dir), run_dir, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
-    training.load_state_dict(state)
-    training.eval()
-    ids = torch.tensor([[101, 7592, 2026, 2935, 1010, 2017, 2024, 6659, 102]])
-    with torch.no_grad():
-        expected, got = training(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert torch.allclose(expected, got, atol=1e-5), (expected - got).abs().max()
-
-    adapter = tmp_path / "adapter"
-    assert launch_in_process("export", str(run_dir), str(adapter), "--lora", "adapter").returncode == 0
-    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
-    # as the README says: peft loads the adapter (and the trained head) on top of model.pretrained
-    from peft import PeftModel
-
-    base_model = AutoModelForTokenClassification.from_pretrained(pretrained, dtype=torch.float32,
-                                                                 num_labels=merged.config.num_labels)
-    loaded = PeftModel.from_pretrained(base_model, str(adapter)).eval()
-    with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, expected, atol=1e-5)
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=4)  # right after the evaluation of step 4
 
 
 def test_token_classification_ddp(ft_data, tmp_path):
     run_dir = tmp_path / "ner-ddp"
     recipe = finetune_recipe("token_classification", ft_data["ner"], tmp_path / "cache", run_dir,
                              train={"max_steps": 8, "eval_every": 4})
+    on_pretrained(recipe, tmp_path, "token_classification")
     run_recipe(tmp_path, recipe)
     losses = train_losses(run_dir)
     assert losses[-1] < losses[0]
     evals = [m for m in read_metrics(run_dir) if "eval_entity_f1" in m]
     assert [m["step"] for m in evals] == [4, 8] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=5)  # BERT's default dropout 0.1 throughout
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=5)  # after an evaluation; BERT's dropout 0.1 throughout
 
 
 def test_sft_fsdp_prompt_response(ft_data, tmp_path):
     run_dir = tmp_path / "sft-fsdp"
     recipe = finetune_recipe("sft", ft_data["sft"], tmp_path / "cache", run_dir, parallel={"engine": "fsdp"},
                              train={"max_steps": 8, "eval_every": 4})
+    on_pretrained(recipe, tmp_path, "sft")
     run_recipe(tmp_path, recipe)
     evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and "eval_ppl" in evals[-1]
     assert "perplexity" in json.loads((run_dir / "test_results.json").read_text())["metrics"]
-
-
-def test_sft_ddp_chat_lora(ft_data, tmp_path):
-    from safetensors.torch import load_file
-
-    from train.rundir import read_recipe
-
-    pretrained = make_pretrained(tmp_path / "pretrained", "sft")
-    run_dir = tmp_path / "sft-chat"
-    recipe = finetune_recipe("sft", ft_data["chat"], tmp_path / "cache", run_dir,
-                             model={"pretrained": str(pretrained), "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
-                             train={"max_steps": 6, "eval_every": 3}, data={"seq_len": 128})
-    recipe["model"].pop("config")
-    recipe["data"]["tokenizer"] = {}
-    run_recipe(tmp_path, recipe)
-    assert train_losses(run_dir)[-1] < train_losses(run_dir)[0]
-    state, base = _state(run_dir), load_file(str(pretrained / "model.safetensors"))
-    for key, value in state.items():
-        if "lora_" not in key:
-            assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
-    assert read_recipe(run_dir).model.lora.dropout > 0  # LoRA's default dropout, kept across the stop below
-    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=3)
+    assert_stop_and_resume_exact(tmp_path, recipe, stop_after=4)  # the Llama's attention dropout 0.1 throughout
 
 
 def test_minilm_demo_beats_the_majority_baseline(tmp_path):

@@ -96,6 +96,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
             kwargs["context_fn"] = selective_checkpoint_contexts
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode (dropout off); every rank must start training in train mode
     if cfg.compile:
         for block in transformer_blocks(model):
             block.compile()
@@ -145,6 +146,24 @@ def freeze(model: torch.nn.Module, embeddings: bool, first_layers: int) -> None:
         modules += positions
     for module in modules:
         module.requires_grad_(False)
+
+
+def frozen_digest(model: torch.nn.Module) -> Optional[str]:
+    """A digest of the frozen parameters (names, dtypes, shapes and values), ``None`` when all train.
+
+    Checkpoints of a model with frozen parameters hold only the trainable ones; the frozen rest is
+    rebuilt from ``model.pretrained`` (or the seed) on resume and export, and must be the same."""
+    import xxhash
+
+    frozen = sorted((name, p) for name, p in model.named_parameters() if not p.requires_grad)
+    if not frozen:
+        return None
+    h = xxhash.xxh3_128()
+    for name, p in frozen:
+        value = p.detach().cpu().contiguous()
+        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().data)
+    return f"xxh3_128:{len(frozen)}:{h.hexdigest()}"
 
 
 def add_lora(model: torch.nn.Module, lora, task: str) -> torch.nn.Module:

@@ -97,12 +97,15 @@ def fsync_path(path: Path) -> None:
 
 
 def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: Optional[int] = None,
-                 exit_code: Optional[int] = None, started: Optional[float] = None, lost: bool = False) -> None:
+                 exit_code: Optional[int] = None, started: Optional[float] = None, lost: bool = False,
+                 summary: Optional[dict] = None) -> None:
     """Record how this launch stands or ended (``running|completed|stopped|failed|hung``).
 
     ``started``: when this launch's training loop began; kept from the previous write of the
     same launch when not given (``None`` while the loop has not begun). ``lost``: a ``failed``
-    launch in which no rank holds a cause (see :func:`final_status`).
+    launch in which no rank holds a cause (see :func:`final_status`). ``summary``: what the ranks
+    alone know at the end (tokens, the best evaluation; see ``train.trainer.end_summary``), for
+    the lines the launcher prints and ``shardforge status``.
     """
     code = exit_code if exit_code is not None else STATE_EXIT.get(state)
     launch = launch_id()
@@ -110,7 +113,8 @@ def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: O
         started = read_status(run_dir, launch).get("started")
     atomic_write(run_dir / STATUS_FILE, json.dumps(
         {"state": state, "step": step, "reason": reason, "rank": rank, "exit_code": code,
-         "launch_id": launch, "time": time.time(), "started": started, "lost": lost}), fsync=state != "running")
+         "launch_id": launch, "time": time.time(), "started": started, "lost": lost, "summary": summary}),
+        fsync=state != "running")
 
 
 def read_status(run_dir: Path, launch: Optional[str] = None) -> dict:

@@ -36,7 +36,7 @@ from train.engines.build import build_engine, engine_config
 from train.engines.placement import place_model
 from train.evaluation import Evaluator
 from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
-from train.model import build_model, token_ids
+from train.model import build_model, frozen_digest, token_ids
 from train.model_checks import memory_problems, model_problems
 from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
@@ -132,9 +132,17 @@ def train(run_dir: Path) -> int:
                            data.labels, run_dir, counters.step, d.is_main)
     if d.is_main:
         write_status(run_dir, "stopped" if stopped else "completed", counters.step,
-                     f"{stopper.reason}; saved {step_dir_name(counters.step)}" if stopped else "", d.rank)
+                     f"{stopper.reason}; saved {step_dir_name(counters.step)}" if stopped else "", d.rank,
+                     summary=end_summary(counters, early))
     dist.barrier()  # every rank has ended the same way; the process groups end with the process (train/__main__.py)
     return EXIT_REQUEUE if stopped else 0
+
+
+def end_summary(counters: Counters, early: EarlyStopping) -> dict:
+    """What only the ranks know at the end, for ``status.json``: tokens over every launch, the
+    seconds the steps took, and the best evaluation (early stopping's, so resumes count)."""
+    best = None if early.best is None else {"metric": early.metric, "value": early.best, "step": early.best_step}
+    return {"tokens": counters.tokens, "step_seconds": round(counters.elapsed_s, 3), "best": best}
 
 
 @dataclass
@@ -167,8 +175,10 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
         log(f"model: rank 0 built the weights; the other {d.world_size - 1} rank(s) built the structure {how} "
             f"and receive rank 0's values")
     flops_token = flops_per_token(model, recipe.data.seq_len)
+    frozen_base = frozen_base_digest(model, recipe, d)
     engine = build_engine(recipe, model, d.device, engine_cfg, weights)
     del model, weights  # the engine holds what it needs; rank 0's full copy is gone
+    engine.train()  # whatever mode the build or a wrapper left: training starts in train mode on every rank
     batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
                                                  d.rank, d.world_size, num_workers=recipe.data.num_workers,
                                                  pin_memory=d.device.type == "cuda"))
@@ -177,18 +187,40 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     checkpointer = Checkpointer(run_dir / "checkpoints", engine,
                                 {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early,
                                  "log_window": log_window},
-                                d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key},
+                                d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key,
+                                                            **({"frozen_base": frozen_base} if frozen_base else {})},
                                 log=log)
     seed_rank(recipe.run.seed, d.rank)
     forbid_code_in_checkpoints(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
     resume_from = checkpointer.find_resume_point(recipe.checkpoint.resume)
     if resume_from is not None:
         manifest = checkpointer.load(resume_from)
+        check_frozen_base(manifest, frozen_base, resume_from, recipe)
         if manifest["world_size"] != d.world_size:
             seed_rank(recipe.run.seed + counters.step, d.rank)
         check_fingerprint(manifest, batches, recipe, data.key)
         log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
     return Parts(engine, task, batches, early, checkpointer, flops_token, log_window)
+
+
+def frozen_base_digest(model: torch.nn.Module, recipe: Recipe, d: DistInfo) -> Optional[str]:
+    """The digest of the frozen parameters (:func:`train.model.frozen_digest`) that rank 0 built, on
+    every rank; ``None`` when everything trains or the engine's checkpoints hold the whole model."""
+    if capabilities(recipe.parallel.engine).checkpoint_format != "dcp":
+        return None
+    digest = [frozen_digest(model) if d.is_main else None]  # the other ranks may hold an empty structure
+    dist.broadcast_object_list(digest, src=0)
+    return digest[0]
+
+
+def check_frozen_base(manifest: dict, frozen_base: Optional[str], ckpt: Path, recipe: Recipe) -> None:
+    """Refuse to resume trainable parameters onto frozen weights other than those they trained with."""
+    saved = manifest.get("frozen_base")
+    if saved is not None and saved != frozen_base:
+        raise CheckpointError(f"resume: {ckpt.name} holds only the trainable parameters, and the frozen ones "
+                              f"built now differ from those it was trained with (model.pretrained "
+                              f"{recipe.model.pretrained!r} changed, or model.freeze_*/lora settings); restore "
+                              f"that model, or start over with checkpoint.resume=never")
 
 
 def check_model(recipe: Recipe, d: DistInfo) -> None:

@@ -29,11 +29,14 @@ from train.data.tokenizer import tokenizer_fingerprint
 from train.recipe import Recipe, SourceConfig
 from train.tasks import IGNORE
 
-FORMAT_VERSION = 2  # 2: chat assistant headers are no longer learned
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-"""Used for chat records when the tokenizer brings no chat template of its own."""
+FORMAT_VERSION = 3  # 2: chat assistant headers are no longer learned; 3: CHAT_TEMPLATE's newlines render
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '\\n' if not loop.first else '' }}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '\\n' if messages else '' }}<|assistant|>\n{% endif %}")
+"""Used for chat records when the tokenizer brings no chat template of its own, and saved with the
+run's tokenizer (``stats.json`` keeps it for cache hits), so the exported model is prompted the way
+it was trained. Each newline between turns is an expression: transformers renders templates with
+``trim_blocks``, which drops a newline written after a ``{% ... %}`` tag."""
 
 
 def _pad(ids: list[int], length: int, value: int) -> list[int]:
@@ -234,6 +237,7 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
         import datasets
 
         start = time.time()
+        had_template = bool(getattr(tokenizer, "chat_template", None))
         parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]", log) for i, s in enumerate(d.sources)]
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         test = _featurize(recipe, tokenizer, d.test_source, "data.test_source", log) if d.test_source else None
@@ -256,7 +260,8 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
                  **{f"{k}_samples": len(v) for k, v in splits.items()},
                  "label_tokens": int(sum(np.sum(np.asarray(x) != IGNORE) for x in splits["train"]["labels"]))
                  if recipe.task != "sequence_classification" else None,
-                 "seconds": round(time.time() - start, 2)}
+                 "seconds": round(time.time() - start, 2),
+                 "chat_template": None if had_template else getattr(tokenizer, "chat_template", None)}
         write_cache(out, splits, stats)
         log(f"data: {recipe.task}: {stats['train_samples']:,} train, {stats['val_samples']:,} val, "
             f"{stats['test_samples']:,} test records of at most {d.seq_len} tokens"
@@ -267,5 +272,7 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
         cache_hit = True
     stats, load = read_cache(out, ("train", "val", "test"), ("input_ids", "attention_mask", "labels"))
     stats["cache_hit"] = cache_hit
+    if stats.get("chat_template") and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = stats["chat_template"]  # the template the samples were rendered with
     return PreparedData(load("train"), load("val"), tokenizer, key, stats, test=load("test"),
                         labels=stats["labels"] or None)

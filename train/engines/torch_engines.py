@@ -35,6 +35,9 @@ class _TorchEngine(Engine):
         self._save_group = None
 
     def _setup_optim(self, params_model: torch.nn.Module) -> None:
+        # With frozen parameters (LoRA, frozen layers) a checkpoint holds only what trains; the
+        # frozen rest is rebuilt from model.pretrained (or the seed) and checked by its digest.
+        self.trainable_only = any(not p.requires_grad for p in params_model.parameters())
         self.optimizer = build_adamw(params_model, self.recipe.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, self.recipe.optim, self.recipe.train.max_steps)
 
@@ -67,6 +70,11 @@ class _TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm, found
 
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only)
+
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -85,7 +93,7 @@ class _TorchEngine(Engine):
 
         from train.checkpoint_files import dcp_writer
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         writer = dcp_writer(path / "dcp", digests if digests is not None else {})
         future = None
         if not background:
@@ -101,13 +109,19 @@ class _TorchEngine(Engine):
 
     def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, storage_reader=safe_reader(path / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        keys = set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                              optim_state_dict=state["optim"],
+                              options=StateDictOptions(strict=not self.trainable_only))
+        frozen = {name.removeprefix("module.") for name, p in self.model.named_parameters() if not p.requires_grad}
+        unloaded = {k.removeprefix("module.") for k in keys.missing_keys} - frozen
+        if unloaded or keys.unexpected_keys:  # only frozen parameters may come from elsewhere
+            raise RuntimeError(f"{path}: model state does not match (missing {sorted(unloaded)[:5]}, "
+                               f"unexpected {sorted(keys.unexpected_keys)[:5]})")
         extra = torch.load(path / "engine_extra.pt", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         self._skipped = extra["skipped"]
