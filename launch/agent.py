@@ -167,9 +167,10 @@ def run_torchrun(torchrun_args: list[str], run_dir: Path) -> list[tuple[int, str
     return []
 
 
-def report(run_dir: Path, status: dict) -> None:
+def report(run_dir: Path, status: dict, launched: Optional[float] = None) -> None:
     """The root cause's traceback once (for a crash; a lost peer's collective error is no cause),
-    then the one line."""
+    then the one line; under a completed run's line, its summary (``launch.status.end_lines``).
+    ``launched``: when this launch began."""
     from train.rundir import read_error_reports
 
     reports = read_error_reports(run_dir, status.get("launch_id", ""))
@@ -178,6 +179,15 @@ def report(run_dir: Path, status: dict) -> None:
               file=sys.stderr, flush=True)
     print(f"shardforge: {describe(status)}", file=sys.stderr if status.get("state") == "failed" else sys.stdout,
           flush=True)
+    if status.get("state") != "completed":
+        return
+    from launch.status import end_lines
+
+    try:
+        lines = end_lines(run_dir, status, launched)
+    except Exception as err:  # the run is over and its exit code decided: a summary must not change it
+        lines = [f"(no summary: {type(err).__name__}: {err})"]
+    print("".join(f"  {line}\n" for line in lines), end="", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -194,6 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, torchrun_args = parser.parse_args(argv[:split]), argv[split + 1:]
     if (args.nproc is None) == (not torchrun_args):
         parser.error("give either --nproc N or -- and torchrun's options")
+    launched = time.time()
     launch = launch_id()  # exported: the trainers tag status.json and their reports with it
     os.environ[AGENT_ENV] = "1"
     forwarder = SignalForwarder()
@@ -212,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             lock.release()
     status = final_status(args.run_dir, launch, failures, interrupted=forwarder.interrupted)
     if node_rank == 0:
-        report(args.run_dir, status)
+        report(args.run_dir, status, launched)
     code = exit_code(status)
     if args.report_only and code in (EXIT_OK, EXIT_REQUEUE):
         return EXIT_OK

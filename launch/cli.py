@@ -1,4 +1,4 @@
-"""``shardforge``: run | plan | prepare | submit | report | export. Bad input exits 2 with one message."""
+"""``shardforge``: run | plan | prepare | submit | status | report | export. Bad input exits 2 with one message."""
 
 from __future__ import annotations
 
@@ -147,6 +147,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from train.noise import silence_known_noise
+
+    silence_known_noise()  # before datasets is imported
     from train.data.prepare import prepare_data
 
     recipe = _load(args)
@@ -154,6 +157,17 @@ def cmd_prepare(args) -> int:
     state = "reused" if data.stats.get("cache_hit") else "written"
     print(f"shardforge: data cache {state}: {recipe.data.cache_dir}/{data.key} "
           f"({data.stats['train_samples']} train, {data.stats['val_samples']} val samples)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from launch.status import RUNS_ROOT, run_dirs, standing, status_table
+
+    dirs = run_dirs(args.run_dirs)
+    if not dirs:
+        print(f"shardforge: no run directories under {RUNS_ROOT}/")
+        return 0
+    print(status_table([standing(d) for d in dirs]))
     return 0
 
 
@@ -191,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--master", default=None, metavar="HOST:PORT",
                            help="parallel.nodes > 1: node 0's address and a free port, the same on every node")
         p.set_defaults(func=func)
+    p = sub.add_parser("status", help="how runs stand: state, step, loss, eval, ETA (reads status.json and "
+                                      "the end of metrics.jsonl)")
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
+                   help="run directories, or directories holding them (default: those under ./runs)")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("report", help="draw report.png and report.html from a run's TensorBoard files")
     p.add_argument("run_dir", help="run directory (runs/<name>)")
     p.set_defaults(func=cmd_report)

@@ -264,8 +264,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
             p.append(f"{where}.path: empty; set it to a file, folder, glob or hub dataset name")
         elif (problem := path_problem(where, src.path, src.split)) is not None:
             missing = _local_files(src.path) == [] and not Path(src.path).expanduser().exists()
-            demo = " (run `make demo` once to fetch the Shakespeare corpus)" if missing else ""
-            p.append(problem + demo)
+            p.append(problem + (missing_path_hint(src.path) if missing else ""))
         if src.weight <= 0:
             p.append(f"{where}.weight: must be positive, got {src.weight}")
     if not 0 <= d.val_fraction < 1:
@@ -318,6 +317,15 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
     if c.keep_last < 1:
         p.append(f"checkpoint.keep_last: must be at least 1, got {c.keep_last}")
     return p
+
+
+def missing_path_hint(path: str) -> str:
+    """Where a missing relative data path was looked for: the working directory, which the
+    shipped recipes expect to be the repository root (``make`` fetches their data there)."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return (f" (relative paths are read from the working directory, {Path.cwd()}; the shipped recipes expect "
+            f"the repository root, where `make demo` fetches data/shakespeare and `make finetune-data` the rest)")
 
 
 def _check_task(r: Recipe) -> list[str]:

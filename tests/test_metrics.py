@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.report import read_scalars
-from tests.helpers import make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe
+from tests.helpers import make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe, train_losses
 from train.metrics import (TB_TAGS, MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu,
                            peak_tflops)
 
@@ -58,7 +58,18 @@ def test_report_png(logged_run):
     assert proc.returncode == 0, proc.stderr
     png = logged_run / "report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 30_000
-    assert "train/loss" in (logged_run / "report.html").read_text()
+    page = (logged_run / "report.html").read_text()
+    assert "train/loss" in page and f"{logged_run.name} (completed at step 8; " in page
+    assert f"final train loss {train_losses(logged_run)[-1]:.4f}; eval loss " in page
+    from launch.report import draw, headline, read_events
+
+    events = read_events(logged_run)
+    axes = {ax.get_title(): ax for ax in draw(logged_run, events, *headline(logged_run, events)).axes}
+    memory, tokens = axes["Memory GB"], axes["Tokens/s (global)"]
+    assert memory.get_ylim()[0] == 0 and memory.get_xlabel() == tokens.get_xlabel() == "elapsed (s, wall clock)"
+    seconds = max(t for values in events.values() for t, _, _ in values) - min(t for t, _, _ in events["train/loss"])
+    assert 0 <= min(tokens.lines[0].get_xdata()) and max(tokens.lines[0].get_xdata()) <= seconds + 60
+    assert axes["Loss"].get_xlabel() == "step" and list(axes["Loss"].lines[0].get_xdata()) == [2, 4, 6, 8]
     titles = [title for title, _ in panels(read_scalars(logged_run))]
     assert titles[:4] == ["Loss", "Gradient norm (before clipping)", "Tokens/s (global)",
                           "Step time breakdown (s per step)"]
@@ -68,6 +79,26 @@ def test_report_png(logged_run):
     acc.Reload()
     text = acc.Tensors("recipe/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "    parallel:" in text and "engine: ddp" in text, text[:300]
+
+
+def test_a_completed_run_prints_its_summary_and_status_reads_it(logged_run, capsys):
+    from launch.cli import main as cli
+
+    log = (logged_run / "logs" / "launch.log").read_text().splitlines()
+    end = log.index("shardforge: completed at step 8")
+    records = read_metrics(logged_run)
+    evals = [(m["eval_loss"], m["step"]) for m in records if "eval_loss" in m]
+    tokens = [m["tokens"] for m in records if "tokens" in m][-1]
+    summary = log[end + 1:]
+    assert summary[0].startswith("  duration    ") and " for this launch (" in summary[0], summary
+    assert summary[1:] == [f"  trained     8 steps, {tokens:,} tokens",
+                           "  best eval   loss {:.4f} at step {}".format(*min(evals)),
+                           "  checkpoint  none committed (checkpoint.at_end is off and no periodic save ran): "
+                           "nothing to export"], summary  # tiny_recipe saves nothing
+    assert cli(["status", str(logged_run)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:6] == [str(logged_run), "completed", "8/8", f"{train_losses(logged_run)[-1]:.4f}", "loss",
+                       f"{evals[-1][0]:.4f}"], row
 
 
 def test_report_panels_for_fine_tuning_on_gpus():

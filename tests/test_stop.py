@@ -134,7 +134,8 @@ def test_stops_at_every_phase_save_and_resume_bit_exactly(corpus, straight, tmp_
     proc = launch_in_process("run", str(chained))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert read_status(run_dir)["state"] == "completed"
-    assert proc.stdout.strip().splitlines()[-1] == f"shardforge: completed at step {STEPS}"
+    ending = [line for line in proc.stdout.splitlines() if line.startswith("shardforge: ")][-1]
+    assert ending == f"shardforge: completed at step {STEPS}"  # then the summary's indented lines
     steps = [m["step"] for m in read_metrics(run_dir) if "loss" in m]
     assert steps == list(range(1, STEPS + 1)), "metrics.jsonl continues without gaps or duplicates"
     assert train_losses(run_dir) == train_losses(straight), "the stops changed the training"

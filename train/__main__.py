@@ -9,6 +9,10 @@ from train import startup_gc  # noqa: E402
 
 startup_gc.pause()  # until train.trainer has imported what it needs (see train/startup_gc.py)
 
+from train.noise import silence_known_noise  # noqa: E402
+
+silence_known_noise()  # before transformers and datasets are imported (see train/noise.py)
+
 from train.trainer import main  # noqa: E402
 
 code = main()

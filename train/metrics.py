@@ -249,7 +249,8 @@ class MetricsWriter:
     def progress(self, step: int, values: dict) -> None:
         if self.bar is None:
             return
-        post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_s']:,.0f}"}
+        post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_s']:,.0f}",
+                "samples/s": f"{values['samples_per_s']:,.{1 if values['samples_per_s'] < 100 else 0}f}"}
         if values.get("mfu") is not None:
             post["mfu"] = f"{100 * values['mfu']:.1f}%"
         self.bar.n = step
