@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
 
-.PHONY: demo demo-finetune demo-ner test test-fast test-bench install data finetune-data bench gpu-wheels gpu-wheels-arrow clean
+.PHONY: demo demo-finetune demo-ner demo-lora demo-chat-lora test test-fast test-bench install data finetune-data bench gpu-wheels gpu-wheels-arrow clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,24 @@ data/ner/train.jsonl: $(SHAKESPEARE)/.fetched launch/shakespeare_ner.py
 demo-ner: install data finetune-data
 	$(VENV)/bin/shardforge run minilm-ner
 	$(PY) -m launch.shakespeare_ner report data/ner runs/minilm-ner
+
+# LoRA on the same task (configs/minilm-plays-lora.yaml); the adapter is exported the peft way.
+demo-lora: install data finetune-data
+	$(VENV)/bin/shardforge run minilm-plays-lora
+	rm -rf runs/minilm-plays-lora/adapter
+	$(VENV)/bin/shardforge export runs/minilm-plays-lora runs/minilm-plays-lora/adapter --lora adapter
+
+# Chat SFT with LoRA on the tiny Llama that `make demo` pre-trains (configs/tiny-chat-lora.yaml).
+demo-chat-lora: install data finetune-data runs/tiny-cpu/export/config.json
+	$(VENV)/bin/shardforge run tiny-chat-lora
+	rm -rf runs/tiny-chat-lora/export
+	$(VENV)/bin/shardforge export runs/tiny-chat-lora runs/tiny-chat-lora/export
+	$(PY) -m launch.shakespeare_plays ask runs/tiny-chat-lora/export data/plays/chat_test.jsonl
+
+runs/tiny-cpu/export/config.json: | $(VENV)/.installed $(SHAKESPEARE)/.fetched
+	$(VENV)/bin/shardforge run tiny-cpu
+	rm -rf runs/tiny-cpu/export
+	$(VENV)/bin/shardforge export runs/tiny-cpu runs/tiny-cpu/export
 
 demo-finetune: install data finetune-data
 	$(VENV)/bin/shardforge run minilm-plays

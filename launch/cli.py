@@ -180,6 +180,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from train.noise import silence_known_noise
+
+    silence_known_noise()  # the one-process checkpoint read and the pretrained base's new-head report
     from launch.export import export
 
     export(Path(args.run_dir), Path(args.out_dir), args.step, lora_export=args.lora)

@@ -329,6 +329,13 @@ def test_minilm_demo_beats_the_majority_baseline(tmp_path):
     from train.rundir import read_recipe
 
     passages = build(SHAKESPEARE, tmp_path / "plays")
+    records = [json.loads(line) for line in passages.read_text().splitlines()]
+    chats = [json.loads(line)["messages"] for name in ("chat.jsonl", "chat_test.jsonl")
+             for line in (tmp_path / "plays" / name).read_text().splitlines()]
+    assert len(chats) == len(records) and len((tmp_path / "plays" / "chat_test.jsonl").read_text().splitlines()) \
+        == len(records[::10])  # the chat demo's data: the same passages, every tenth held out
+    assert chats[-1][0]["content"].startswith("Which play is this from?\n") and \
+        chats[-1][1] == {"role": "assistant", "content": "Twelfth Night"}
     run_dir = tmp_path / "minilm"
     proc = launch_in_process("run", "minilm-plays", f"run.dir={run_dir}", f"model.pretrained={minilm_dir()}",
                              f"data.sources.0.path={passages}", f"data.cache_dir={tmp_path / 'cache'}",

@@ -150,12 +150,13 @@ OWN_CHAT_TEMPLATE = ("{% for m in messages %}{{ '### ' + m['role'] + ': ' + m['c
 
 
 def test_sft_ddp_chat_lora(ft_data, tmp_path):
-    """Chat SFT with LoRA on a pretrained model whose tokenizer brings its own chat template: the
-    base stays bit-unchanged, and the merged export is prompted the plain way, through
+    """Chat SFT with LoRA (and the final norm trained in full) on a pretrained model whose tokenizer
+    brings its own chat template: the rest of the base stays bit-unchanged, and the merged export is prompted the plain way, through
     ``apply_chat_template(..., add_generation_prompt=True)`` with the template it was trained with."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from launch.shakespeare_plays import ask
     from train.rundir import read_recipe
 
     pretrained = make_pretrained(tmp_path / "pretrained", "sft")
@@ -164,26 +165,32 @@ def test_sft_ddp_chat_lora(ft_data, tmp_path):
     tok.save_pretrained(pretrained)
     run_dir = tmp_path / "sft-chat"
     recipe = finetune_recipe("sft", ft_data["chat"], tmp_path / "cache", run_dir,
-                             model={"pretrained": str(pretrained), "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                             model={"pretrained": str(pretrained), "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"],
+                                                                            "modules_to_save": ["model.norm"]}},
                              train={"max_steps": 6, "eval_every": 3}, data={"seq_len": 128})
     recipe["model"].pop("config")
     recipe["data"]["tokenizer"] = {}
     run_recipe(tmp_path, recipe)
     assert train_losses(run_dir)[-1] < train_losses(run_dir)[0]
     state, base = exported_state(run_dir), load_file(str(pretrained / "model.safetensors"))
+    trained_norm = state.pop("base_model.model.model.norm.modules_to_save.default.weight")
+    assert not torch.equal(trained_norm, base["model.norm.weight"]), "modules_to_save trains the final norm"
     for key, value in state.items():
         if "lora_" not in key:
-            assert torch.equal(value, base[key.removeprefix("base_model.model.").replace(".base_layer", "")]), key
+            name = key.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+            assert torch.equal(value, base[name]), key
     assert read_recipe(run_dir).model.lora.dropout > 0  # LoRA's default dropout, kept across the stop below
 
     out = tmp_path / "chat-model"
     assert launch_in_process("export", str(run_dir), str(out)).returncode == 0
-    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"], trained_norm)
+    tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == OWN_CHAT_TEMPLATE, "the pretrained model's own template, not the default"
     chat = json.loads(ft_data["chat"].read_text().splitlines()[0])["messages"]
-    prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    assert tok.decode(prompt["input_ids"][0]).endswith("# # # assistant :")  # WordPiece splits the marker
-    generated = model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                               max_new_tokens=4, do_sample=False)
-    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True, return_dict=True)
+    assert tok.decode(prompt["input_ids"]).endswith("# # # assistant :")  # WordPiece splits the marker
+    questions = tmp_path / "questions.jsonl"  # as `make demo-chat-lora` asks the held-out ones
+    questions.write_text("".join(ft_data["chat"].read_text().splitlines(keepends=True)[:3]))
+    asked = ask(out, questions, max_new_tokens=4)
+    assert asked["questions"] == 3 and sum(asked["answers"].values()) == 3 and 0 <= asked["accuracy"] <= 1
     assert_stop_and_resume_exact(tmp_path, recipe, stop_after=3)

@@ -99,8 +99,13 @@ def test_the_gradient_checkpointing_future_warning_goes_and_others_stay(restored
         warnings.warn_explicit("`something_else` is deprecated", FutureWarning, "modeling_utils.py", 1,
                                module=TRANSFORMERS_MODELING)
         warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # from this module: kept
+        single = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a " \
+                 "single process."  # what export's one-process checkpoint read raises
+        warnings.warn_explicit(single, UserWarning, "utils.py", 485, module="torch.distributed.checkpoint.utils")
+        warnings.warn_explicit("another dcp warning", UserWarning, "utils.py", 485,
+                               module="torch.distributed.checkpoint.utils")
     assert [str(w.message) for w in seen] == ["`something_else` is deprecated",
-                                              "`is_gradient_checkpointing` is deprecated"]
+                                              "`is_gradient_checkpointing` is deprecated", "another dcp warning"]
 
 
 def test_only_the_known_bars_are_turned_off():

@@ -173,7 +173,8 @@ def add_lora(model: torch.nn.Module, lora, task: str) -> torch.nn.Module:
     from train.tasks import TASKS
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type=TASKS[task].peft_task_type)
+                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                        task_type=TASKS[task].peft_task_type)
     return get_peft_model(model, config)
 
 

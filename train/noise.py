@@ -11,7 +11,11 @@
   cache is written: each lasts a fraction of a second and prints three lines per split.
   Its other bars (tokenizing, generating a split) are left alone: on a large corpus they are the progress.
 
-:func:`silence_known_noise` installs all three; call it before datasets is imported (the bars'
+* torch.distributed.checkpoint's "torch.distributed is disabled, ... assuming the intent is to load
+  in a single process" UserWarning: ``shardforge export`` reads a checkpoint in one process on
+  purpose; the ranks, which hold a process group, never raise it.
+
+:func:`silence_known_noise` installs all four; call it before datasets is imported (the bars'
 class is chosen at its import). It imports nothing heavy.
 """
 
@@ -25,6 +29,7 @@ from typing import Optional
 GRADIENT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
 TRANSFORMERS_MODELING = "transformers.modeling_utils"
 """The module that raises that warning and whose logger prints the load report."""
+SINGLE_PROCESS_DCP_WARNING = r"torch\.distributed is (disabled, )?unavailable or uninitialized, assuming the intent is to"
 QUIET_BARS = re.compile(r"(Flattening the indices|Saving the dataset \(\d+/\d+ shards\))$")
 """Descriptions of the datasets progress bars that are turned off."""
 
@@ -88,9 +93,11 @@ def quiet_bar_class(base: type) -> type:
 
 
 def silence_known_noise() -> None:
-    """Install the three filters of this module (idempotent)."""
+    """Install the four filters of this module (idempotent)."""
     warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_WARNING, category=FutureWarning,
                             module=re.escape(TRANSFORMERS_MODELING))
+    warnings.filterwarnings("ignore", message=SINGLE_PROCESS_DCP_WARNING, category=UserWarning,
+                            module=r"torch\.distributed\.checkpoint\.")
     logger = logging.getLogger(TRANSFORMERS_MODELING)
     if not any(isinstance(f, LoadReportFilter) for f in logger.filters):
         logger.addFilter(LoadReportFilter())

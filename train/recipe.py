@@ -66,6 +66,9 @@ class LoraSettings:
     """Dropout on the adapter's input."""
     target_modules: Optional[list[str]] = None
     """Module names to adapt (e.g. ``[q_proj, v_proj]``); ``None`` uses peft's default for the architecture."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full beside the adapters (peft's ``modules_to_save``; a name matches each module
+    whose name ends with it), e.g. ``[model.norm]``; a classification head is always trained."""
     export: Literal["merged", "adapter"] = "merged"
     """``shardforge export`` writes the base model with the adapter merged in, or the adapter alone."""
 
