@@ -6,13 +6,14 @@ Each case runs ``shardforge plan|run|submit|export`` as a user (or an attacker) 
 classified by what came back:
 
 * ``exit2``: refused cleanly: exit 2, no Python traceback, the last line names the problem;
+* ``ok``: a case that must work did (exit 0), touching nothing it must not;
 * ``traceback``: a traceback reached the console, or an exit code other than 2;
 * ``hang``: no answer within the case's time limit (the process tree is killed);
 * ``silent``: exit 0: the bad input was accepted;
 * ``data_lost``: a committed checkpoint or the run's ``recipe.yaml`` changed or vanished;
 * ``code_executed``: a planted pickle created its marker file.
 
-The goal is 0 in every column but ``exit2``. Prints a table and writes JSON.
+The goal is 0 in every column but ``exit2`` and ``ok``. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ("exit2", "traceback", "hang", "silent", "data_lost", "code_executed")
+COLUMNS = ("exit2", "ok", "traceback", "hang", "silent", "data_lost", "code_executed")
 
 
 class Exploit:
@@ -56,6 +57,13 @@ class Case:
     timeout_s: float = 180.0
     guarded: list[str] = field(default_factory=list)
     """Run directories whose checkpoints and recipe.yaml must come through unchanged."""
+    cwd: Optional[str] = None
+    """Where the command runs (under the world's temp dir; default: the repository), through the
+    installed ``shardforge`` script rather than ``python -m launch``, as a user in that folder runs it."""
+    untouched: list[str] = field(default_factory=list)
+    """Folders (under the world's temp dir) whose every file must come through unchanged: a user's."""
+    succeeds: bool = False
+    """A case that must work (exit 0), like a launch from a project folder holding its own train.py."""
 
 
 class World:
@@ -116,12 +124,13 @@ class World:
         (ckpt / MANIFEST).write_text(json.dumps(manifest))
 
 
-def run_cli(args: list[str], timeout_s: float) -> tuple[Optional[int], str, float]:
+def run_cli(args: list[str], timeout_s: float, cwd: Optional[Path] = None) -> tuple[Optional[int], str, float]:
     """(exit code or None on a hang, output, seconds)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=REPO, env=env, text=True,
+    command = [str(Path(sys.executable).parent / "shardforge")] if cwd else [sys.executable, "-m", "launch"]
+    proc = subprocess.Popen([*command, *args], cwd=cwd or REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
@@ -136,6 +145,73 @@ def fingerprint(run_dir: Path) -> dict:
     """Digests of the committed checkpoints' manifests and of recipe.yaml: what must not change."""
     files = [run_dir / "recipe.yaml", *sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))]
     return {str(f.relative_to(run_dir)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()}
+
+
+def tree(root: Path) -> dict:
+    """Every file under ``root`` (links not followed) with its digest: a user's folder, whole."""
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file() and not f.is_symlink()} if root.exists() else {}
+
+
+def _user_file_cases() -> list[Case]:
+    """Issue 35: a user's folders are never adopted, written into or followed into."""
+    def users_folder(w: World) -> list[str]:
+        folder = w.tmp / "my-folder"
+        (folder / "checkpoints" / "step-000002").mkdir(parents=True, exist_ok=True)
+        (folder / "checkpoints" / "step-000002" / "weights.bin").write_bytes(b"mine")
+        (folder / "checkpoints" / ".tmp-mine").mkdir(exist_ok=True)
+        (folder / "metrics.jsonl").write_text('{"mine": 1}\n')
+        (folder / "logs").mkdir(exist_ok=True)
+        return ["run", "tiny-cpu", f"run.dir={folder}", "train.max_steps=2"]
+
+    def inside_a_checkpoint(w: World) -> list[str]:
+        w.copy_run("ddp", "host") if not (w.tmp / "host").exists() else None
+        return ["run", str(w.recipe("nested")), f"run.dir={w.tmp / 'host' / 'checkpoints' / 'step-000002' / 'run'}"]
+
+    def export_into_checkpoints(w: World) -> list[str]:
+        w.copy_run("ddp", "host") if not (w.tmp / "host").exists() else None
+        return ["export", str(w.tmp / "host"), str(w.tmp / "host" / "checkpoints" / "exported")]
+
+    def linked_step(w: World) -> list[str]:
+        w.copy_run("ddp", "linked") if not (w.tmp / "linked").exists() else None
+        outside = w.tmp / "outside" / "step-000001"
+        outside.mkdir(parents=True, exist_ok=True)
+        (outside / "manifest.json").write_text('{"step": 1, "files": {}}')
+        link = w.tmp / "linked" / "checkpoints" / "step-000001"
+        link.unlink(missing_ok=True)
+        link.symlink_to(outside)
+        return ["export", str(w.tmp / "linked"), str(w.tmp / "linked-export"), "--step", "1"]
+
+    def resume_past_a_link(w: World) -> list[str]:
+        linked_step(w)
+        path = w.tmp / "linked.yaml"  # the copy's recipe: resumes from step 2, saves and prunes (keep_last 1)
+        return ["run", str(path), "train.stop_after=0", "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
+
+    def project_folder(w: World) -> list[str]:
+        project = w.tmp / "project"
+        project.mkdir(exist_ok=True)
+        for name in ("train.py", "launch.py"):
+            (project / name).write_text(f"open({str(w.marker)!r}, 'w').write('{name} ran')\n")
+        return ["run", str(w.recipe("from-project")), f"run.dir={project / 'runs' / 'p'}"]
+
+    return [
+        Case("run: run.dir is a user's folder", users_folder, untouched=["my-folder"]),
+        Case("run: run.dir inside another run's checkpoint", inside_a_checkpoint, guarded=["host"],
+             untouched=["host/checkpoints"]),
+        Case("export: into a run's checkpoints", export_into_checkpoints, guarded=["host"]),
+        Case("export: --step of a step directory linked out of the run", linked_step, untouched=["outside"]),
+        Case("run: resume, save and prune beside a linked step directory", resume_past_a_link, untouched=["outside"],
+             succeeds=True),
+        Case("run: from a project folder holding train.py and launch.py", project_folder, succeeds=True,
+             cwd="project"),
+        Case("plan: train.max_steps beyond int64",
+             lambda w: ["plan", "tiny-cpu", "train.max_steps=99999999999999999999999"]),
+        Case("plan: run.name of 300 characters", lambda w: ["plan", "tiny-cpu", "run.name=" + "r" * 300]),
+        Case("submit: slurm.partition ending in a newline (quoted in the recipe file)",
+             lambda w: ["submit", str(w.recipe("partition", (REPO / "configs" / "tiny-cpu.yaml").read_text()
+                                               + 'slurm:\n  partition: "gpu\\n"\n')), f"run.dir={w.tmp / 'sub'}",
+                        "--dry-run"]),
+    ]
 
 
 def _yaml_cases() -> list[Case]:
@@ -231,15 +307,20 @@ def classify(case: Case, world: World) -> dict:
     world.marker.unlink(missing_ok=True)
     args = case.args(world)
     before = {name: fingerprint(world.tmp / name) for name in case.guarded}
-    code, out, seconds = run_cli(args, case.timeout_s)
+    whole = {name: tree(world.tmp / name) for name in case.untouched}
+    code, out, seconds = run_cli(args, case.timeout_s, world.tmp / case.cwd if case.cwd else None)
     lines = [line for line in out.strip().splitlines() if line.strip()]
     result = {"case": case.name, "exit": code, "seconds": round(seconds, 1), "last_line": lines[-1][:300] if lines else ""}
     if world.marker.exists():
         result["class"] = "code_executed"
-    elif any(fingerprint(world.tmp / name) != before[name] for name in case.guarded):
+    elif any(fingerprint(world.tmp / name) != before[name] for name in case.guarded) or \
+            any(tree(world.tmp / name) != whole[name] for name in case.untouched):
         result["class"] = "data_lost"
     elif code is None:
         result["class"] = "hang"
+    elif case.succeeds:
+        result["class"] = "ok" if code == 0 else "traceback"
+        result.update({} if code == 0 else {"tail": out[-2000:]})
     elif code == 0:
         result["class"] = "silent"
     elif code == 2 and "Traceback" not in out:
@@ -255,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated substrings of case names to run")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "adversarial.json")
     args = parser.parse_args(argv)
-    cases = _yaml_cases() + _data_cases() + _checkpoint_cases() + [_lock_case()]
+    cases = _yaml_cases() + _data_cases() + _checkpoint_cases() + [_lock_case()] + _user_file_cases()
     if args.only:
         cases = [c for c in cases if any(s in c.name for s in args.only.split(","))]
         if not cases:
@@ -279,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     "command": "python -m benchmarks.adversarial " + " ".join(argv or sys.argv[1:]),
                                     "seconds": round(time.time() - start), "counts": counts, "tried": len(results),
                                     "cases": results}, indent=1))
-    return 0 if counts["exit2"] == len(results) else 1
+    return 0 if counts["exit2"] + counts["ok"] == len(results) else 1
 
 
 if __name__ == "__main__":

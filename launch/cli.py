@@ -38,6 +38,16 @@ def _local_gpus() -> int:
     return min(count, len(visible.split(","))) if visible else count
 
 
+def cpu_oversubscribed(recipe, gpus: Optional[int] = None) -> Optional[str]:
+    """The line refusing more one-node CPU processes than this machine has CPUs (without a GPU)."""
+    gpus = _local_gpus() if gpus is None else gpus
+    cpus = os.cpu_count() or 1
+    if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
+        return (f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has no GPU and {cpus} CPUs; "
+                f"set parallel.nproc={cpus} or fewer")
+    return None
+
+
 def _local_gpu_bytes() -> Optional[float]:
     """Memory of this machine's first visible GPU, ``None`` without one (or named by UUID)."""
     if _local_gpus() == 0:
@@ -65,6 +75,8 @@ def cmd_plan(args) -> int:
     print("# recipe (resolved)")
     print(recipe_yaml(recipe), end="")
     print(f"# world size {world_size(recipe)}, gradient accumulation {grad_accum_steps(recipe)}")
+    if (note := cpu_oversubscribed(recipe)) is not None:
+        print(f"# {note} (`shardforge run` refuses it here; Slurm jobs run where the recipe says)")
     configs = engine_configs(recipe)
     text = describe(configs)
     print(text or f"# engine {recipe.parallel.engine}: no engine config file")
@@ -89,16 +101,18 @@ def cmd_run(args) -> int:
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
     from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
+    from launch.ownership import run_dir_problems
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
     node = node_of(recipe.parallel.nodes, args.node_rank, args.master, args.recipe)
-    gpus, cpus = _local_gpus(), os.cpu_count() or 1
-    if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
-        raise RecipeError(args.recipe, [f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has "
-                                        f"no GPU and {cpus} CPUs; set parallel.nproc={cpus} or fewer"])
+    gpus = _local_gpus()
+    if (problem := cpu_oversubscribed(recipe, gpus)) is not None:
+        raise RecipeError(args.recipe, [problem])
     run_dir = Path(recipe.run.dir)
     if node.rank > 0:  # node 0 checks and writes the run directory; its rendezvous starts no rank before that
         return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
+    if problems := run_dir_problems(run_dir):  # a user's folder, or a part of another run: never written
+        raise RecipeError(args.recipe, problems)
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
         lock = RunLock(run_dir).acquire()
     except RunLocked as err:
@@ -122,10 +136,13 @@ def cmd_run(args) -> int:
 def cmd_submit(args) -> int:
     from launch.engine_config import engine_configs
     from launch.local import check_resumable, write_run_dir
+    from launch.ownership import run_dir_problems
     from launch.slurm import render_sbatch, submit
 
     recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
     run_dir = Path(recipe.run.dir).resolve()
+    if problems := run_dir_problems(run_dir):
+        raise RecipeError(args.recipe, problems)
     try:
         RunLock(run_dir).check()  # a live run there: its recipe.yaml must not be rewritten
     except RunLocked as err:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from train.checkpoint_files import MANIFEST, committed_checkpoints, latest_valid, step_dir_name, verify
+from launch.ownership import export_dir_problems
+from train.checkpoint_files import MANIFEST, committed_checkpoints, latest_valid, links_note, step_dir_name, verify
 
 
 class ExportError(ValueError):
@@ -34,9 +36,11 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
     from train.rundir import BEST_FILE
 
     root = run_dir / "checkpoints"
+    if (note := links_note(root)) is not None:
+        print(f"shardforge: {note}")
     if step is None and (root / BEST_FILE).exists():
         best = root / json.loads((root / BEST_FILE).read_text())["checkpoint"]
-        if verify(best) is None:
+        if best in committed_checkpoints(root) and verify(best) is None:
             return best
     if step is None:
         ckpt = latest_valid(root, warn=lambda msg: print(f"shardforge: {msg}"))
@@ -45,7 +49,8 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
                               f"checkpoint.at_end=true or checkpoint.every_steps>0")
         return ckpt
     ckpt = root / step_dir_name(step)
-    problem = verify(ckpt)
+    problem = f"{ckpt} is a symbolic link; export reads no checkpoint through a link" if ckpt.is_symlink() \
+        else verify(ckpt)
     if problem:
         have = [p.name for p in committed_checkpoints(root)]
         raise ExportError(f"--step {step}: {problem}; committed checkpoints: {', '.join(have) or 'none'}")
@@ -157,6 +162,8 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
 
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run directory (no recipe.yaml); pass runs/<name>")
+    if problems := export_dir_problems(out_dir):
+        raise ExportError(problems[0])
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir}: exists and is not empty; choose a new output directory")
     try:
@@ -184,17 +191,21 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
         else:
             model.peft_config["default"].base_model_name_or_path = base_model_reference(recipe.model.pretrained)
     out_dir = out_dir.resolve()
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "shardforge_export.json").write_text(json.dumps(
-        {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "task": recipe.task, "lora": mode,
-         "engine": manifest["engine"],
-         **({"base_model": base_model_reference(recipe.model.pretrained),
-             "label_config": label_config(_labels(run_dir))} if mode == "adapter" else {})}, indent=1))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(tmp, out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}")  # two exports at once never share it
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "shardforge_export.json").write_text(json.dumps(
+            {"run_dir": str(run_dir.resolve()), "checkpoint": ckpt.name, "task": recipe.task, "lora": mode,
+             "engine": manifest["engine"],
+             **({"base_model": base_model_reference(recipe.model.pretrained),
+                 "label_config": label_config(_labels(run_dir))} if mode == "adapter" else {})}, indent=1))
+        if out_dir.exists():  # empty when checked, or written meanwhile by another export of it: the last one wins
+            old = out_dir.with_name(f".old-{out_dir.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(out_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"shardforge: exported {ckpt} → {out_dir}")
     return out_dir

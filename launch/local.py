@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from launch.ownership import mark
 from launch.recipe import RecipeError, recipe_yaml
-from train.engines import ENGINE_CONFIG_FILES
+from train.engines import CAPABILITIES, ENGINE_CONFIG_FILES
 from train.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, NODE_RANK_ENV, atomic_write, describe, exit_code,
                           final_status, read_status, write_status)
@@ -42,6 +43,9 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
         old = yaml.safe_load(old_file.read_text()) or {}
     except yaml.YAMLError:
         return []  # the ranks' own checks still apply
+    if not isinstance(old, dict):
+        return [f"{old_file}: holds a YAML {type(old).__name__}, not the recipe its checkpoints were trained with; "
+                f"restore it to resume, or start over with checkpoint.resume=never or another run.dir"]
     new = dataclasses.asdict(recipe)
 
     def leaves(tree, prefix: str) -> dict:  # {"model.config.hidden_size": 64, ...}
@@ -65,6 +69,13 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
                 problems.append(f"{name}: {now.get(name)!r} here but {was.get(name)!r} in {old_file}, which its "
                                 f"checkpoints were trained with; restore it to resume, or start over with "
                                 f"checkpoint.resume=never or another run.dir")
+    saved = at(old, "parallel.engine")
+    if saved in CAPABILITIES and CAPABILITIES[saved].checkpoint_format != \
+            CAPABILITIES[recipe.parallel.engine].checkpoint_format:
+        problems.append(f"parallel.engine: {recipe.parallel.engine!r} here, but the checkpoints in {run_dir} were "
+                        f"written by {saved!r} ({CAPABILITIES[saved].checkpoint_format} format), which "
+                        f"{recipe.parallel.engine!r} cannot read; resume with parallel.engine={saved}, or start over "
+                        f"with checkpoint.resume=never or another run.dir")
     return problems
 
 
@@ -93,6 +104,7 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     created = not run_dir.exists()
     try:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        mark(run_dir)
         atomic_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
         for stale in ENGINE_CONFIG_FILES:
             if stale not in configs:
@@ -188,6 +200,7 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop
     if cpu and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONSAFEPATH"] = "1"  # no process below imports the working directory's own train.py or launch.py
     log_path = run_dir / "logs" / ("launch.log" if node.rank == 0 else f"launch-node{node.rank}.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:

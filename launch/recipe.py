@@ -205,8 +205,12 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
     """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem."""
     p: list[str] = []
     t, par = r.train, r.parallel
-    if not SAFE_NAME.fullmatch(r.run.name):  # match() would let a trailing newline through
-        p.append(f"run.name: {r.run.name!r} may hold only letters, digits, '.', '_' and '-'; rename the run")
+    if len(r.run.name) > 100:
+        p.append(f"run.name: {len(r.run.name)} characters, at most 100 (it names a folder and a Slurm job); "
+                 f"shorten it")
+    elif not SAFE_NAME.fullmatch(r.run.name):  # match() would let a trailing newline through
+        p.append(f"run.name: {r.run.name!r} may hold only letters, digits, '.', '_' and '-', and starts with a "
+                 f"letter or digit; rename the run")
     for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
         if getattr(t, key) < 1:
             p.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
@@ -278,6 +282,8 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
                  f"least 1 (num_workers={d.num_workers}, num_proc={d.num_proc})")
     if d.max_samples is not None and d.max_samples < 1:
         p.append(f"data.max_samples: must be at least 1 (or unset for all samples), got {d.max_samples}")
+    if d.max_record_mb < 1:
+        p.append(f"data.max_record_mb: must be at least 1, got {d.max_record_mb}")
     tok = d.tokenizer
     if tok.train is None and tok.path is None and m.pretrained is None:
         p.append("data.tokenizer: no tokenizer; set data.tokenizer.path, model.pretrained, or "

@@ -51,15 +51,20 @@ class RunLock:
         return json.dumps({**self.me, "heartbeat": time.time()})
 
     def holder(self) -> Optional[dict]:
+        """The lock record; ``{"heartbeat": mtime, "unreadable": True}`` for a file that is no record
+        (being replaced, a torn write, or damaged): judged by its age alone."""
         try:
-            return json.loads(self.path.read_text())
+            record = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):  # being replaced, or a torn write: judge by its age
-            try:
-                return {"heartbeat": self.path.stat().st_mtime}
-            except FileNotFoundError:
-                return None
+        except (ValueError, OSError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("heartbeat", 0), (int, float)):
+            return record
+        try:
+            return {"heartbeat": self.path.stat().st_mtime, "unreadable": True}
+        except FileNotFoundError:
+            return None
 
     def gone(self, holder: dict) -> bool:
         """Whether the holder of ``holder`` (a lock record) can no longer be running."""
@@ -118,9 +123,13 @@ class RunLock:
         self.release()
 
     def describe(self, holder: dict) -> str:
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if holder.get("unreadable"):
+            return (f"{self.path}: unreadable (not a lock record; written {age:.0f} s ago), so it may belong to a "
+                    f"launch being started; it is taken over once {STALE_S:.0f} s old: wait {STALE_S - age:.0f} s, "
+                    f"or delete it if no launch uses {self.path.parent}")
         where = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
         job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-        age = time.time() - float(holder.get("heartbeat", 0))
         stop = f"scancel {holder['slurm_job']}" if holder.get("slurm_job") else f"kill -TERM {holder.get('pid', '?')}"
         return (f"{self.path.parent}: in use by another launch ({where}{job}; alive {age:.0f} s ago); wait for it "
                 f"to end or stop it ({stop}), or choose another run.dir")

@@ -26,8 +26,8 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
 def _plain(key: str, value: str, problems: list[str]) -> str:
-    if not _PLAIN.match(value):
-        bad = sorted({c for c in value if not _PLAIN.match(c)})
+    if not _PLAIN.fullmatch(value):
+        bad = sorted({c for c in value if not _PLAIN.fullmatch(c)})
         problems.append(f"{key}={value!r}: characters {''.join(bad)!r} cannot go into an #SBATCH line; "
                         f"use letters, digits and ._:@+=,/-")
     return value
@@ -53,7 +53,7 @@ def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str) -
     for key in ("partition", "account", "qos"):
         if getattr(s, key):
             lines.append(f"--{key}={_plain(f'slurm.{key}', getattr(s, key), problems)}")
-    if not _TIME.match(s.time):
+    if not _TIME.fullmatch(s.time):
         problems.append(f"slurm.time={s.time!r}: not a Slurm time; use minutes, HH:MM:SS or D-HH:MM:SS")
     lines += [f"--time={s.time}",
               f"--output={log}",
@@ -61,13 +61,13 @@ def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str) -
               "--requeue",
               f"--signal=USR1@{s.signal_lead_s}"]
     for i, extra in enumerate(s.extra_sbatch):
-        if not (extra.startswith("--") and _PLAIN.match(extra)):
+        if not (extra.startswith("--") and _PLAIN.fullmatch(extra)):
             problems.append(f"slurm.extra_sbatch[{i}]={extra!r}: give one option like --constraint=h100 "
                             f"(no spaces, quotes or shell characters)")
         lines.append(extra)
     env = []
     for name, value in s.env.items():
-        if not _ENV_NAME.match(str(name)):
+        if not _ENV_NAME.fullmatch(str(name)):
             problems.append(f"slurm.env: {name!r} is not an environment variable name")
         env.append(f"export {name}={shlex.quote(str(value))}")
     if s.signal_lead_s < SLURM_SIGNAL_SLACK_S + 10:

@@ -132,7 +132,8 @@ def _lock_state(run_dir: Path) -> tuple[bool, str]:
     holder = lock.holder()
     if holder is None:
         return False, "no launch holds it (no lock.json)"
-    who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    who = ("an unreadable lock.json" if holder.get("unreadable")
+           else f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}")
     if holder.get("slurm_job"):
         who += f", Slurm job {holder['slurm_job']}"
     if not lock.gone(holder):

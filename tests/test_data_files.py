@@ -120,3 +120,30 @@ def test_a_text_field_that_holds_no_text_is_refused_before_a_tokenizer_is_traine
     # a template renders any column; text-valued columns pass
     ok = data_recipe(corpus, tmp_path, sources=[{"path": str(tmp_path / "chat.jsonl"), "template": "{n}: {meta}"}])
     assert load_source(ok.data.sources[0], "data.sources[0]")["text"][:1] == ["0: {'lang': 'en'}"]
+
+
+def test_a_record_longer_than_max_record_mb_is_refused_naming_its_line(corpus, tmp_path):
+    """A 200 MB single-line record made `prepare` die in the JSON reader (exit 134, > 12 GB); the
+    line is found while holding at most max_record_mb of it."""
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        f.write(json.dumps({"text": "a short one"}) + "\n")
+        f.write(json.dumps({"text": "x" * (3 << 20)}) + "\n")
+    msg = data_error(corpus, tmp_path, sources=[{"path": str(big)}], max_record_mb=1)
+    assert msg == (f"data.sources[0].path: line 2 of {str(big)!r} is longer than data.max_record_mb=1 MiB; split "
+                   f"that record, or raise data.max_record_mb"), msg
+    recipe = data_recipe(corpus, tmp_path, sources=[{"path": str(big)}], max_record_mb=4)
+    assert len(load_source(recipe.data.sources[0], "data.sources[0]", recipe.data.max_record_mb)) == 2
+
+
+def test_a_damaged_tokenizer_file_is_named(corpus, tmp_path):
+    """A truncated tokenizer.json gave "Unterminated string starting at: line 182" and no file name."""
+    import shutil
+
+    bad = tmp_path / "tok"
+    shutil.copytree(REPO / "data" / "minilm", bad, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx"))
+    text = (bad / "tokenizer.json").read_text()
+    (bad / "tokenizer.json").write_text(text[: len(text) // 2])
+    msg = data_error(corpus, tmp_path, tokenizer={"path": str(bad)})
+    assert msg.startswith(f"data.tokenizer.path: cannot load tokenizer {str(bad / 'tokenizer.json')!r} (line "), msg
+    assert msg.endswith("fix the path or the file"), msg

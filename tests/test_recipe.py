@@ -248,6 +248,9 @@ def test_export_of_a_run_dir_with_a_broken_recipe_exits_2_with_one_line(tmp_path
     ("optim.grad_clip=.nan", "optim.grad_clip: must be a finite number"),
     ("model.config=null model.pretrained=data/minilm", "data.tokenizer.train: model.pretrained brings its own"),
     ("checkpoint.resume=configs", "checkpoint.resume: 'configs' is not auto, never or a committed checkpoint"),
+    ("train.max_steps=99999999999999999999999", "train.max_steps: 99999999999999999999999 is beyond any count a "
+                                                "run can hold (at most 4,611,686,018,427,387,904 = 2^62)"),
+    ("run.name=" + "r" * 300, "run.name: 300 characters, at most 100 (it names a folder and a Slurm job)"),
 ])
 def test_values_that_used_to_fail_inside_the_run_are_refused_before_launch(override, fragment):
     (p,) = problems(*override.split())

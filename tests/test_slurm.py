@@ -78,6 +78,11 @@ def test_shell_values_are_quoted_so_bash_sees_them_verbatim(tmp_path):
     ("slurm", "time", "forever", "slurm.time='forever'"),
     ("slurm", "extra_sbatch", ["--comment=a b"], "slurm.extra_sbatch[0]"),
     ("slurm", "env", {"BAD-NAME": "1"}, "'BAD-NAME' is not an environment variable name"),
+    # a trailing newline passes re.match(r"...$") and would start a command line of its own
+    ("slurm", "env", {"NAME\n": "1"}, "'NAME\\n' is not an environment variable name"),
+    ("slurm", "partition", "gpu\n", "slurm.partition='gpu\\n': characters '\\n' cannot go"),
+    ("slurm", "extra_sbatch", ["--constraint=h100\n"], "slurm.extra_sbatch[0]"),
+    ("slurm", "time", "10\n", "slurm.time='10\\n'"),
     ("slurm", "signal_lead_s", 30, "slurm.signal_lead_s=30: Slurm checks time limits about every 30 s"),
 ])
 def test_unsafe_values_are_refused_with_the_key(section, key, value, fragment):

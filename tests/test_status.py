@@ -66,15 +66,17 @@ def test_a_live_run_shows_its_progress_and_an_eta_from_this_launchs_pace(tmp_pat
 
 @pytest.mark.parametrize("holder, why", [
     ({"pid": NEVER_A_PID}, f"pid {NEVER_A_PID} on {socket.gethostname()}) is gone"),      # kill -9
-    ({"host": "elsewhere", "pid": 1, "heartbeat": time.time() - STALE_S - 60}, "no heartbeat for 2 min"),  # host died
+    ({"host": "elsewhere", "pid": 1, "heartbeat_age": STALE_S + 60}, "no heartbeat for 2 min"),  # host died
     (None, "no launch holds it (no lock.json)"),
 ])
 def test_a_running_status_whose_launch_is_gone_is_dead(tmp_path, monkeypatch, holder, why):
     run_dir = _run_dir(tmp_path)
     _status(run_dir, monkeypatch, "running", 0, started=1000.0)
     _metrics(run_dir, [{"step": 30, "time": 1010.0, "loss": 4.0}])
-    if holder is not None:
-        _lock(run_dir, **holder)
+    if holder is not None:  # a heartbeat's age counts from now, not from when the tests were collected
+        holder = dict(holder)
+        age = holder.pop("heartbeat_age", None)
+        _lock(run_dir, **holder, **({"heartbeat": time.time() - age} if age is not None else {}))
     s = standing(run_dir)
     assert (s.state, s.step, s.eta_s) == ("dead", 30, None)
     assert why in s.note and s.note.endswith("run the same command again to resume"), s.note

@@ -88,6 +88,29 @@ def test_a_manifest_must_list_every_file_the_loaders_open(stopped, tmp_path):
     assert exported.returncode == 2 and "is not listed in manifest.json" in exported.stderr, exported.stderr
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m, ckpt: m.update(world_size=10**12), "manifest.json gives world_size 1000000000000, not a count of ranks"),
+    (lambda m, ckpt: m.update(world_size="2"), "manifest.json gives world_size '2', not a count of ranks"),
+    (lambda m, ckpt: m["files"].update({"/dev/zero": "x"}), "manifest.json lists '/dev/zero', a path outside"),
+    (lambda m, ckpt: m["files"].update({"../../victim.txt": file_digest(ckpt.parents[1] / "victim.txt")}),
+     "manifest.json lists '../../victim.txt', a path outside the checkpoint"),
+    (lambda m, ckpt: (m["files"].update({"zero": "x"}), (ckpt / "zero").symlink_to("/dev/zero")),
+     "zero is not a regular file of the checkpoint (a link, device or folder); never read"),
+])
+def test_a_manifest_names_only_files_inside_its_checkpoint_and_a_real_world_size(stopped, tmp_path, edit, fragment):
+    """Before, export built 10^12 rank names, hashed /dev/zero forever, or read ../../victim.txt."""
+    r, ckpt = _copy(stopped, "ddp", f"edited-{tmp_path.name}")
+    (ckpt.parents[1] / "victim.txt").write_text("someone else's")
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    edit(manifest, ckpt)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    from launch.export import ExportError, export
+
+    with pytest.raises(ExportError) as err:
+        export(Path(r["run"]["dir"]), tmp_path / "out", step=2, log=lambda *_: None)
+    assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_tensor_records_are_read_in_place_and_anything_else_by_the_weights_only_loader(tmp_path, monkeypatch):
     """DCP's tensor records (one ``torch.save`` archive each) are rebuilt by the reader's own small

@@ -28,8 +28,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, share_of,
-                                    step_dir_name, verify)
+from train.checkpoint_files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
+                                    share_of, step_dir_name, verify)
 from train.distributed import all_ranks_agree
 from train.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
@@ -147,7 +147,11 @@ class Checkpointer:
         if self.rank == 0:
             fault_point("rename", step, self.rank)
             try:
-                if final.exists():  # an uncommitted or older copy of the same step
+                if final.is_symlink():  # the link goes, never what it points at
+                    self.log(f"checkpoint: {final} was a symbolic link to {os.readlink(final)}; replaced the "
+                             f"link with this save (its target is untouched)")
+                    final.unlink()
+                elif final.exists():  # an uncommitted or older copy of the same step
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 fsync_path(self.root)
@@ -215,23 +219,30 @@ class Checkpointer:
             fault_point("prune", saving_step, self.rank)
             (ckpt / MANIFEST).unlink()  # uncommit first: a crash mid-delete leaves no half checkpoint
             doomed.append(ckpt)
-        doomed += [p for p in self.root.iterdir() if p.name.startswith(".tmp-step-")  # left by crashes
-                   or (STEP_DIR.match(p.name) and not (p / MANIFEST).exists())]
+        doomed += [p for p in self.root.iterdir() if not p.is_symlink() and (p.name.startswith(".tmp-step-")
+                   or (STEP_DIR.match(p.name) and not (p / MANIFEST).exists()))]  # left by crashes
         self._join_deleter()
         self._deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
                                          name="checkpoint-prune")
-        self._deleter.start()  # freeing the disk need not stall training; joined before the next save
+        self._deleter.start()  # freeing the disk need not stall training; joined before the next save and at exit
 
     def _join_deleter(self) -> None:
         if self._deleter is not None:
             self._deleter.join()
             self._deleter = None
 
+    def close(self) -> None:
+        """Finish deleting pruned checkpoints: the trainers end with ``os._exit``, which would leave
+        them half deleted (uncommitted, but holding their disk)."""
+        self._join_deleter()
+
     def find_resume_point(self, resume: str) -> Optional[Path]:
         """The checkpoint to resume from (``auto``: the newest that verifies; ``never``; or a path),
         the same on every rank. The ranks share the checksum work."""
         if resume == "never":
             return None
+        if self.rank == 0 and (note := links_note(self.root)):
+            self.log(note)
         candidates: list = [[str(p) for p in committed_checkpoints(self.root)] if resume == "auto" else [resume]]
         dist.broadcast_object_list(candidates, src=0)  # rank 0's listing is the one everyone checks
         problems = []
@@ -249,9 +260,22 @@ class Checkpointer:
                 f"{problems[0]}); restore them, or start over with checkpoint.resume=never or another run.dir")
         return None
 
+    def _check_engine(self, ckpt: Path, manifest: dict) -> None:
+        """Refuse a checkpoint whose format this engine cannot read (DeepSpeed's vs DCP), naming both."""
+        from train.engines import CAPABILITIES
+
+        saved, now = manifest.get("engine"), self.meta.get("engine")
+        if saved in CAPABILITIES and now in CAPABILITIES and \
+                CAPABILITIES[saved].checkpoint_format != CAPABILITIES[now].checkpoint_format:
+            raise CheckpointError(
+                f"resume: {ckpt.name} was written by parallel.engine={saved} ({CAPABILITIES[saved].checkpoint_format} "
+                f"format), which parallel.engine={now} cannot read; resume with parallel.engine={saved}, or start "
+                f"over with checkpoint.resume=never or another run.dir")
+
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""
         manifest = json.loads((ckpt / MANIFEST).read_text())
+        self._check_engine(ckpt, manifest)
         same_world = manifest["world_size"] == self.world
         own = ckpt / f"rank-{self.rank:05d}.pt"
         with refusing_code(ckpt, CheckpointError, "restore the checkpoint from a trusted copy or resume from "

@@ -150,21 +150,45 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
         return f"{ckpt}: no {MANIFEST} (the save never committed)"
     try:
         record = json.loads(manifest.read_text())
-        files, saved_world = record["files"], int(record["world_size"])
+        files, saved_world = record["files"], record["world_size"]
         algorithm = record.get("digest", "sha256")  # manifests before the field: sha256
         new_hash(algorithm)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"{ckpt}: {MANIFEST} is unreadable"
+    if (problem := manifest_problem(files, saved_world)) is not None:
+        return f"{ckpt}: {MANIFEST} {problem}"
     unlisted = unlisted_files(ckpt, files, saved_world)
     if unlisted:  # a loader would open it unchecked
         return f"{ckpt}: {unlisted} is not listed in {MANIFEST} (added or renamed after the save?)"
     mine = [(rel, files[rel]) for rel in share_of(list(files), rank, world)]
+    inside = ckpt.resolve()
     for rel, _ in mine:
-        if not (ckpt / rel).exists():
+        path = ckpt / rel
+        if not path.exists() and not path.is_symlink():
             return f"{ckpt}: {rel} is missing"
+        if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(inside):
+            return f"{ckpt}: {rel} is not a regular file of the checkpoint (a link, device or folder); never read"
     for (rel, digest), actual in zip(mine, file_digests([ckpt / rel for rel, _ in mine], algorithm)):
         if actual != digest:
             return f"{ckpt}: {rel} does not match its {algorithm} digest in {MANIFEST} (truncated or altered)"
+    return None
+
+
+MAX_WORLD = 1 << 20
+"""More ranks than any job has: a manifest saying so was edited."""
+
+
+def manifest_problem(files, saved_world) -> Optional[str]:
+    """What makes a manifest's file list or world size unusable (the rest of a line), or ``None``:
+    every listed path must stay inside the checkpoint, and the world size be a count of ranks."""
+    if isinstance(saved_world, bool) or not isinstance(saved_world, int) or not 1 <= saved_world <= MAX_WORLD:
+        return f"gives world_size {repr(saved_world)[:40]}, not a count of ranks (1 to {MAX_WORLD:,})"
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        return "lists its files as something other than path: digest pairs"
+    for rel in files:
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or ".." in parts or "" in parts or "\x00" in rel:
+            return f"lists {rel[:80]!r}, a path outside the checkpoint or not a plain relative one"
     return None
 
 
@@ -184,12 +208,33 @@ def unlisted_files(ckpt: Path, files: dict, saved_world: int) -> Optional[str]:
 
 
 def committed_checkpoints(root: Path) -> list[Path]:
-    """Directories with a manifest, oldest first (not yet checksum-verified)."""
+    """Directories with a manifest, oldest first (not yet checksum-verified). A step directory that
+    is a symbolic link is none of them (see :func:`linked_steps`)."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).exists()]
+             if (m := STEP_DIR.match(p.name)) and not p.is_symlink() and (p / MANIFEST).exists()]
     return [p for _, p in sorted(found)]
+
+
+def linked_steps(root: Path) -> list[str]:
+    """``step-N -> target`` for each step directory under ``root`` that is a symbolic link. Such a
+    link may point at another run's checkpoint: it is never resumed from, exported, pruned or
+    written through (pruning would uncommit and delete what it points at), only reported."""
+    if not root.is_dir():
+        return []
+    return [f"{p.name} -> {os.readlink(p)}" for p in sorted(root.iterdir())
+            if p.is_symlink() and (STEP_DIR.match(p.name) or p.name.startswith(".tmp-step-"))]
+
+
+def links_note(root: Path) -> Optional[str]:
+    """One line naming the step links under ``root`` that are left alone; ``None`` without any."""
+    links = linked_steps(root)
+    if not links:
+        return None
+    return (f"checkpoint: ignoring {len(links)} symbolic link(s) among the step directories of {root} "
+            f"({', '.join(links)}): a link is never resumed from, exported, pruned or written through; "
+            f"move the checkpoint into the run, or remove the link")
 
 
 def latest_valid(root: Path, warn=print) -> Optional[Path]:

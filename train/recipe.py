@@ -101,8 +101,7 @@ class SourceConfig:
     split: str = "train"
     """Split to read (of a hub dataset, or of a ``DatasetDict`` saved with ``save_to_disk``)."""
     text_field: str = "text"
-    """Column holding the text (ignored when ``template`` is set); for ``causal_lm`` it must hold
-    strings (chat messages need ``task: sft``)."""
+    """Column holding the text (unless ``template`` is set); ``causal_lm`` needs strings (chat: ``task: sft``)."""
     template: Optional[str] = None
     """Python format template over the record's columns, e.g. ``"Q: {question}\\nA: {answer}"``."""
     weight: float = 1.0
@@ -125,6 +124,9 @@ class DataConfig:
     """Where packed Arrow files are cached, keyed by a fingerprint of the data recipe."""
     num_proc: int = 1
     """Processes for tokenization."""
+    max_record_mb: int = 16
+    """Longest line of a json/jsonl/csv/tsv file, in MiB; a longer one is refused, naming it (parsers
+    need many times a record's size in memory)."""
     num_workers: int = 0
     """DataLoader worker processes per rank. 0: a thread of the training process reads 4 micro-batches
     ahead, which suits pre-tokenized data best (a worker hands each batch over through a queue)."""

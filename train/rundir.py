@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 RECIPE_FILE = "recipe.yaml"
+RUN_MARKER = ".shardforge-run"  # written by the launcher: shardforge made this directory (launch/ownership.py)
 STATUS_FILE = "status.json"
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation

@@ -50,6 +50,8 @@ def _type_name(tp: Any) -> str:
 
 
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+INT_LIMIT = 2**62
+"""Integers beyond it (steps, sizes, counts) cannot be meant, and overflow int64 arithmetic downstream."""
 
 
 def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
@@ -90,10 +92,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             problems.append(f"{key}: expected an integer, got {value!r}")
+        elif abs(value) > INT_LIMIT:
+            problems.append(f"{key}: {value} is beyond any count a run can hold (at most {INT_LIMIT:,} = 2^62)")
         return value
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
+            value = float(value)  # YAML 1.1 reads 2e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{key}: expected a number, got {value!r}")
             return value

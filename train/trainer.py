@@ -190,6 +190,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
                                 d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key,
                                                             **({"frozen_base": frozen_base} if frozen_base else {})},
                                 log=log)
+    closing.callback(checkpointer.close)  # pruned checkpoints are gone before status.json says how the run ended
     seed_rank(recipe.run.seed, d.rank)
     forbid_code_in_checkpoints(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
     resume_from = checkpointer.find_resume_point(recipe.checkpoint.resume)

@@ -160,7 +160,7 @@ class Featurizer:
 
 
 def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, log=print):
-    records = load_records(src, where)
+    records = load_records(src, where, recipe.data.max_record_mb)
     check_template(src, records, where)
     f = Featurizer(recipe, tokenizer, where, src)
     f.check(records.column_names)

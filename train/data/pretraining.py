@@ -57,7 +57,7 @@ def prepare_packed(recipe: Recipe, tokenizer, log=print) -> PreparedData:
     start = time.time()
     parts, stats = [], {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
     for i, src in enumerate(d.sources):
-        blocks, st = tokenize_and_pack(load_source(src, f"data.sources[{i}]"), tokenizer,
+        blocks, st = tokenize_and_pack(load_source(src, f"data.sources[{i}]", d.max_record_mb), tokenizer,
                                        d.seq_len, d.num_proc, f"data.sources[{i}]")
         if len(blocks) == 0:
             raise DataError(f"data.sources[{i}]: {src.path!r} has {st['tokens_total']} tokens, fewer "
@@ -67,7 +67,7 @@ def prepare_packed(recipe: Recipe, tokenizer, log=print) -> PreparedData:
             stats[k] += st[k]
     train = _mix(parts, recipe.run.seed)
     if d.val_source is not None:
-        val, _ = tokenize_and_pack(load_source(d.val_source, "data.val_source"), tokenizer,
+        val, _ = tokenize_and_pack(load_source(d.val_source, "data.val_source", d.max_record_mb), tokenizer,
                                    d.seq_len, d.num_proc, "data.val_source")
     else:
         n_val = max(1, int(round(len(train) * d.val_fraction))) if d.val_fraction > 0 else 0

@@ -4,7 +4,7 @@ with one-line errors that name the source and the fix."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 from train.data.files import (file_format, local_files, path_problem, saved_data_files, saved_dataset,
                               saved_splits)
@@ -29,7 +29,23 @@ READERS: dict[str, tuple[str, dict[str, Any]]] = {
 """Format (:data:`train.data.files.FORMATS`) → the ``datasets`` builder that reads it, and its options."""
 
 
-def load_records(src: SourceConfig, where: str):
+LINE_FORMATS = ("json", "csv", "tsv")
+"""Formats read a record (a line) at a time, whose parsers need many times a line's size in memory."""
+
+
+def overlong_line(path: str, limit: int) -> Optional[int]:
+    """The number of the first line of ``path`` longer than ``limit`` bytes, or ``None``. Holds at
+    most ``limit`` + 1 bytes of a line in memory."""
+    with open(path, "rb") as f:
+        number = 0
+        while line := f.readline(limit + 1):
+            number += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                return number
+    return None
+
+
+def load_records(src: SourceConfig, where: str, max_record_mb: int = 16):
     """Load one source as a ``datasets.Dataset`` with its own columns (checked to be non-empty)."""
     import datasets
 
@@ -49,6 +65,11 @@ def load_records(src: SourceConfig, where: str):
                 raise DataError(f"{where}.path: cannot read {f!r}; check its permissions")
         if all(os.path.getsize(f) == 0 for f in files):
             raise DataError(f"{where}: {src.path!r} is empty; point it at non-empty data")
+        if fmt in LINE_FORMATS:
+            for f in files:
+                if (line := overlong_line(f, max_record_mb << 20)) is not None:
+                    raise DataError(f"{where}.path: line {line} of {f!r} is longer than data.max_record_mb="
+                                    f"{max_record_mb} MiB; split that record, or raise data.max_record_mb")
         builder, kwargs = READERS[fmt]
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
@@ -103,9 +124,9 @@ def check_text_column(src: SourceConfig, ds, where: str) -> None:
                     f"chat/messages data needs task: sft (with data.messages_field={src.text_field})")
 
 
-def load_source(src: SourceConfig, where: str):
+def load_source(src: SourceConfig, where: str, max_record_mb: int = 16):
     """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
-    ds = load_records(src, where)
+    ds = load_records(src, where, max_record_mb)
     if src.template is None and src.text_field not in ds.column_names:
         raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
                         f"(columns: {', '.join(ds.column_names)}); set {where}.text_field")

@@ -4,11 +4,12 @@ the training text and cached by a fingerprint of its sources and settings."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from train.data.cache import DATA_FORMAT_VERSION, fingerprint
 from train.data.sources import DataError, load_source
@@ -29,8 +30,9 @@ def load_or_train_tokenizer(recipe: Recipe, cache_root: Path):
         try:
             tok = AutoTokenizer.from_pretrained(name, use_fast=True)
         except Exception as err:
-            raise DataError(f"data.tokenizer.path: cannot load tokenizer {name!r}: "
-                            f"{first_line(err)}; fix the path") from None
+            where = broken_json(Path(name)) or repr(name)
+            raise DataError(f"data.tokenizer.path: cannot load tokenizer {where}: "
+                            f"{first_line(err)}; fix the path or the file") from None
         if tok.eos_token_id is None:
             tok.eos_token = tok.sep_token or tok.pad_token
         if tok.pad_token_id is None:
@@ -55,13 +57,31 @@ def load_or_train_tokenizer(recipe: Recipe, cache_root: Path):
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         fast.save_pretrained(tmp)
         os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    return PreTrainedTokenizerFast.from_pretrained(str(out))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(out))
+    except Exception as err:  # a damaged cache entry
+        raise DataError(f"data.tokenizer.train: cannot load the tokenizer trained before, {broken_json(out) or out}: "
+                        f"{first_line(err)}; delete {out} to train it again") from None
+
+
+def broken_json(folder: Path) -> Optional[str]:
+    """The first JSON file in a local tokenizer folder that does not parse (``'path' (line L)``)."""
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(errors="replace"))
+        except ValueError as err:
+            return f"{str(path)!r} (line {getattr(err, 'lineno', '?')})"
+        except OSError:
+            return repr(str(path))
+    return None
 
 
 def _training_text(cfg: DataConfig, max_chars: int) -> Iterator[str]:
     seen = 0
     for i, src in enumerate(cfg.sources):
-        for record in load_source(src, f"data.sources[{i}]"):
+        for record in load_source(src, f"data.sources[{i}]", cfg.max_record_mb):
             text = record["text"][: max_chars - seen]
             seen += len(text)
             yield text
