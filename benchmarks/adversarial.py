@@ -114,7 +114,7 @@ class World:
     def plant(self, run: str, rel: str, torch_format: bool) -> None:
         import torch
 
-        from train.checkpoint_files import MANIFEST, file_digest
+        from train.checkpoint.files import MANIFEST, file_digest
 
         ckpt = self.tmp / run / "checkpoints" / "step-000002"
         with open(ckpt / rel, "wb") as f:

@@ -248,10 +248,10 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     import torch
     import torch.distributed as dist
 
-    from train.checkpoint import Checkpointer
-    from train.checkpoint_files import DIGEST, file_digests, io_threads
+    from train.checkpoint.manager import Checkpointer
+    from train.checkpoint.files import DIGEST, file_digests, io_threads
     from train.rundir import fsync_path as _fsync
-    from train.state import Counters
+    from train.checkpoint.state import Counters
     from train.engines.torch_engines import DDPEngine
     from train.model import build_model
     from train.recipe import recipe_from_dict

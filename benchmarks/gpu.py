@@ -21,7 +21,7 @@ Per part, bf16:
   * the Hugging Face ``Trainer`` on the same model, batch, precision, data and fused AdamW, logging
     every step like ours, eager and (in the row that compares compiled runs) with ``torch_compile``;
   * a bf16 matmul peak measured in the same run, so MFU is reported both against the datasheet
-    (the peak table in ``train.metrics``) and against what this card actually reaches;
+    (the peak table in ``train.metrics.flops``) and against what this card actually reaches;
   * the card as NVML reads it (name, memory, driver, power limit).
 Prints a table and writes JSON (default ``benchmarks/results/gpu-<part>.json``).
 """
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         return hf_worker(*args.hf_worker)
     import torch
 
-    from train.metrics import peak_tflops
+    from train.metrics.flops import peak_tflops
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu"
     if device == "cpu" and not args.cpu_smoke:

@@ -17,7 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export PYTHONPATH="$PWD"
 "$VENV/bin/python" -m benchmarks.wheel_check --installed
-"$VENV/bin/python" -c "import deepspeed, datasets, transformers, train.trainer; print('gpu.sh: deepspeed', deepspeed.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__)"
+"$VENV/bin/python" -c "import deepspeed, datasets, transformers, train.loop.trainer; print('gpu.sh: deepspeed', deepspeed.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__)"
 if [ "${1:-}" = "ckpt" ]; then
   exec "$VENV/bin/python" -m benchmarks.cpu --only ckpt --out benchmarks/results/ckpt-gpu-host.json
 fi

@@ -122,7 +122,7 @@ def losses(run_dir: Path) -> list[float]:
 def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, straight_s: float,
               rng: random.Random, log, plan: list[str] | None = None) -> tuple[int, list]:
     """Launch ``name`` again and again, killing it, until it completes; return (kills, events)."""
-    from train.checkpoint_files import latest_valid
+    from train.checkpoint.files import latest_valid
 
     recipe = write_recipe(tmp, name, engine, steps)
     run_dir = tmp / name

@@ -8,7 +8,7 @@ instead of killing the launcher.
 import signal
 import sys
 
-from train.stop import STOP_SIGNALS  # a light module: signal and contextlib only
+from train.loop.stop_signals import STOP_SIGNALS  # a light module: signal and contextlib only
 
 
 def main() -> int:

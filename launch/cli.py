@@ -101,7 +101,7 @@ def cmd_run(args) -> int:
     early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
     from launch.engine_config import engine_configs
     from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
-    from launch.ownership import run_dir_problems
+    from launch.ownership import mark, run_dir_problems
 
     recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
     node = node_of(recipe.parallel.nodes, args.node_rank, args.master, args.recipe)
@@ -109,10 +109,12 @@ def cmd_run(args) -> int:
     if (problem := cpu_oversubscribed(recipe, gpus)) is not None:
         raise RecipeError(args.recipe, [problem])
     run_dir = Path(recipe.run.dir)
-    if node.rank > 0:  # node 0 checks and writes the run directory; its rendezvous starts no rank before that
-        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
     if problems := run_dir_problems(run_dir):  # a user's folder, or a part of another run: never written
         raise RecipeError(args.recipe, problems)
+    if node.rank > 0:  # node 0 checks and writes the run directory; its rendezvous starts no rank before that
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mark(run_dir)  # before this node's log lands there: node 0, checking later, sees a run directory
+        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
         lock = RunLock(run_dir).acquire()
     except RunLocked as err:

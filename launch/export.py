@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from launch.ownership import export_dir_problems
-from train.checkpoint_files import MANIFEST, committed_checkpoints, latest_valid, links_note, step_dir_name, verify
+from train.checkpoint.files import MANIFEST, committed_checkpoints, latest_valid, links_note, step_dir_name, verify
 
 
 class ExportError(ValueError):
@@ -62,7 +62,7 @@ def full_state_dict(ckpt: Path, model: torch.nn.Module) -> dict[str, torch.Tenso
     the trainable parameters (its manifest names the ``frozen_base`` digest) takes the frozen rest
     from ``model``, which :func:`build_export_model` built with the real base weights."""
     from train.engines import capabilities
-    from train.safe_load import forbid_code_in_checkpoints, safe_reader
+    from train.checkpoint.safe_load import forbid_code_in_checkpoints, safe_reader
 
     manifest = json.loads((ckpt / MANIFEST).read_text())
     deepspeed = capabilities(manifest["engine"]).checkpoint_format == "deepspeed"
@@ -158,7 +158,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
 
     from launch.recipe import RecipeError
     from train.rundir import read_recipe
-    from train.safe_load import refusing_code
+    from train.checkpoint.safe_load import refusing_code
 
     if not (run_dir / "recipe.yaml").exists():
         raise ExportError(f"{run_dir}: not a run directory (no recipe.yaml); pass runs/<name>")

@@ -19,7 +19,7 @@ from train.engines import CAPABILITIES, ENGINE_CONFIG_FILES
 from train.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, NODE_RANK_ENV, atomic_write, describe, exit_code,
                           final_status, read_status, write_status)
-from train.stop import STOP_SIGNALS, stop_signals_blocked
+from train.loop.stop_signals import STOP_SIGNALS, stop_signals_blocked
 
 
 RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "train.global_batch_size")
@@ -34,7 +34,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
 
     import yaml
 
-    from train.checkpoint_files import committed_checkpoints
+    from train.checkpoint.files import committed_checkpoints
 
     old_file = run_dir / "recipe.yaml"
     if recipe.checkpoint.resume != "auto" or not old_file.exists() or not committed_checkpoints(run_dir / "checkpoints"):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from train.checkpoint_files import MANIFEST, STEP_DIR
+from train.checkpoint.files import MANIFEST, STEP_DIR
 from train.rundir import RECIPE_FILE, RUN_MARKER, STATUS_FILE, atomic_write
 
 SHOWN_ENTRIES = 6
@@ -59,7 +59,7 @@ def run_dir_problems(run_dir: Path) -> list[str]:
                         f"link, or choose another run.dir")
     elif run_dir.is_dir() and not shardforge_made(run_dir):
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
-        if entries:
+        if entries and not prepared_for_checkpoints(run_dir):
             shown = ", ".join(entries[:SHOWN_ENTRIES]) + (f", ... ({len(entries)} entries)"
                                                           if len(entries) > SHOWN_ENTRIES else "")
             problems.append(f"run.dir: {run_dir} is a folder shardforge did not make (it holds {shown}); a run "
@@ -68,6 +68,13 @@ def run_dir_problems(run_dir: Path) -> list[str]:
     elif run_dir.exists() and not run_dir.is_dir():
         problems.append(f"run.dir: {run_dir} is a file; choose a folder that does not exist yet")
     return problems
+
+
+def prepared_for_checkpoints(run_dir: Path) -> bool:
+    """A folder holding only an empty ``checkpoints/`` (a mount or a link to scratch storage, made
+    ready before the first launch): nothing in it can be lost, so it is adopted."""
+    entries = list(run_dir.iterdir())
+    return [p.name for p in entries] == ["checkpoints"] and entries[0].is_dir() and not any(entries[0].iterdir())
 
 
 def export_dir_problems(out_dir: Path) -> list[str]:

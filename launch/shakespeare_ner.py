@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable
 
 from launch.shakespeare_plays import spoken_lines
-from train.scores import entity_counts, entity_counts_by_type, entity_scores
+from train.metrics.scores import entity_counts, entity_counts_by_type, entity_scores
 
 TEST_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "twelfth_night", "julius_caesar")
 VAL_PLAYS = ("othello", "tempest")

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from launch.runlock import STALE_S, RunLock
-from train.checkpoint_files import committed_checkpoints
+from train.checkpoint.files import committed_checkpoints
 from train.rundir import BEST_FILE, RECIPE_FILE, STATUS_FILE, describe, read_status
 
 METRICS_FILE = "metrics.jsonl"
-TEST_FILE = "test_results.json"  # train.evaluation.TEST_JSON (that module imports torch)
+TEST_FILE = "test_results.json"  # train.metrics.evaluation.TEST_JSON (that module imports torch)
 RUNS_ROOT = Path("runs")
 PACE_WINDOW = 10
 """Log records (this launch's) over which the ETA's seconds per step are measured."""
@@ -94,7 +94,7 @@ def recipe_settings(run_dir: Path) -> dict:
 
 
 def eval_key(metric: str) -> str:
-    """The ``metrics.jsonl`` key of a validation metric (``train.evaluation.Evaluator``)."""
+    """The ``metrics.jsonl`` key of a validation metric (``train.metrics.evaluation.Evaluator``)."""
     return {"loss": "eval_loss", "perplexity": "eval_ppl"}.get(metric, f"eval_{metric}")
 
 

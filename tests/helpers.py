@@ -103,7 +103,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     extra = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     saved_env = {k: os.environ.get(k) for k in extra}
-    from train.stop import STOP_SIGNALS
+    from train.loop.stop_signals import STOP_SIGNALS
 
     saved_signals = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -142,7 +142,7 @@ def run_recipe(tmp: Path, recipe: dict, *overrides: str, expect: int = 0,
 TRAIN_MODE_PROBE = """
 import json, os
 if "RANK" in os.environ and os.environ.get("SHARDFORGE_TEST_MODE_LOG"):
-    import train.step as _step
+    import train.loop.step as _step
     _run = _step.TrainStep.run
     def _probed_run(self, step):
         if not getattr(self, "_mode_probed", False):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe, train_losses, write_recipe
-from train.checkpoint_files import committed_checkpoints, latest_valid, verify
+from train.checkpoint.files import committed_checkpoints, latest_valid, verify
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
     # and even with the manifest rewritten, weights_only refuses to unpickle
     manifest_path = victim.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    from train.checkpoint_files import file_digest
+    from train.checkpoint.files import file_digest
 
     manifest["files"]["rank-00000.pt"] = file_digest(victim)
     manifest_path.write_text(json.dumps(manifest))
@@ -191,7 +191,7 @@ def test_dcp_writer_hashes_every_file_as_it_writes(tmp_path, monkeypatch):
     file DCP writes (data files from several writer threads and .metadata, renamed from .tmp)."""
     import torch.distributed.checkpoint as dcp
 
-    from train.checkpoint_files import HashingStream, dcp_writer, io_threads, file_digest
+    from train.checkpoint.files import HashingStream, dcp_writer, io_threads, file_digest
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3}, raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -215,7 +215,7 @@ def test_dcp_writer_hashes_every_file_as_it_writes(tmp_path, monkeypatch):
 def test_each_rank_hashes_the_files_it_wrote():
     """Checksum work goes to the rank that wrote (and at the same world size reads) each shard;
     shared files are dealt out in turn; every file is covered exactly once, on any world size."""
-    from train.checkpoint_files import share_of
+    from train.checkpoint.files import share_of
 
     files = ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__0_1.distcp", "dcp/__1_0.distcp", "dcp/__1_1.distcp",
              "engine_extra.pt", "rank-00000.pt", "rank-00001.pt",
@@ -236,8 +236,8 @@ def test_prune_uncommits_at_once_and_deletes_in_the_background(tmp_path):
     are deleted by rank 0's prune thread. One process, a real gloo group, a one-file engine."""
     import torch.distributed as dist
 
-    from train.checkpoint import Checkpointer
-    from train.state import Counters
+    from train.checkpoint.manager import Checkpointer
+    from train.checkpoint.state import Counters
 
     class OneFileEngine:
         def save(self, path: Path, background: bool = False, digests: dict | None = None):

@@ -287,7 +287,7 @@ def test_dictionary_baseline_scores_by_hand():
 def test_ner_demo_data_tags_unseen_plays_from_their_own_lists(tmp_path):
     """Built from the real corpus (`make data`): aligned, valid BIO; test plays held out by play."""
     from launch.shakespeare_ner import TEST_PLAYS, VAL_PLAYS, build
-    from train.scores import bio_entities
+    from train.metrics.scores import bio_entities
 
     counts = build(Path(__file__).resolve().parents[1] / "data" / "shakespeare", tmp_path)
     assert min(counts.values()) > 500, counts

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from launch.recipe import RecipeError, load_recipe
 from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, write_recipe
-from train.checkpoint_files import committed_checkpoints
+from train.checkpoint.files import committed_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_hang_watchdog_dumps_stacks_names_the_late_rank_and_exits(world):
 
 
 def test_watchdog_covers_the_first_step_with_a_warm_up_allowance(tmp_path):
-    from train.watchdog import Watchdog
+    from train.loop.watchdog import Watchdog
 
     dog = Watchdog(tmp_path, rank=0, world=1, timeout_s=2.0)
     try:

@@ -46,7 +46,7 @@ def test_accumulated_loss_weighs_every_token_equally(task_name):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
     from train.data.samples import Samples
-    from train.step import step_loss_denominator
+    from train.loop.step import step_loss_denominator
     from train.tasks import build_task
 
     torch.manual_seed(0)

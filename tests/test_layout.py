@@ -29,7 +29,7 @@ def test_train_never_imports_launch():
 def test_launch_reaches_the_rank_program_only_through_its_entry_point():
     """``launch`` starts ``python -m train``; it never imports the loop for its constants."""
     offenders = {str(p.relative_to(REPO)) for p in (REPO / "launch").rglob("*.py")
-                 if {"train.trainer", "train.__main__"} & imported_modules(p)}
+                 if {"train.loop.trainer", "train.__main__"} & imported_modules(p)}
     assert not offenders
 
 
@@ -52,8 +52,8 @@ def test_no_file_is_longer_than_400_lines():
 
 
 def test_the_training_function_fits_on_one_screen():
-    """``train.trainer.train`` builds the parts and runs the loop: at most 80 lines."""
-    tree = ast.parse((REPO / "train" / "trainer.py").read_text())
+    """``train.loop.trainer.train`` builds the parts and runs the loop: at most 80 lines."""
+    tree = ast.parse((REPO / "train" / "loop" / "trainer.py").read_text())
     (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
     assert fn.end_lineno - fn.lineno + 1 <= 80
 
@@ -96,7 +96,8 @@ def test_only_the_engines_package_knows_engine_names():
 
 def test_launch_builds_no_trainer_part():
     """The launcher starts ``python -m train``; the step, its parts and the engine classes stay out of it."""
-    forbidden = {"train.trainer", "train.step", "train.saving", "train.step_metrics", "train.policy",
+    forbidden = {"train.loop.trainer", "train.loop.step", "train.checkpoint.schedule", "train.metrics.step_metrics",
+                 "train.loop.agreement", "train.loop.nonfinite",
                  "train.engines.base", "train.engines.torch_engines", "train.engines.deepspeed_engine"}
     offenders = {str(p.relative_to(REPO)): sorted(forbidden & imported_modules(p)) for p in _py_files("launch")}
     assert not {k: v for k, v in offenders.items() if v}

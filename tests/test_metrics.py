@@ -12,8 +12,9 @@ import torch
 
 from launch.report import read_scalars
 from tests.helpers import make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe, train_losses
-from train.metrics import (TB_TAGS, MetricsWriter, Telemetry, aggregate_ranks, flops_per_token, mfu,
-                           peak_tflops)
+from train.metrics.flops import flops_per_token, mfu, peak_tflops
+from train.metrics.telemetry import Telemetry
+from train.metrics.writer import TB_TAGS, MetricsWriter, aggregate_ranks
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,12 @@ def test_a_users_folder_is_never_adopted_as_a_run_directory(tmp_path, recipe_fil
     assert run_dir_problems(tmp_path / "new") == [] and run_dir_problems(tmp_path / "corpus" / "..") != []
     (tmp_path / "empty").mkdir()
     assert run_dir_problems(tmp_path / "empty") == [], "an empty folder is adopted"
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "checkpoints").symlink_to(tmp_path / "scratch")
+    assert run_dir_problems(tmp_path / "prepared") == [], "so is one holding only an empty checkpoints/ (a mount)"
+    (tmp_path / "scratch" / "x").write_text("")
+    assert run_dir_problems(tmp_path / "prepared") != []
     legacy = tmp_path / "made-before-the-marker"  # what an older shardforge left: adopted as a run
     (legacy / "logs").mkdir(parents=True)
     (legacy / "recipe.yaml").write_text("task: causal_lm\n")
@@ -95,10 +101,10 @@ def test_from_a_users_project_folder_links_and_pruning(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     script = str(Path(sys.executable).parent / "shardforge")
 
-    def shardforge(*args: str) -> subprocess.CompletedProcess:
+    def _cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([script, *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
-    first = shardforge("run", "recipe.yaml")
+    first = _cli("run", "recipe.yaml")
     assert first.returncode == 0 and "shardforge: completed at step 4" in first.stdout, first.stdout + first.stderr
     assert not list(tmp_path.glob("*.ran")), "the project's own train.py / launch.py ran"
     run_dir = project / "runs" / "t"
@@ -112,18 +118,17 @@ def test_from_a_users_project_folder_links_and_pruning(tmp_path):
         (outside / step / "manifest.json").write_text(json.dumps({"step": 2, "files": {}}))
         (run_dir / "checkpoints" / step).symlink_to(outside / step)
     before = _tree(outside)
-    again = shardforge("run", "recipe.yaml", "train.max_steps=8")
+    again = _cli("run", "recipe.yaml", "train.max_steps=8")
     assert again.returncode == 0 and "shardforge: completed at step 8" in again.stdout, again.stdout + again.stderr
     assert _tree(outside) == before, "nothing was pruned or written through a link"
     log = (run_dir / "logs" / "launch.log").read_text()
     assert f"checkpoint: ignoring 2 symbolic link(s) among the step directories of" in log and \
         f"step-000002 -> {outside / 'step-000002'}" in log, log[-3000:]
-    assert f"{run_dir / 'checkpoints' / 'step-000006'} was a symbolic link to {outside / 'step-000006'}; " \
-           f"replaced the link" in log
+    assert f"checkpoints/step-000006 was a symbolic link to {outside / 'step-000006'}; replaced the link" in log
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000008"]
     assert (run_dir / "checkpoints" / "step-000002").is_symlink() and not (run_dir / "checkpoints" / "step-000006").exists()
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == list(range(1, 9))
-    refused = shardforge("export", "runs/t", "out", "--step", "2")
+    refused = _cli("export", "runs/t", "out", "--step", "2")
     assert refused.returncode == 2 and "is a symbolic link; export reads no checkpoint through a link" in refused.stderr
 
 
@@ -149,7 +154,7 @@ def test_resuming_with_another_checkpoint_format_or_a_replaced_recipe_is_one_lin
     (problem,) = check_resumable(ddp, run_dir)
     assert problem.startswith(f"{run_dir / 'recipe.yaml'}: holds a YAML list, not the recipe its checkpoints"), problem
     # the ranks refuse it too when the launcher's check is skipped (checkpoint.resume=PATH of another run)
-    from train.checkpoint import CheckpointError, Checkpointer
+    from train.checkpoint.manager import CheckpointError, Checkpointer
 
     ranks = Checkpointer(run_dir / "checkpoints", None, {}, 0, 1, meta={"engine": "ddp"})
     with pytest.raises(CheckpointError, match=r"^resume: step-000002 was written by parallel.engine=zero2 \(deepspeed "

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.scores import (EarlyStopping, bio_entities, classification_scores, entity_counts,
-                          entity_counts_by_type, entity_scores)
+from train.loop.early_stopping import EarlyStopping
+from train.metrics.scores import (bio_entities, classification_scores, entity_counts, entity_counts_by_type, entity_scores)
 
 
 def test_classification_scores_match_hand_computation():
@@ -46,7 +46,7 @@ def test_entity_scores_match_hand_computation():
 def test_token_classification_reports_each_entity_type():
     import torch
 
-    from train.evaluation import test_table
+    from train.metrics.evaluation import test_table
     from train.tasks import TokenClassification
 
     labels = ["B-LOC", "B-PER", "I-PER", "O"]

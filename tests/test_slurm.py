@@ -99,7 +99,7 @@ def test_a_save_slower_than_the_slurm_lead_warns(monkeypatch):
     late with its USR1 prints a warning naming the setting; not outside Slurm, not when it fits."""
     from types import SimpleNamespace
 
-    from train.saving import Saver
+    from train.checkpoint.schedule import Saver
 
     said = []
     saver = object.__new__(Saver)  # only the check: no checkpointer or run behind it
@@ -273,7 +273,7 @@ def _assert_finished_like_the_straight_run(cluster, run_dir: Path, job: str, inf
 
 @needs_cluster
 def test_scancel_saves_a_checkpoint_and_ends_the_job_cancelled_not_requeued(cluster):
-    from train.checkpoint_files import committed_checkpoints
+    from train.checkpoint.files import committed_checkpoints
 
     path, run_dir = cluster["recipe"]("cancelled")
     job = submit(path)

@@ -4,7 +4,7 @@
 
 Signals are real (sent to the launcher, or to every process of the job as slurmstepd does).
 To land them at an exact point, the rank program pauses there (``SHARDFORGE_PAUSE_AT``, see
-``train/faults.py``) until the signal has arrived: without that seam a test could not know it
+``train/loop/faults.py``) until the signal has arrived: without that seam a test could not know it
 hit "during a save" rather than just before or after it. Both DataLoader settings run: the
 shipped default (one worker process per rank) and 0.
 """
@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, train_losses, write_recipe
-from train.checkpoint_files import committed_checkpoints
+from train.checkpoint.files import committed_checkpoints
 from train.rundir import (EXIT_BAD_INPUT, EXIT_CRASH, EXIT_HANG, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_REQUEUE,
                           describe, exit_code, final_status, job_ending, read_status, write_error_report,
                           write_status)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe
-from train.checkpoint_files import MANIFEST, file_digest
+from train.checkpoint.files import MANIFEST, file_digest
 
 
 class Exploit:
@@ -120,7 +120,7 @@ def test_tensor_records_are_read_in_place_and_anything_else_by_the_weights_only_
 
     import torch.distributed.checkpoint as dcp
 
-    from train.safe_load import load_tensor_record, safe_reader
+    from train.checkpoint.safe_load import load_tensor_record, safe_reader
 
     state = {"w": torch.randn(5, 7), "t": torch.randn(3, 4).t(), "view": torch.arange(10)[2:7],
              "empty": torch.zeros(0, 3), "bf16": torch.randn(4, 4, dtype=torch.bfloat16), "scalar": torch.tensor(3.5),

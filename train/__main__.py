@@ -1,19 +1,19 @@
 import os
 import sys
 
-from train.stop import StopRequest
+from train.loop.stop_signals import StopRequest
 
 StopRequest.install()  # first: a USR1 during the imports below must not kill the trainer
 
 from train import startup_gc  # noqa: E402
 
-startup_gc.pause()  # until train.trainer has imported what it needs (see train/startup_gc.py)
+startup_gc.pause()  # until train.loop.trainer has imported what it needs (see train/startup_gc.py)
 
 from train.noise import silence_known_noise  # noqa: E402
 
 silence_known_noise()  # before transformers and datasets are imported (see train/noise.py)
 
-from train.trainer import main  # noqa: E402
+from train.loop.trainer import main  # noqa: E402
 
 code = main()
 # Leave without tearing the process groups down: a gloo worker thread freeing its last work

@@ -105,7 +105,7 @@ def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: O
     ``started``: when this launch's training loop began; kept from the previous write of the
     same launch when not given (``None`` while the loop has not begun). ``lost``: a ``failed``
     launch in which no rank holds a cause (see :func:`final_status`). ``summary``: what the ranks
-    alone know at the end (tokens, the best evaluation; see ``train.trainer.end_summary``), for
+    alone know at the end (tokens, the best evaluation; see ``train.loop.trainer.end_summary``), for
     the lines the launcher prints and ``shardforge status``.
     """
     code = exit_code if exit_code is not None else STATE_EXIT.get(state)
@@ -213,7 +213,7 @@ def job_ending(run_dir: Path, launch: str, step_exit_code: int) -> str:
     status = final_status(run_dir, launch)
     if not (status.get("state") == "failed" and status.get("lost")):
         return status.get("state", "unknown")
-    from train.checkpoint_files import committed_checkpoints
+    from train.checkpoint.files import committed_checkpoints
 
     newest = committed_checkpoints(run_dir / "checkpoints")
     checkpoint = newest[-1].name if newest else None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from train.recipe import TASK_METRICS
-from train.scores import classification_scores, entity_counts, entity_counts_by_type, entity_scores
+from train.metrics.scores import classification_scores, entity_counts, entity_counts_by_type, entity_scores
 
 IGNORE = -100
 

@@ -76,7 +76,7 @@ class Engine:
     def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
         """Write model + optimizer + schedule state into ``path``. With ``background`` (DDP/FSDP),
         copy it to CPU memory, start the write in a thread and return its future. An engine that
-        hashes files as it writes them records ``absolute path → digest`` (``train.checkpoint_files.DIGEST``) in ``digests``."""
+        hashes files as it writes them records ``absolute path → digest`` (``train.checkpoint.files.DIGEST``) in ``digests``."""
         raise NotImplementedError
 
     def load(self, path: Path, saved_world_size: int) -> None:

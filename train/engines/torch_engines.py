@@ -18,7 +18,7 @@ import torch.distributed as dist
 from train.engines.base import DTYPES, Engine
 from train.engines.placement import InitialWeights, is_empty, materialize
 from train.model import shard_units
-from train.safe_load import safe_reader
+from train.checkpoint.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
 from train.recipe import Recipe, grad_accum_steps
 
@@ -91,7 +91,7 @@ class _TorchEngine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        from train.checkpoint_files import dcp_writer
+        from train.checkpoint.files import dcp_writer
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         writer = dcp_writer(path / "dcp", digests if digests is not None else {})

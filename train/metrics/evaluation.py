@@ -10,9 +10,9 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_files import MANIFEST, step_dir_name
+from train.checkpoint.files import MANIFEST, step_dir_name
 from train.rundir import atomic_write
-from train.scores import EarlyStopping
+from train.loop.early_stopping import EarlyStopping
 from train.tasks import Task
 
 TEST_JSON, TEST_TABLE = "test_results.json", "test_results.md"

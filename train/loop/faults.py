@@ -66,7 +66,7 @@ def fault_point(name: str, step: int, rank: int) -> None:
 
 
 def _pause_until_stop_requested(where: str) -> None:
-    from train.stop import StopRequest
+    from train.loop.stop_signals import StopRequest
 
     cue = os.environ.get("SHARDFORGE_PAUSE_FILE")
     if cue:
@@ -105,7 +105,7 @@ def with_backward_point(loss_fn, step: int, rank: int):
 
 
 def install(train_step, rank: int) -> None:
-    """Arm the faults the environment asks for on a :class:`train.step.TrainStep`, by wrapping its
+    """Arm the faults the environment asks for on a :class:`train.loop.step.TrainStep`, by wrapping its
     ``loss_for``, ``next_batch`` and ``optimizer_step`` (nothing changes when none is set)."""
     nan_at, hang_at = fault_step("SHARDFORGE_NAN_AT", rank), fault_step("SHARDFORGE_HANG_AT", rank)
     armed = points_armed()

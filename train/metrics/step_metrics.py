@@ -9,9 +9,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from train.metrics import MetricsWriter, Telemetry, aggregate_ranks, mfu
-from train.state import Counters
-from train.step import StepResult
+from train.metrics.flops import mfu
+from train.metrics.telemetry import Telemetry
+from train.metrics.writer import MetricsWriter, aggregate_ranks
+from train.checkpoint.state import Counters
+from train.loop.step import StepResult
 
 
 class LogWindow:

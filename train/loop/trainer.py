@@ -1,8 +1,8 @@
 """The per-rank program: ``python -m train RUN_DIR`` (started by launch.agent, directly or through torchrun).
 
 :func:`train` builds the parts, then runs the loop: step → metrics → evaluation → save → stop.
-Each part decides its own timing (``train.saving``, ``train.evaluation``, ``train.policy``,
-``train.step_metrics``); the engine hides every data-parallel detail (``train.engines``).
+Each part decides its own timing (``train.checkpoint.schedule``, ``train.metrics.evaluation``, ``train.loop.agreement``,
+``train.metrics.step_metrics``); the engine hides every data-parallel detail (``train.engines``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train import faults, startup_gc
-from train.checkpoint import Checkpointer, CheckpointError, CheckpointSaveError
-from train.checkpoint_files import step_dir_name
+from train import startup_gc
+from train.loop import faults
+from train.checkpoint.manager import Checkpointer, CheckpointError, CheckpointSaveError
+from train.checkpoint.files import step_dir_name
 from train.data.batches import TrainBatches, eval_batches
 from train.data.cache import PreparedData
 from train.data.prepare import prepare_data
@@ -34,24 +35,27 @@ from train.engines import capabilities
 from train.engines.base import Engine, report_compute_dtype, set_fp32_matmul_precision
 from train.engines.build import build_engine, engine_config
 from train.engines.placement import place_model
-from train.evaluation import Evaluator
-from train.metrics import MetricsWriter, Telemetry, flops_per_token, peak_tflops
+from train.metrics.evaluation import Evaluator
+from train.metrics.flops import flops_per_token, peak_tflops
+from train.metrics.telemetry import Telemetry
+from train.metrics.writer import MetricsWriter
 from train.model import build_model, frozen_digest, token_ids
 from train.model_checks import memory_problems, model_problems
-from train.policy import NonFiniteGuard, NonFiniteStop, Stopper
+from train.loop.agreement import Stopper
+from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
 from train.recipe import Recipe, grad_accum_steps, resolve_epochs
 from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe,
                           write_error_report, write_status)
-from train.safe_load import forbid_code_in_checkpoints
-from train.saving import Saver
+from train.checkpoint.safe_load import forbid_code_in_checkpoints
+from train.checkpoint.schedule import Saver
 from train.schema import RecipeProblems
-from train.scores import EarlyStopping
-from train.state import Counters, RNGState
-from train.step import TrainStep
-from train.step_metrics import LogWindow, StepMetrics
-from train.stop import StopRequest
+from train.loop.early_stopping import EarlyStopping
+from train.checkpoint.state import Counters, RNGState
+from train.loop.step import TrainStep
+from train.metrics.step_metrics import LogWindow, StepMetrics
+from train.loop.stop_signals import StopRequest
 from train.tasks import Task, build_task
-from train.watchdog import start_watchdog
+from train.loop.watchdog import start_watchdog
 
 CURRENT = Counters()
 """This process's progress counters (replaced by the run's own): error reports name the step."""

@@ -28,13 +28,13 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from train.checkpoint_files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
+from train.checkpoint.files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
                                     share_of, step_dir_name, verify)
 from train.distributed import all_ranks_agree
-from train.faults import fault_point
+from train.loop.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
-from train.safe_load import rank_errors, refusing_code
-from train.state import Stateful
+from train.checkpoint.safe_load import rank_errors, refusing_code
+from train.checkpoint.state import Stateful
 
 
 

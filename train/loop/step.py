@@ -41,7 +41,7 @@ def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, mic
 class TrainStep:
     """Runs step N on this rank: ``accum`` micro-batches of ``batches`` through ``engine`` with the
     task's loss, then the optimizer step; reports phases to the watchdog and non-finite steps to
-    the guard. Fault injection (``train.faults.install``) wraps its parts from the outside."""
+    the guard. Fault injection (``train.loop.faults.install``) wraps its parts from the outside."""
 
     def __init__(self, engine, loss_fn, batches, accum: int, world_size: int, device: torch.device,
                  guard, watchdog, loss_tokens: Optional[np.ndarray] = None):

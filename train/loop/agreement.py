@@ -1,16 +1,15 @@
-"""When the ranks stop: agreement on stop / save-now / write-in-flight one step late, the
-``train.stop_after`` time box, and the non-finite guard. Each decides from flags the other parts
-raise; none of them runs the step."""
+"""When the ranks stop: agreement on stop / save-now / write-in-flight one step late, and the
+``train.stop_after`` time box. Each decides from flags the other parts raise; none of them runs
+the step (the non-finite guard is in :mod:`train.loop.nonfinite`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from train.stop import StopRequest
+from train.loop.stop_signals import StopRequest
 
 
 class Agreed(NamedTuple):
@@ -79,41 +78,3 @@ class Stopper:
     @property
     def reason(self) -> str:
         return self.request.signal_name or "stop signal on another rank"
-
-
-class NonFiniteStop(RuntimeError):
-    """``train.on_nonfinite=stop`` and a step had a NaN/inf loss or gradient norm."""
-
-
-class NonFiniteGuard:
-    """Counts steps whose loss or gradient norm was non-finite on any rank, on the device.
-
-    The engines agree on the flag with an all-reduce and (DDP/FSDP) skip the update on the
-    device, so nothing here synchronises with the host except :meth:`check`, which runs at log
-    steps, before every save and at the end.
-    """
-
-    def __init__(self, policy: str, device: torch.device, batches, run_dir: Path):
-        self.policy, self.batches, self.run_dir = policy, batches, run_dir
-        self.count = torch.zeros((), device=device)
-        self.first_step = torch.zeros((), device=device)
-
-    def record(self, skipped: torch.Tensor, step: int) -> None:
-        self.count += skipped
-        self.first_step = torch.where((self.first_step == 0) & (skipped > 0),
-                                      torch.full_like(self.first_step, step), self.first_step)
-
-    def total(self) -> int:
-        return int(self.count.item())
-
-    def check(self, step: int) -> None:
-        """Raise :class:`NonFiniteStop` when the policy is ``stop`` and any step so far was non-finite."""
-        if self.policy != "stop" or self.count.item() == 0:
-            return
-        bad = int(self.first_step.item())
-        fingerprint: Optional[str] = self.batches.fingerprint(steps_back=step - bad + 1)
-        raise NonFiniteStop(
-            f"non-finite loss or gradient norm at step {bad} (batch fingerprint {fingerprint}); "
-            f"stopped without saving, so the latest checkpoint in {self.run_dir / 'checkpoints'} is the "
-            f"last good state. Lower optim.lr or check that batch, or set train.on_nonfinite=skip "
-            f"(ddp/fsdp), then run again to resume")

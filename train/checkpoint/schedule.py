@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from train.checkpoint import Checkpointer, CheckpointSaveError
-from train.checkpoint_files import step_dir_name
-from train.policy import Agreed, NonFiniteGuard, NonFiniteStop
+from train.checkpoint.manager import Checkpointer, CheckpointSaveError
+from train.checkpoint.files import step_dir_name
+from train.loop.agreement import Agreed
+from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
 from train.recipe import SLURM_SIGNAL_SLACK_S, CheckpointConfig, Recipe
 from train.rundir import BEST_FILE, atomic_write
-from train.scores import EarlyStopping
-from train.state import Counters
+from train.loop.early_stopping import EarlyStopping
+from train.checkpoint.state import Counters
 
 
 class Saver:

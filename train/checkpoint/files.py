@@ -20,7 +20,7 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 DIGEST = "xxh3_128"
 """The manifest's per-file digest: xxh3-128 runs at memory speed, so hashing adds little to a save
 or a load. It detects corruption (a torn, truncated or bit-flipped file), not tampering: loading
-is weights-only (``train.safe_load``), so a forged file can hold data, never code. Manifests
+is weights-only (``train.checkpoint.safe_load``), so a forged file can hold data, never code. Manifests
 written before this field existed used sha256 and are still verified with it."""
 
 
