@@ -195,8 +195,10 @@ def test_fuzzed_recipe_documents_never_crash_the_loader(tmp_path_factory, doc):
     path.write_text(yaml.safe_dump(doc))
     try:
         load_recipe(str(path))
-    except RecipeError:
-        pass
+    except RecipeError as err:  # refused: every problem is one line that starts with where it is
+        assert str(err).startswith(f"{path}: ") and err.problems, str(err)
+        assert all(problem.strip() and "\n" not in problem and "Traceback" not in problem
+                   for problem in err.problems), err.problems
 
 
 def test_bad_input_through_the_cli_is_one_line_and_exit_2_and_writes_nothing(world, tmp_path):

@@ -249,3 +249,25 @@ def test_tf32_is_on_by_default_and_switches_torchs_matmul_flags():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_resuming_drops_torn_lines_and_never_writes_through_a_linked_metrics_file(tmp_path):
+    """A metrics.jsonl that is a link to someone's file (or holds a line torn by a crash) made the
+    resume die with a JSONDecodeError; a link was also appended through."""
+    from train.metrics.writer import MetricsWriter
+
+    seen: list[str] = []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2, log=seen.append)
+    writer.write(3, {"loss": 1.0})
+    writer.close()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3] and "dropped 1 line(s)" in seen[0], seen
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("not json\n")
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").symlink_to(theirs)
+    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2, log=seen.append)
+    writer.write(3, {"loss": 1.0})
+    writer.close()
+    assert theirs.read_text() == "not json\n" and not (tmp_path / "metrics.jsonl").is_symlink()
+    assert "was a symbolic link to" in seen[-1]

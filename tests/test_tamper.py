@@ -111,6 +111,28 @@ def test_a_manifest_names_only_files_inside_its_checkpoint_and_a_real_world_size
     assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_dcp_metadata_declaring_more_than_its_files_hold_is_refused_before_loading(stopped, tmp_path):
+    """A .metadata declaring a 2^40-element tensor gave a raw "Size mismatch" (export) and a rank
+    traceback (resume); now verification names it, so resume falls back and export refuses."""
+    import pickle
+
+    r, ckpt = _copy(stopped, "ddp", "huge-tensor")
+    with open(ckpt / "dcp" / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # the test's own file
+    name, meta = next((k, v) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size"))
+    meta.size = torch.Size([2**40])
+    with open(ckpt / "dcp" / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"]["dcp/.metadata"] = file_digest(ckpt / "dcp" / ".metadata")  # the manifest rewritten too
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    fragment = f"dcp/.metadata declares {name!r} of shape ({2**40},) ({4 * 2**40:,} bytes), more than the checkpoint's"
+    exported = launch_in_process("export", r["run"]["dir"], str(tmp_path / "export"), "--step", "2")
+    assert exported.returncode == 2 and fragment in exported.stderr, exported.stderr
+    out = run_recipe(stopped[0], r, "train.stop_after=0", expect=2)
+    assert "none of the 1 committed checkpoints" in out.stdout + out.stderr and fragment in out.stdout + out.stderr
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_tensor_records_are_read_in_place_and_anything_else_by_the_weights_only_loader(tmp_path, monkeypatch):
     """DCP's tensor records (one ``torch.save`` archive each) are rebuilt by the reader's own small

@@ -171,6 +171,11 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     for (rel, digest), actual in zip(mine, file_digests([ckpt / rel for rel, _ in mine], algorithm)):
         if actual != digest:
             return f"{ckpt}: {rel} does not match its {algorithm} digest in {MANIFEST} (truncated or altered)"
+    if "dcp/.metadata" in dict(mine):
+        from train.checkpoint.safe_load import dcp_size_problem
+
+        if (problem := dcp_size_problem(ckpt / "dcp")) is not None:
+            return f"{ckpt}: {problem}"
     return None
 
 

@@ -21,7 +21,7 @@ import pickle
 import struct
 import zipfile
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 DEEPSPEED_CHECKPOINT_TYPES = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -222,6 +222,39 @@ def _plain_tensor(record: bytearray):
     if pickled is None:
         raise _NotPlain("no data.pkl")
     return _TensorRecordUnpickler(pickled, record, records).load()
+
+
+def dcp_size_problem(dcp_dir) -> Optional[str]:
+    """What in ``dcp_dir/.metadata`` does not fit the data files beside it (a record beyond a file's
+    end, a tensor declared larger than every file together), or ``None``. Checked before loading:
+    DCP would allocate what the metadata declares. Metadata that does not unpickle is left to
+    :func:`safe_reader`, which refuses it."""
+    import math
+    from pathlib import Path
+
+    dcp_dir = Path(dcp_dir)
+    try:
+        with open(dcp_dir / ".metadata", "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        storage, tensors = dict(metadata.storage_data), dict(metadata.state_dict_metadata)
+    except Exception:  # noqa: BLE001 - refused or unreadable: the loader reports it
+        return None
+    sizes = {p.name: p.stat().st_size for p in dcp_dir.iterdir() if p.is_file() and not p.is_symlink()}
+    for info in storage.values():
+        size = sizes.get(str(info.relative_path))
+        if size is None or "/" in str(info.relative_path):
+            return f"dcp/.metadata points into {str(info.relative_path)[:80]!r}, which is not a file of the checkpoint"
+        if info.offset < 0 or info.length < 0 or info.offset + info.length > size:
+            return (f"dcp/.metadata places a record at bytes {info.offset:,}-{info.offset + info.length:,} of "
+                    f"{info.relative_path}, which holds {size:,}")
+    total = sum(size for name, size in sizes.items() if name != ".metadata")
+    for name, meta in tensors.items():
+        if hasattr(meta, "size") and hasattr(meta, "properties"):
+            declared = math.prod(meta.size) * meta.properties.dtype.itemsize
+            if declared > total:
+                return (f"dcp/.metadata declares {str(name)[:80]!r} of shape {tuple(meta.size)} ({declared:,} bytes), "
+                        f"more than the checkpoint's data files hold ({total:,} bytes)")
+    return None
 
 
 def safe_reader(path):

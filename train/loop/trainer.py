@@ -85,7 +85,7 @@ def train(run_dir: Path) -> int:
         report_compute_dtype(engine.model, log)
         guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir)
         writer = closing.enter_context(MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console,
-                                                     t.max_steps, counters.step)) if d.is_main else None
+                                                     t.max_steps, counters.step, log)) if d.is_main else None
         telemetry = closing.enter_context(Telemetry(d.local_rank if d.device.type == "cuda" else None,
                                                     recipe.logging.telemetry_interval_s, warn=log))
         if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", log, closing):

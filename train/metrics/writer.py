@@ -52,8 +52,9 @@ class MetricsWriter:
 
     FLUSH_EVERY_S = 10.0
 
-    def __init__(self, run_dir: Path, tensorboard: bool, console: bool, max_steps: int, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, tensorboard: bool, console: bool, max_steps: int, resume_step: int,
+                 log=print):
+        self.path, self.log = run_dir / "metrics.jsonl", log
         self._flushed = time.monotonic()
         self._drop_after(resume_step)
         self.jsonl = open(self.path, "a")
@@ -79,11 +80,28 @@ class MetricsWriter:
                             mininterval=1.0, smoothing=0.1)
 
     def _drop_after(self, step: int) -> None:
-        """Remove lines past ``step`` (logged after the checkpoint we resume from)."""
+        """Remove lines past ``step`` (logged after the checkpoint we resume from), and lines that
+        are no record (torn by a crash mid-write). A ``metrics.jsonl`` that is a symbolic link is
+        replaced by a file of its own: the run never reads or appends through a link."""
+        if self.path.is_symlink():
+            self.log(f"metrics: {self.path} was a symbolic link to {os.readlink(self.path)}; this run writes a "
+                     f"metrics.jsonl of its own (the link's target is untouched)")
+            self.path.unlink()
+            return
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, torn = [], 0
+        with open(self.path, errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    torn += bool(line.strip())
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                    kept.append(line.rstrip("\n"))
+        if torn:
+            self.log(f"metrics: dropped {torn} line(s) of {self.path} that are no JSON record (torn by a crash?)")
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
