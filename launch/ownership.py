@@ -13,13 +13,16 @@ stop verifying; an export into a run's checkpoints would do the same.
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import time
 from pathlib import Path
 from typing import Optional
 
+from launch.runlock import LOCK_FILE
 from train.checkpoint.files import MANIFEST, STEP_DIR
-from train.rundir import RECIPE_FILE, RUN_MARKER, STATUS_FILE, atomic_write
+from train.rundir import RECIPE_FILE, RUN_MARKER, STATUS_FILE
 
 SHOWN_ENTRIES = 6
 
@@ -72,9 +75,19 @@ def run_dir_problems(run_dir: Path) -> list[str]:
 
 def prepared_for_checkpoints(run_dir: Path) -> bool:
     """A folder holding only an empty ``checkpoints/`` (a mount or a link to scratch storage, made
-    ready before the first launch): nothing in it can be lost, so it is adopted."""
-    entries = list(run_dir.iterdir())
-    return [p.name for p in entries] == ["checkpoints"] and entries[0].is_dir() and not any(entries[0].iterdir())
+    ready before the first launch), or what the nodes of a launch starting right now write before
+    the marker (``lock.json``, the marker's temporary file, ``logs/launch*.log``): nothing in it
+    can be lost, so it is adopted."""
+    for entry in run_dir.iterdir():
+        if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.name in (LOCK_FILE, RUN_MARKER) or re.fullmatch(rf"\.{re.escape(LOCK_FILE)}\.\d+\.tmp", entry.name):
+            continue  # the lock, or its heartbeat being rewritten
+        if entry.name == "logs" and entry.is_dir() and all(re.fullmatch(r"launch(-node\d+)?\.log", f.name)
+                                                          for f in entry.iterdir()):
+            continue
+        return False
+    return True
 
 
 def export_dir_problems(out_dir: Path) -> list[str]:
@@ -88,6 +101,10 @@ def export_dir_problems(out_dir: Path) -> list[str]:
 
 def mark(run_dir: Path) -> None:
     """Record that shardforge made (or adopted) ``run_dir``; kept once written."""
-    if not (run_dir / RUN_MARKER).exists():
-        atomic_write(run_dir / RUN_MARKER, json.dumps({"made_by": "shardforge", "host": socket.gethostname(),
-                                                       "time": time.time()}) + "\n")
+    record = json.dumps({"made_by": "shardforge", "host": socket.gethostname(), "time": time.time()}) + "\n"
+    try:  # created in place, no temporary file: another node of the launch may be checking the folder now
+        fd = os.open(run_dir / RUN_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(record)

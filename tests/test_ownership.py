@@ -63,6 +63,13 @@ def test_a_users_folder_is_never_adopted_as_a_run_directory(tmp_path, recipe_fil
     assert run_dir_problems(tmp_path / "prepared") == [], "so is one holding only an empty checkpoints/ (a mount)"
     (tmp_path / "scratch" / "x").write_text("")
     assert run_dir_problems(tmp_path / "prepared") != []
+    starting = tmp_path / "starting"  # what the nodes of a launch write before the marker lands
+    (starting / "logs").mkdir(parents=True)
+    for name in ("lock.json", ".lock.json.1234.tmp", "logs/launch.log", "logs/launch-node1.log"):
+        (starting / name).write_text("")
+    assert run_dir_problems(starting) == [], "another node of the same launch got there first"
+    (starting / "logs" / "notes.txt").write_text("mine")
+    assert run_dir_problems(starting) != []
     legacy = tmp_path / "made-before-the-marker"  # what an older shardforge left: adopted as a run
     (legacy / "logs").mkdir(parents=True)
     (legacy / "recipe.yaml").write_text("task: causal_lm\n")
