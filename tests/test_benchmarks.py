@@ -70,7 +70,7 @@ def test_adversarial_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["tried"] == 2 and result["counts"]["exit2"] == 2, result
-    assert "| tried | exit2 | traceback | hang | silent | data_lost | code_executed |" in proc.stdout
+    assert "| tried | exit2 | ok | traceback | hang | silent | data_lost | code_executed |" in proc.stdout
     assert _run("benchmarks.adversarial", "--only", "nonsense").returncode == 2
 
 
