@@ -114,14 +114,14 @@ class World:
     def plant(self, run: str, rel: str, torch_format: bool) -> None:
         import torch
 
-        from train.checkpoint.files import MANIFEST, file_digest
+        from train.checkpoint.files import MANIFEST, file_digest, sealed_manifest
 
         ckpt = self.tmp / run / "checkpoints" / "step-000002"
         with open(ckpt / rel, "wb") as f:
             torch.save({"x": Exploit(self.marker)}, f) if torch_format else pickle.dump(Exploit(self.marker), f)
         manifest = json.loads((ckpt / MANIFEST).read_text())
         manifest["files"][rel] = file_digest(ckpt / rel)
-        (ckpt / MANIFEST).write_text(json.dumps(manifest))
+        (ckpt / MANIFEST).write_text(json.dumps(sealed_manifest(manifest, ckpt)))  # resealed by the attacker
 
 
 def run_cli(args: list[str], timeout_s: float, cwd: Optional[Path] = None) -> tuple[Optional[int], str, float]:
@@ -270,7 +270,47 @@ def _checkpoint_cases() -> list[Case]:
     def empty_manifest(w: World) -> list[str]:
         path = w.copy_run("ddp", "empty-manifest")
         m = w.tmp / "empty-manifest" / "checkpoints" / "step-000002" / "manifest.json"
-        m.write_text(json.dumps({**json.loads(m.read_text()), "files": {}}))
+        from train.checkpoint.files import sealed_manifest
+
+        m.write_text(json.dumps(sealed_manifest({**json.loads(m.read_text()), "files": {}}, m.parent)))
+        return ["run", str(path), "train.stop_after=0"]
+
+    def edited_manifest(name: str, edit, reseal: bool = True) -> Case:
+        """Export from a copy whose step-2 manifest was edited (and resealed, as a determined
+        editor would: the seal guards against mistakes and damage, the checks behind it against the rest)."""
+        def args(w: World) -> list[str]:
+            from train.checkpoint.files import sealed_manifest
+
+            w.copy_run("ddp", name)
+            ckpt = w.tmp / name / "checkpoints" / "step-000002"
+            (w.tmp / name / "victim.txt").write_text("someone else's")
+            m = json.loads((ckpt / "manifest.json").read_text())
+            edit(m)
+            (ckpt / "manifest.json").write_text(json.dumps(sealed_manifest(m, ckpt) if reseal else m))
+            return ["export", str(w.tmp / name), str(w.tmp / f"{name}-export")]
+        return Case(f"export: manifest {name.removeprefix('manifest-')}", args, guarded=[], timeout_s=120)
+
+    def other_engine(w: World) -> list[str]:
+        return ["run", str(w.copy_run("zero2", "zero2-as-ddp")), "train.stop_after=0", "parallel.engine=ddp"]
+
+    def other_model(w: World) -> list[str]:
+        ckpt = w.tmp / "other-model-source" / "checkpoints" / "step-000002"
+        if not ckpt.exists():
+            w.copy_run("ddp", "other-model-source")
+        path = w.recipe("other-model", model={"config": {"model_type": "llama", "hidden_size": 48,
+                                                         "intermediate_size": 96, "num_hidden_layers": 2,
+                                                         "num_attention_heads": 2, "num_key_value_heads": 2,
+                                                         "max_position_embeddings": 64}},
+                        checkpoint={"resume": str(ckpt)})
+        return ["run", str(path)]
+
+    def linked_metrics(w: World) -> list[str]:
+        path = w.copy_run("ddp", "linked-metrics")
+        metrics = w.tmp / "linked-metrics" / "metrics.jsonl"
+        (w.tmp / "notes").mkdir(exist_ok=True)
+        (w.tmp / "notes" / "not-json.txt").write_text("a user's notes, not JSON\n")
+        metrics.unlink()
+        metrics.symlink_to(w.tmp / "notes" / "not-json.txt")
         return ["run", str(path), "train.stop_after=0"]
 
     def all_corrupt(w: World) -> list[str]:
@@ -288,6 +328,16 @@ def _checkpoint_cases() -> list[Case]:
                            command)]
     cases += [Case("resume: manifest with files {}", empty_manifest, guarded=["empty-manifest"]),
               Case("resume: every checkpoint corrupt", all_corrupt, guarded=["all-corrupt"]),
+              edited_manifest("manifest-world_size 10^12", lambda m: m.update(world_size=10**12)),
+              edited_manifest("manifest-listing /dev/zero", lambda m: m["files"].update({"/dev/zero": "0" * 32})),
+              edited_manifest("manifest-listing ../../victim.txt",
+                              lambda m: m["files"].update({"../../victim.txt": "0" * 32})),
+              edited_manifest("manifest-step edited, not resealed", lambda m: m.update(step=3), reseal=False),
+              Case("resume: a zero2 checkpoint with parallel.engine=ddp", other_engine, guarded=["zero2-as-ddp"]),
+              Case("run: checkpoint.resume of another model's checkpoint", other_model,
+                   guarded=["other-model-source"]),
+              Case("resume: metrics.jsonl a link to a non-JSON file (replaced, the file untouched)", linked_metrics,
+                   untouched=["notes"], succeeds=True),
               changed("changed-seed", "run.seed=9"), changed("changed-batch", "train.global_batch_size=16"),
               changed("changed-model", "model.config.hidden_size=96"),
               changed("changed-data", "data.val_fraction=0.2")]

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from launch.ownership import export_dir_problems
-from train.checkpoint.files import MANIFEST, committed_checkpoints, latest_valid, links_note, step_dir_name, verify
+from train.checkpoint.files import MANIFEST, committed_checkpoints, links_note, newest_valid, step_dir_name, verify
 
 
 class ExportError(ValueError):
@@ -43,7 +43,10 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
         if best in committed_checkpoints(root) and verify(best) is None:
             return best
     if step is None:
-        ckpt = latest_valid(root, warn=lambda msg: print(f"shardforge: {msg}"))
+        ckpt, problems = newest_valid(committed_checkpoints(root), verify, lambda msg: print(f"shardforge: {msg}"))
+        if ckpt is None and problems:
+            raise ExportError(f"none of the {len(problems)} committed checkpoints in {root} verifies (newest: "
+                              f"{problems[0]}); restore them from a copy")
         if ckpt is None:
             raise ExportError(f"{root}: no committed checkpoint to export; train with "
                               f"checkpoint.at_end=true or checkpoint.every_steps>0")

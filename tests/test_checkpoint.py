@@ -137,6 +137,38 @@ def test_manifest_is_the_commit_marker(tmp_path):
     assert "manifest.json is unreadable" in verify(ckpt)
 
 
+def test_a_sealed_manifest_refuses_its_own_edits_and_checks_sizes_before_hashing(tmp_path, monkeypatch):
+    """Format 2: the manifest carries its own digest and each file's size. An edit that is not
+    resealed is named as such; a file of the wrong size is refused without reading it (before, a
+    manifest naming a huge file was hashed to the end)."""
+    import xxhash
+
+    from train.checkpoint import files as checkpoint_files
+    from train.checkpoint.files import sealed_manifest
+
+    ckpt = tmp_path / "step-000010"
+    ckpt.mkdir()
+    (ckpt / "rank-00000.pt").write_bytes(b"rank")
+    record = {"step": 10, "world_size": 1, "digest": "xxh3_128",
+              "files": {"rank-00000.pt": xxhash.xxh3_128(b"rank").hexdigest()}}
+    sealed = sealed_manifest(record, ckpt)
+    assert sealed["sizes"] == {"rank-00000.pt": 4} and sealed["format"] == 2
+    (ckpt / "manifest.json").write_text(json.dumps(sealed, indent=1))
+    assert verify(ckpt) is None
+    (ckpt / "manifest.json").write_text(json.dumps({**sealed, "step": 11}))
+    assert verify(ckpt).endswith("manifest.json does not match its own digest (edited or damaged after the save)")
+    (ckpt / "manifest.json").write_text(json.dumps({k: v for k, v in sealed.items() if k != "format"}))
+    assert "does not match its own digest" in verify(ckpt), "dropping the format field does not unseal it"
+    (ckpt / "manifest.json").write_text(json.dumps(sealed_manifest({**sealed, "sizes": {}}, ckpt)))
+    assert verify(ckpt) is None  # sealing recomputes the sizes
+    (ckpt / "manifest.json").write_text(json.dumps({**sealed, "sizes": {}, "manifest_digest": None}))
+    assert "does not match its own digest" in verify(ckpt)
+    (ckpt / "manifest.json").write_text(json.dumps(sealed))
+    (ckpt / "rank-00000.pt").write_bytes(b"rank" * 1000)
+    monkeypatch.setattr(checkpoint_files, "file_digests", lambda *a, **k: pytest.fail("hashed a wrong-size file"))
+    assert verify(ckpt).endswith("rank-00000.pt holds 4,000 bytes, manifest.json says 4 (truncated or altered)")
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch /tmp/shardforge-pwned",))
@@ -157,10 +189,10 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
     # and even with the manifest rewritten, weights_only refuses to unpickle
     manifest_path = victim.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    from train.checkpoint.files import file_digest
+    from train.checkpoint.files import file_digest, sealed_manifest
 
     manifest["files"]["rank-00000.pt"] = file_digest(victim)
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_text(json.dumps(sealed_manifest(manifest, victim.parent)))  # resealed, sizes too
     out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=2)
     assert "refused: a file holds objects that would run code" in out.stdout + out.stderr
     assert not Path("/tmp/shardforge-pwned").exists()

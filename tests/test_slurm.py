@@ -305,6 +305,22 @@ def test_scancel_signal_usr1_checkpoints_requeues_and_finishes_bit_identically(c
 
 
 @needs_cluster
+def test_term_to_the_batch_shell_alone_reaches_the_trainers_and_the_job_requeues_truthfully(cluster):
+    """``scancel --signal=TERM --batch``: only the batch shell gets TERM. Before, it was ignored
+    while the log said "waiting for the trainers to checkpoint", and a requeue that worked could
+    print "scontrol requeue failed"."""
+    path, run_dir = cluster["recipe"]("batch-term")
+    job = submit(path)
+    _wait_for_steps(job, run_dir, 5)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True)
+    info = wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    log = _assert_finished_like_the_straight_run(cluster, run_dir, job, info)
+    assert "batch script got SIGTERM; passed to the trainers" in log, log[-3000:]
+    assert re.search(r"stop requested \(SIGTERM\) at step \d+", log) and "requeueing (restart 1 of 2)" in log, log[-3000:]
+    assert "requeue failed" not in log and "Traceback" not in log, log[-3000:]
+
+
+@needs_cluster
 def test_usr1_one_second_into_the_job_step_requeues_and_finishes_bit_identically(cluster):
     """The signal lands while the agent and the trainers are still starting (importing torch)."""
     path, run_dir = cluster["recipe"]("early-usr1")

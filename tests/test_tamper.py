@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe
-from train.checkpoint.files import MANIFEST, file_digest
+from train.checkpoint.files import MANIFEST, file_digest, sealed_manifest
 
 
 class Exploit:
@@ -54,8 +54,8 @@ def _plant(ckpt: Path, rel: str, payload, torch_format: bool) -> None:
     with open(ckpt / rel, "wb") as f:
         torch.save(payload, f) if torch_format else pickle.dump(payload, f)
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest["files"][rel] = file_digest(ckpt / rel)  # the attacker rewrites the manifest too
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    manifest["files"][rel] = file_digest(ckpt / rel)  # the attacker rewrites and reseals the manifest too
+    (ckpt / MANIFEST).write_text(json.dumps(sealed_manifest(manifest, ckpt)))
 
 
 @pytest.mark.parametrize("engine, rel, torch_format", [
@@ -81,7 +81,7 @@ def test_a_manifest_must_list_every_file_the_loaders_open(stopped, tmp_path):
     r, ckpt = _copy(stopped, "ddp", "empty-manifest")
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest["files"] = {}
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    (ckpt / MANIFEST).write_text(json.dumps(sealed_manifest(manifest, ckpt)))
     out = run_recipe(stopped[0], r, "train.stop_after=0", f"checkpoint.resume={ckpt}", expect=2)
     assert "is not listed in manifest.json" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
     exported = launch_in_process("export", r["run"]["dir"], str(tmp_path / "export"), "--step", "2")
@@ -103,7 +103,7 @@ def test_a_manifest_names_only_files_inside_its_checkpoint_and_a_real_world_size
     (ckpt.parents[1] / "victim.txt").write_text("someone else's")
     manifest = json.loads((ckpt / MANIFEST).read_text())
     edit(manifest, ckpt)
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    (ckpt / MANIFEST).write_text(json.dumps(sealed_manifest(manifest, ckpt)))  # resealed by the editor
     from launch.export import ExportError, export
 
     with pytest.raises(ExportError) as err:
@@ -125,7 +125,7 @@ def test_dcp_metadata_declaring_more_than_its_files_hold_is_refused_before_loadi
         pickle.dump(metadata, f)
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest["files"]["dcp/.metadata"] = file_digest(ckpt / "dcp" / ".metadata")  # the manifest rewritten too
-    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    (ckpt / MANIFEST).write_text(json.dumps(sealed_manifest(manifest, ckpt)))
     fragment = f"dcp/.metadata declares {name!r} of shape ({2**40},) ({4 * 2**40:,} bytes), more than the checkpoint's"
     exported = launch_in_process("export", r["run"]["dir"], str(tmp_path / "export"), "--step", "2")
     assert exported.returncode == 2 and fragment in exported.stderr, exported.stderr
@@ -164,3 +164,16 @@ def test_tensor_records_are_read_in_place_and_anything_else_by_the_weights_only_
     with pytest.raises(pickle.UnpicklingError):
         load_tensor_record(bytearray(record.getvalue()))
     assert not marker.exists()
+
+
+def test_resuming_another_models_checkpoint_names_the_shapes_that_differ(stopped, tmp_path):
+    """checkpoint.resume=<a checkpoint of a wider model> gave DCP's "Size mismatch" traceback."""
+    r, ckpt = _copy(stopped, "ddp", "other-model-source")
+    fresh = json.loads(json.dumps(r))
+    fresh["run"]["dir"] = str(tmp_path / "wider")
+    fresh["model"]["config"].update(hidden_size=48, intermediate_size=96)
+    fresh["checkpoint"]["resume"] = str(ckpt)
+    out = run_recipe(stopped[0], fresh, expect=2)
+    text = out.stdout + out.stderr
+    assert f"resume: {ckpt} holds another model: model.embed_tokens.weight is (448, 32) there, (448, 48) here" \
+        in text and "Traceback" not in text, text[-3000:]

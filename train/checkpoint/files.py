@@ -11,7 +11,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import xxhash
 
@@ -22,6 +22,16 @@ DIGEST = "xxh3_128"
 or a load. It detects corruption (a torn, truncated or bit-flipped file), not tampering: loading
 is weights-only (``train.checkpoint.safe_load``), so a forged file can hold data, never code. Manifests
 written before this field existed used sha256 and are still verified with it."""
+
+
+MANIFEST_FORMAT = 2
+"""Format 2 manifests record each file's size (checked before any byte is hashed) and carry their
+own digest (``manifest_digest``), so an edited or damaged manifest is refused as such. Manifests
+without ``format`` were written before both and are verified as before."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from as asked: one line for the user, exit 2."""
 
 
 def step_dir_name(step: int) -> str:
@@ -43,6 +53,34 @@ def file_digest(path: Path, algorithm: str = DIGEST) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _manifest_digest(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != "manifest_digest"}
+    h = new_hash(DIGEST)
+    h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def sealed_manifest(record: dict, ckpt: Path) -> dict:
+    """``record`` (with ``files``: path → digest) as a format-2 manifest: the size of each listed
+    file under ``ckpt`` and the manifest's own digest added."""
+    body = {k: v for k, v in record.items() if k not in ("manifest_digest", "sizes")}
+    body.update(format=MANIFEST_FORMAT, sizes={rel: (ckpt / rel).stat().st_size for rel in record["files"]})
+    return {**body, "manifest_digest": _manifest_digest(body)}
+
+
+def _seal_problem(record: dict) -> Optional[str]:
+    """What is wrong with a format-2 manifest's seal or sizes (the rest of a line), or ``None``."""
+    if record.get("format", 1) == 1 and "manifest_digest" not in record:
+        return None  # written before the seal existed
+    if record.get("format") != MANIFEST_FORMAT or record.get("manifest_digest") != _manifest_digest(record):
+        return "does not match its own digest (edited or damaged after the save)"
+    sizes, files = record.get("sizes"), record["files"]
+    if (not isinstance(sizes, dict) or set(sizes) != set(files)
+            or not all(type(n) is int and n >= 0 for n in sizes.values())):
+        return "gives no byte size for each file it lists"
+    return None
 
 
 def io_threads() -> int:
@@ -155,7 +193,7 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
         new_hash(algorithm)
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{ckpt}: {MANIFEST} is unreadable"
-    if (problem := manifest_problem(files, saved_world)) is not None:
+    if (problem := manifest_problem(files, saved_world) or _seal_problem(record)) is not None:
         return f"{ckpt}: {MANIFEST} {problem}"
     unlisted = unlisted_files(ckpt, files, saved_world)
     if unlisted:  # a loader would open it unchecked
@@ -168,6 +206,9 @@ def verify(ckpt: Path, rank: int = 0, world: int = 1) -> Optional[str]:
             return f"{ckpt}: {rel} is missing"
         if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(inside):
             return f"{ckpt}: {rel} is not a regular file of the checkpoint (a link, device or folder); never read"
+        if "sizes" in record and (size := path.stat().st_size) != record["sizes"][rel]:  # before hashing it
+            return (f"{ckpt}: {rel} holds {size:,} bytes, {MANIFEST} says {record['sizes'][rel]:,} "
+                    f"(truncated or altered)")
     for (rel, digest), actual in zip(mine, file_digests([ckpt / rel for rel, _ in mine], algorithm)):
         if actual != digest:
             return f"{ckpt}: {rel} does not match its {algorithm} digest in {MANIFEST} (truncated or altered)"
@@ -242,11 +283,21 @@ def links_note(root: Path) -> Optional[str]:
             f"move the checkpoint into the run, or remove the link")
 
 
-def latest_valid(root: Path, warn=print) -> Optional[Path]:
-    """The newest committed checkpoint whose files pass their checksums."""
-    for ckpt in reversed(committed_checkpoints(root)):
-        problem = verify(ckpt)
+def newest_valid(candidates: list[Path], check: Callable[[Path], Optional[str]] = verify,
+                 warn: Callable[[str], object] = print) -> tuple[Optional[Path], list[str]]:
+    """The newest of ``candidates`` (oldest first) that ``check`` passes, and the problem of each
+    newer one (newest first), each also passed to ``warn``. The one search for a checkpoint to
+    resume from or export: offline with :func:`verify`, in a run with the ranks sharing the work."""
+    problems = []
+    for ckpt in reversed(candidates):
+        problem = check(ckpt)
         if problem is None:
-            return ckpt
+            return ckpt, problems
         warn(f"checkpoint: skipping {problem}; trying the previous one")
-    return None
+        problems.append(problem)
+    return None, problems
+
+
+def latest_valid(root: Path, warn: Callable[[str], object] = print) -> Optional[Path]:
+    """The newest committed checkpoint under ``root`` whose files pass their checksums."""
+    return newest_valid(committed_checkpoints(root), verify, warn)[0]

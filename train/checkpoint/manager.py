@@ -28,8 +28,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from train.checkpoint.files import (DIGEST, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
-                                    share_of, step_dir_name, verify)
+from train.checkpoint.files import (DIGEST, CheckpointError, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
+                                    newest_valid, sealed_manifest, share_of, step_dir_name, verify)
 from train.distributed import all_ranks_agree
 from train.loop.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
@@ -48,10 +48,6 @@ class PendingSave(NamedTuple):
     extra_manifest: dict
     protect: set
     started: float
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 class CheckpointSaveError(CheckpointError):
@@ -156,8 +152,8 @@ class Checkpointer:
                 os.replace(tmp, final)
                 fsync_path(self.root)
                 fault_point("manifest", step, self.rank)
-                manifest = {"step": step, "world_size": self.world, **self.meta, **extra_manifest,
-                            "saved_at": time.time(), "digest": DIGEST, "files": digests}
+                manifest = sealed_manifest({"step": step, "world_size": self.world, **self.meta, **extra_manifest,
+                                            "saved_at": time.time(), "digest": DIGEST, "files": digests}, final)
                 atomic_write(final / MANIFEST, json.dumps(manifest, indent=1), fsync=True)
             except OSError as err:  # disk full writing the manifest: this step never committed
                 error = err
@@ -245,20 +241,16 @@ class Checkpointer:
             self.log(note)
         candidates: list = [[str(p) for p in committed_checkpoints(self.root)] if resume == "auto" else [resume]]
         dist.broadcast_object_list(candidates, src=0)  # rank 0's listing is the one everyone checks
-        problems = []
-        for path in map(Path, reversed(candidates[0])):
-            problem = self.verify_all(path)
-            if problem is None:
-                return path
-            if resume != "auto":
+        if resume != "auto":
+            if (problem := self.verify_all(Path(candidates[0][0]))) is not None:
                 raise CheckpointError(f"checkpoint.resume: {problem}")
-            self.log(f"checkpoint: skipping {problem}; trying the previous one")
-            problems.append(problem)
-        if problems:  # starting over would overwrite the run's step directories
+            return Path(candidates[0][0])
+        found, problems = newest_valid([Path(p) for p in candidates[0]], self.verify_all, self.log)
+        if found is None and problems:  # starting over would overwrite the run's step directories
             raise CheckpointError(
                 f"resume: none of the {len(problems)} committed checkpoints in {self.root} verifies (newest: "
                 f"{problems[0]}); restore them, or start over with checkpoint.resume=never or another run.dir")
-        return None
+        return found
 
     def _check_engine(self, ckpt: Path, manifest: dict) -> None:
         """Refuse a checkpoint whose format this engine cannot read (DeepSpeed's vs DCP), naming both."""

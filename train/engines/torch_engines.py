@@ -18,6 +18,7 @@ import torch.distributed as dist
 from train.engines.base import DTYPES, Engine
 from train.engines.placement import InitialWeights, is_empty, materialize
 from train.model import shard_units
+from train.checkpoint.files import CheckpointError
 from train.checkpoint.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
 from train.recipe import Recipe, grad_accum_steps
@@ -112,6 +113,7 @@ class _TorchEngine(Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
+        _check_shapes(path, model_sd)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, storage_reader=safe_reader(path / "dcp"))
         keys = set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
@@ -134,6 +136,18 @@ class _TorchEngine(Engine):
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
                                                                           cpu_offload=True))
         return sd if dist.get_rank() == 0 else None
+
+
+def _check_shapes(path: Path, model_sd: dict) -> None:
+    """Refuse a checkpoint of another model in one line naming the shapes that differ (DCP's own
+    "Size mismatch" error comes from deep inside the load, as a traceback)."""
+    declared = safe_reader(path / "dcp").read_metadata().state_dict_metadata
+    differ = [f"{name} is {tuple(saved.size)} there, {tuple(tensor.shape)} here" for name, tensor in model_sd.items()
+              if hasattr(saved := declared.get(f"model.{name}"), "size") and tuple(saved.size) != tuple(tensor.shape)]
+    if differ:
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(f"resume: {path} holds another model: {differ[0]}{more}; resume with the model "
+                              f"settings it was saved with, or from another checkpoint (checkpoint.resume)")
 
 
 class DDPEngine(_TorchEngine):
