@@ -2,7 +2,8 @@
 requirement of shardforge, deepspeed, datasets and each other, on that machine's Python (3.12)?
 
     python -m benchmarks.wheel_check benchmarks/wheels        # `make gpu-wheels` runs it
-    python -m benchmarks.wheel_check --installed              # gpu.sh, on the GPU machine
+    python -m benchmarks.wheel_check --installed              # on the GPU machine (gpu.sh's phase 1,
+                                                              # benchmarks/gpu_check.py, checks every carried wheel)
 
 The GPU machine has no network, so a missing or too-old package there costs a slot. This reads
 each wheel's ``Requires-Dist`` (markers evaluated for CPython 3.12 on x86-64 Linux, extras left
@@ -11,9 +12,10 @@ out) and the project's own dependencies, and finds each requirement in a carried
 unverified (``gpu.sh`` checks those there, before the benchmark starts). Exit 1 when any
 requirement is unmet or the wheels pass the carry limit.
 
-This machine has no Python 3.12, so the wheels are not installed and imported here: only their
-metadata is checked. ``benchmarks/gpu.sh`` installs them with ``--no-index`` on the GPU machine and
-imports deepspeed, datasets and train before it runs anything.
+This machine has no Python 3.12, so the wheels are not installed and imported here: their metadata
+is checked, and ``benchmarks.gpu_packaging check`` resolves the set with pip for 3.12, offline.
+``benchmarks/gpu.sh`` installs them with ``--no-index`` on the GPU machine and imports deepspeed,
+datasets and train before it runs anything.
 """
 
 from __future__ import annotations
@@ -101,10 +103,10 @@ def check(wheel_dir: Path) -> tuple[list[str], list[str], list[str]]:
     return lines, unmet, unverified
 
 
-def check_installed() -> tuple[list[str], list[str]]:
-    """On the GPU machine, after installing: (unmet requirements of deepspeed, datasets and
-    transformers, which stop the benchmark; shardforge's own lower bounds that are not met, which
-    are only reported: they name the versions tested, not the oldest that work)."""
+def check_installed(dists=("deepspeed", "datasets", "transformers")) -> tuple[list[str], list[str]]:
+    """On the GPU machine, after installing: (unmet requirements of ``dists`` (phase 1 of gpu.sh passes
+    every carried distribution), which stop the benchmark; shardforge's own lower bounds that are not
+    met, which are only reported: they name the versions tested, not the oldest that work)."""
     import importlib.metadata as md
 
     def unmet_of(who: str, reqs: list[Requirement]) -> list[str]:
@@ -122,8 +124,13 @@ def check_installed() -> tuple[list[str], list[str]]:
         return out
 
     hard = []
-    for dist in ("deepspeed", "datasets", "transformers"):
-        hard += unmet_of(dist, [Requirement(r) for r in md.requires(dist) or []])
+    for dist in dists:
+        try:
+            requires = md.requires(dist) or []
+        except md.PackageNotFoundError:
+            hard.append(f"{dist}: not installed")
+            continue
+        hard += unmet_of(dist, [Requirement(r) for r in requires])
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return hard, unmet_of("shardforge", [Requirement(r) for r in project["dependencies"]])
 
