@@ -109,12 +109,13 @@ def _how(code: int) -> str:
 
 
 def rank_env(rank: int, nproc: int, port: int) -> dict[str, str]:
-    """Trainer ``rank``'s environment on a one-machine launch: what torchrun's agent sets."""
+    """Trainer ``rank``'s environment on a one-machine launch: what torchrun's agent sets, but
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` keeps torch's own default (see ``launch.local.rank_defaults``)."""
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
            "ROLE_NAME": "default", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0"}
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # torch's default (torchrun's agent sets 1)
     if nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default, so results match a torchrun launch
     return env

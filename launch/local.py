@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import signal
+import io
 import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, cast
 
 from launch.ownership import mark
 from launch.recipe import RecipeError, recipe_yaml
@@ -19,7 +20,7 @@ from train.engines import CAPABILITIES, ENGINE_CONFIG_FILES
 from train.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, NODE_RANK_ENV, atomic_write, describe, exit_code,
                           final_status, read_status, write_status)
-from train.loop.stop_signals import STOP_SIGNALS, stop_signals_blocked
+from train.loop.stop_signals import STOP_SIGNALS, StopRequest, stop_signals_blocked
 
 
 RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "train.global_batch_size")
@@ -53,7 +54,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
             return {prefix: tree}
         return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
 
-    def at(tree: dict, key: str):
+    def at(tree: object, key: str):  # a mapping at first; each step goes down to a node, or None
         for part in key.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         return tree
@@ -100,6 +101,7 @@ class RunDirBackup:
 
 def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     """Create ``run.dir`` with the resolved recipe and engine configs; nothing half-written on error."""
+    assert recipe.run.dir is not None  # resolve_defaults set it (load_recipe)
     run_dir = Path(recipe.run.dir)
     created = not run_dir.exists()
     try:
@@ -168,21 +170,25 @@ def agent_command(run_dir: Path, nproc: int, node: Node = Node()) -> list[str]:
     return [sys.executable, "-m", "launch.agent", str(run_dir), "--", *rendezvous, f"--nproc_per_node={nproc}"]
 
 
-class EarlyStop:
-    """Remembers a stop signal that reaches ``shardforge run`` before the trainers are launched."""
+def rank_defaults(env: Mapping[str, str], nproc: int, cpus: Optional[int]) -> dict[str, str]:
+    """What a local launch sets for its ranks unless the user did (the Slurm job script does the same):
 
-    def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._record)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since launch/__main__.py
+    * ``OMP_NUM_THREADS``: this machine's CPUs shared out, ``max(1, cpus // nproc)`` per rank.
+      torchrun would give each of several ranks 1 thread, which starves data loading and the CPU
+      work of offloaded optimizers on a GPU node.
+    * ``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``: torch's own default (tear the process down on a
+      collective error or timeout without aborting the communicator first), which torchrun's agent
+      would replace by 1 (abort it first; an abort can itself hang on a lost peer).
+    """
+    out = {}
+    if "OMP_NUM_THREADS" not in env:
+        out["OMP_NUM_THREADS"] = str(max(1, (cpus or 1) // max(1, nproc)))
+    if "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in env:
+        out["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
+    return out
 
-    def _record(self, signum, frame) -> None:
-        self.signal_name = self.signal_name or signal.Signals(signum).name
 
-
-def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop] = None,
-                 node: Node = Node()) -> int:
+def launch_local(run_dir: Path, nproc: int, early: Optional[StopRequest] = None, node: Node = Node()) -> int:
     """Run the agent (torchrun) in the foreground, copying its output to ``logs/launch.log``;
     return the run's documented exit code (see ``train.rundir``).
 
@@ -196,9 +202,7 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop
             write_status(run_dir, "stopped", -1, f"{early.signal_name} before the launch; nothing to save")
             print(f"shardforge: {describe(read_status(run_dir, launch))}", flush=True)
         return EXIT_REQUEUE
-    env = dict(os.environ)
-    if cpu and "OMP_NUM_THREADS" not in env:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    env = {**os.environ, **rank_defaults(os.environ, nproc, os.cpu_count())}
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONSAFEPATH"] = "1"  # no process below imports the working directory's own train.py or launch.py
     log_path = run_dir / "logs" / ("launch.log" if node.rank == 0 else f"launch-node{node.rank}.log")
@@ -216,7 +220,8 @@ def launch_local(run_dir: Path, nproc: int, cpu: bool, early: Optional[EarlyStop
             if early is not None and early.signal_name:
                 proc.send_signal(signal.Signals[early.signal_name])
         assert proc.stdout is not None
-        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+        # stdout=PIPE is a BufferedReader: the stubs type Popen.stdout as IO[bytes] | None
+        for chunk in iter(lambda: cast(io.BufferedReader, proc.stdout).read1(65536), b""):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
             log.write(chunk)

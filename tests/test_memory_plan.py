@@ -110,14 +110,35 @@ def test_advice_names_a_setting_that_fits():
     m, setup = model_sizes(recipe), planned_setup(recipe)
     assert fit_problem(m, setup, 80e9) is None
     line = fit_problem(m, setup, 24e9)
-    assert line.startswith("memory: fsdp, micro-batch 2, selective checkpointing needs 33.0 GB per GPU (weights")
-    assert line.endswith("set model.activation_checkpointing=true (12.9 GB per GPU)")
+    assert line.startswith("memory: fsdp, micro-batch 2, selective checkpointing needs 34.9 GB per GPU (weights")
+    assert line.endswith("set model.activation_checkpointing=true (14.8 GB per GPU)")
+    assert "+ CUDA/NCCL/buffers 1.9)" in line  # 0.6 context + 0.5 NCCL + one block's fp32 gradients (0.81)
     assert estimate(m, dataclasses.replace(setup, activation_checkpointing=True)).fits(24e9)
     single = dataclasses.replace(setup, world_size=8, gpus_per_node=8, activation_checkpointing=True)
     line = fit_problem(m, single, 16e9)  # 7B on one node of 16 GB GPUs: checkpointing alone is not enough
     assert "set " in line and estimate(m, _apply(single, line)).fits(16e9), line
     assert fit_problem(m, dataclasses.replace(single, world_size=1, gpus_per_node=1), 8e9).endswith(
         "use more GPUs or GPUs with more memory")
+
+
+def test_a_gpu_holds_the_cuda_context_nccl_and_the_engines_buffers_beside_the_model():
+    """The plan's GPU-only terms (module docstring of train.engines.memory_plan): the context always,
+    NCCL once there are peers, DeepSpeed's three buckets, FSDP's reduce-dtype copy of one block."""
+    from train.engines.memory_plan import CUDA_CONTEXT_BYTES, NCCL_BYTES, runtime_bytes
+
+    m = ModelSizes(params=10**9, trainable=10**9, largest_layer=10**7, block=5 * 10**7, root=10**8,
+                   layers=16, hidden=2048, intermediate=5504, heads=16, vocab=32000)
+    one = Setup("ddp", "bf16", world_size=1)
+    assert runtime_bytes(m, one) == CUDA_CONTEXT_BYTES
+    assert runtime_bytes(m, dataclasses.replace(one, world_size=8)) == CUDA_CONTEXT_BYTES + NCCL_BYTES
+    zero = Setup("zero2", "bf16", world_size=8, reduce_bucket_mb=100)
+    assert runtime_bytes(m, zero) == CUDA_CONTEXT_BYTES + NCCL_BYTES + 3 * 100 * 2**20
+    fsdp = Setup("fsdp", "bf16", world_size=8)
+    assert runtime_bytes(m, fsdp) == CUDA_CONTEXT_BYTES + NCCL_BYTES + 4 * m.block  # fp32 reduce of bf16 grads
+    assert runtime_bytes(m, dataclasses.replace(fsdp, reduce_dtype="bf16")) == CUDA_CONTEXT_BYTES + NCCL_BYTES
+    assert runtime_bytes(m, dataclasses.replace(fsdp, precision="fp32")) == CUDA_CONTEXT_BYTES + NCCL_BYTES
+    e = estimate(m, zero)
+    assert e.total == e.params + e.grads + e.optimizer + e.activations + e.runtime
 
 
 def _apply(setup: Setup, line: str) -> Setup:
@@ -141,7 +162,7 @@ def test_plan_prints_the_memory_of_every_engine():
     for row in ("# * fsdp, micro-batch 2, selective checkpointing", "#   ddp, micro-batch 2 ",
                 "#   zero3 + offload, micro-batch 2, checkpointing", "#   zero1 + offload, micro-batch 2 "):
         assert row in out, out
-    assert "# does not fit: memory: fsdp, micro-batch 2, selective checkpointing needs 33.0 GB" in out
+    assert "# does not fit: memory: fsdp, micro-batch 2, selective checkpointing needs 34.9 GB" in out
 
 
 def test_submit_and_run_refuse_a_plan_that_cannot_fit(tmp_path):

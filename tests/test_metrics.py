@@ -144,7 +144,7 @@ def test_peak_table_and_mfu_bounds():
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
     assert peak_tflops("NVIDIA A10G", "bf16") == 70.0
     assert peak_tflops("NVIDIA H200 NVL", "bf16") == 835.5 and peak_tflops("NVIDIA H200", "bf16") == 989.4
-    assert peak_tflops("NVIDIA L40", "bf16") is None, "an L40 is not an L4 (whole-word match)"
+    assert peak_tflops("NVIDIA L40", "bf16") == 181.05, "an L40 is not an L4 (whole-word match)"
     assert peak_tflops("NVIDIA L40S", "bf16") == 362.05 and peak_tflops("NVIDIA L4", "bf16") == 121.0
     assert peak_tflops("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 on V100
     assert peak_tflops("cpu", "bf16") is None
@@ -168,13 +168,14 @@ class FakeNVML(types.ModuleType):
     def nvmlInit(self):
         pass
 
-    def nvmlDeviceGetHandleByIndex(self, i):
+    def nvmlDeviceGetHandleByUUID(self, uuid):  # the rank's GPU, by the UUID torch reports (tests/test_cuda_path.py)
+        i = int(uuid.removeprefix("GPU-"))
         if i >= self.devices:
-            raise RuntimeError("invalid device index")
+            raise RuntimeError("NVMLError_NotFound")
         return i
 
     def _check(self):
-        if self.lost:
+        if self.lost:  # a GPU off the bus fails every call
             raise RuntimeError("GPU is lost")
 
     def nvmlDeviceGetUtilizationRates(self, h):
@@ -182,28 +183,36 @@ class FakeNVML(types.ModuleType):
         return types.SimpleNamespace(gpu=50 + 10 * h)
 
     def nvmlDeviceGetMemoryInfo(self, h):
+        self._check()
         return types.SimpleNamespace(used=(h + 1) * 2**30)
 
     def nvmlDeviceGetPowerUsage(self, h):
+        self._check()
         return 300_000
 
-    def nvmlDeviceGetTemperature(self, h, kind):
+    def nvmlDeviceGetTemperatureV(self, h, kind):
+        self._check()
         return 60
 
     def nvmlDeviceGetClockInfo(self, h, kind):
+        self._check()
         return 1980
 
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        self._check()
         return 0
 
 
 def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import torch
+
     fake = FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid=str(d.index)))
     warnings: list[str] = []
-    ranks = [Telemetry(i, 0.01, warn=warnings.append) for i in range(2)]
+    ranks = [Telemetry(torch.device("cuda", i), 0.01, warn=warnings.append) for i in range(2)]
     try:
         import time
 

@@ -7,7 +7,7 @@ Every rank runs them before it prepares data; a problem ends the launch with exi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from train.data.files import local_files
 from train.engines.memory_plan import ModelSizes, Setup, fit_problem
@@ -43,14 +43,42 @@ def size_problems(recipe: Recipe, positions: Optional[int] = None, layers: Optio
     return p
 
 
+FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"),
+                  "flash_attention_3": ("flash_attn_interface", "FlashAttention-3 (flash_attn_interface)")}
+"""``model.attn_implementation`` → (the module transformers imports for it, what to install)."""
+
+
+def attention_problems(recipe: Recipe) -> list[str]:
+    """FlashAttention needs its package where the ranks run (else transformers fails only when the
+    model is built, after data preparation) and computes in bf16 or fp16 only."""
+    import importlib.util
+
+    impl = recipe.model.attn_implementation
+    if impl not in FLASH_PACKAGES:
+        return []
+    module, package = FLASH_PACKAGES[impl]
+    p = []
+    if importlib.util.find_spec(module) is None:
+        p.append(f"model.attn_implementation: {impl} needs {package}, which this Python cannot import; install "
+                 f"it where the ranks run, or set model.attn_implementation=sdpa")
+    if recipe.parallel.precision == "fp32":
+        p.append(f"model.attn_implementation: {impl} computes in bf16 or fp16 only; set parallel.precision=bf16 "
+                 f"or model.attn_implementation=sdpa")
+    return p
+
+
 def model_problems(recipe: Recipe) -> list[str]:
     """One line per problem of the model the recipe names, read through transformers."""
     m = recipe.model
     if (m.pretrained is None) == (m.config is None):
-        return []  # the recipe check reports that; there is no model to read
-    config, problem = inline_config(m.config) if m.config is not None else pretrained_config(m.pretrained)
+        return attention_problems(recipe)  # the recipe check reports the rest; there is no model to read
+    if m.config is not None:
+        config, problem = inline_config(m.config)
+    else:
+        assert m.pretrained is not None  # exactly one of the two is set (returned above otherwise)
+        config, problem = pretrained_config(m.pretrained)
     if problem:
-        return [problem]
+        return [problem, *attention_problems(recipe)]
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     p = size_problems(recipe, limit, getattr(config, "num_hidden_layers", None))
     task = recipe.task
@@ -58,7 +86,7 @@ def model_problems(recipe: Recipe) -> list[str]:
             config.model_type not in task_model_classes(task):
         p.append(f"task: transformers has no {task} head for model type {config.model_type!r}; "
                  f"pick a model that has one (bert, roberta, llama, ...)")
-    return p
+    return p + attention_problems(recipe)
 
 
 def inline_config(cfg: dict) -> tuple[Any, Optional[str]]:
@@ -127,7 +155,8 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
     tok = recipe.data.tokenizer.train
     vocab = (m.config or {}).get("vocab_size") or (tok.vocab_size if tok else 32000)
     labels = ["A", "B"] if recipe.task in ("sequence_classification", "token_classification") else None
-    model = build_model(m, vocab, 0, recipe.task, labels, log=lambda *_: None, empty_init=torch.device("meta"))
+    # A transformers model (peft's wrapper with LoRA): its config and embeddings are read through their API.
+    model: Any = build_model(m, vocab, 0, recipe.task, labels, log=lambda *_: None, empty_init=torch.device("meta"))
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(param_numel(p) for p in unique)
     blocks = shard_units(model)
@@ -153,7 +182,17 @@ def planned_setup(recipe: Recipe) -> Setup:
     return Setup(engine=p.engine, precision=p.precision, offload=p.offload,
                  activation_checkpointing=recipe.model.activation_checkpointing,
                  micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
-                 world_size=world_size(recipe), gpus_per_node=p.nproc or 1, accumulation=grad_accum_steps(recipe))
+                 world_size=world_size(recipe), gpus_per_node=p.nproc or 1, accumulation=grad_accum_steps(recipe),
+                 reduce_bucket_mb=p.reduce_bucket_mb, reduce_dtype=p.reduce_dtype)
+
+
+def plan_gpu_bytes(recipe: Recipe, detect: Optional[Callable[[], Optional[float]]] = None) -> Optional[float]:
+    """The GPU memory a plan must fit: ``parallel.gpu_mem_gb`` when the recipe states it, else what
+    ``detect`` finds (``shardforge plan``/``run``: this machine's GPUs through NVML; a rank: its own
+    GPU through torch); ``submit`` passes none, since a login node cannot see the cluster's GPUs."""
+    if recipe.parallel.gpu_mem_gb:
+        return recipe.parallel.gpu_mem_gb * 1e9
+    return detect() if detect is not None else None
 
 
 def memory_problems(recipe: Recipe, gpu_bytes: Optional[float]) -> list[str]:

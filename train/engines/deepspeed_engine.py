@@ -20,7 +20,7 @@ from train.recipe import Recipe
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict,
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, *, accum: int, cfg: dict,
                  weights: Optional[InitialWeights] = None):
         import deepspeed
 
@@ -34,6 +34,7 @@ class DeepSpeedEngine(Engine):
         elif is_empty(model):  # a rank > 0 under ZeRO-1/2: deepspeed.initialize broadcasts rank 0's parameters
             materialize(model, device)
         # With offload the config names DeepSpeed's CPU AdamW; otherwise torch's AdamW is the client.
+        params: Optional[list[dict]]
         client_optimizer, params = None, param_groups(model, recipe.optim.weight_decay)
         if "optimizer" not in cfg:
             client_optimizer, params = build_adamw(model, recipe.optim, device), None
@@ -127,6 +128,49 @@ class DeepSpeedEngine(Engine):
         return {k: v.detach().float().cpu() for k, v in sd.items()}
 
 
+def cpu_signature() -> str:
+    """What an op compiled with ``-march=native`` depends on: the architecture and, on Linux, the
+    CPU's model and instruction-set flags."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line.split(":", 1)[1].strip() for line in lines if line.startswith(("model name", "flags"))]
+    return " ".join([platform.machine(), *sorted(set(wanted))]) or platform.processor()
+
+
+def extensions_root(env=os.environ) -> Path:
+    """Where DeepSpeed's C++ ops are built and loaded from: ``TORCH_EXTENSIONS_DIR`` when the user set
+    it; else a folder of torch's default build root keyed by what a built op depends on (this Python
+    environment, torch's and DeepSpeed's versions, this CPU). torch's default is one folder per
+    Python and CUDA version, so two virtualenvs, or nodes of different CPUs sharing a home directory,
+    rebuilt each other's ops at every launch (150-300 s each) or loaded one built for another CPU."""
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return Path(env["TORCH_EXTENSIONS_DIR"])
+    import hashlib
+    import sys
+
+    import deepspeed
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = "\n".join([sys.prefix, torch.__version__, deepspeed.__version__, cpu_signature()])
+    return Path(get_default_build_root()) / f"shardforge-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def build_tools_missing() -> list[str]:
+    """What building a C++ op needs and this machine lacks, as install hints."""
+    import sysconfig
+
+    missing = []
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        missing.append("a C++ compiler (e.g. apt install g++, or module load gcc)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        missing.append("Python's headers (e.g. apt install python3-dev)")
+    return missing
+
+
 def load_ops(offload: bool) -> None:
     """Build or load DeepSpeed's C++ ops for this rank before the process group exists.
 
@@ -134,25 +178,37 @@ def load_ops(offload: bool) -> None:
     op's build directory, held even when nothing needs building. A process killed while holding it
     (a preempted or ``kill -9``-ed job) leaves it behind, and every later run on the machine waits
     on it forever. Ranks load ops here under an ``flock`` instead, which the kernel releases when
-    its holder dies; holding it, they remove the batons such a death left. Loaded ops are cached
-    by DeepSpeed, so its own later loads take no baton.
+    its holder dies; holding it, they remove the batons such a death left. The first rank of a node
+    builds, the others load what it built; DeepSpeed caches loaded ops, so its own later loads take
+    no baton. The ops live in :func:`extensions_root`.
     """
     import fcntl
 
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import get_default_build_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root = extensions_root()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)  # where torch's builder puts them (read at each load)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "shardforge-build.lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        for baton in root.glob("*/*/lock"):  # every shardforge build runs under this flock: nobody holds these
+        # every shardforge build runs under this flock, so nobody holds these: <op>/lock under
+        # TORCH_EXTENSIONS_DIR, <python and CUDA version>/<op>/lock under torch's default root
+        for baton in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
             baton.unlink(missing_ok=True)
         for name in ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ())):
             builder = get_accelerator().create_op_builder(name)
-            if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+                continue
+            try:
                 builder.load(verbose=False)
+            except Exception as err:
+                missing = build_tools_missing()
+                if not missing:
+                    raise
+                raise RuntimeError(f"DeepSpeed could not build its {builder.NAME} op in {root}: this machine lacks "
+                                   f"{' and '.join(missing)}"
+                                   + ("; or set parallel.offload=false" if name == "CPUAdamBuilder" else "")) from err
 
 
 def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:

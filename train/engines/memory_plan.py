@@ -32,8 +32,17 @@ keeps a 16-bit copy of each weight it casts until backward (``+2P``, less an unt
 embedding). ``activation_checkpointing: true`` keeps each block's input (``4h`` per token and
 layer) plus one block being recomputed; ``selective`` keeps the matmul and attention outputs,
 ``w·(6h + 2I)`` (both from the formula, not measured: autograd's hooks do not see inside a
-checkpoint). The fit is on CPU; on a GPU the allocator's fragmentation, the CUDA context and
-communication buffers come on top: a plan fits when its total is within 90 % of the GPU.
+checkpoint). The fit is on CPU.
+
+On a GPU more comes on top, counted as ``runtime``: the CUDA context (about 0.6 GB with torch's lazily
+loaded kernels), NCCL's buffers once there are peers (4 MiB per channel, direction and ring
+neighbour at up to 32 channels: about 0.5 GB), and what each engine communicates through:
+DeepSpeed's reduce bucket, twice with ``overlap_comm`` (on), plus its all-gather bucket (ZeRO-1/2)
+or ZeRO-3's prefetch bucket, at ``parallel.reduce_bucket_mb`` each; FSDP's copy of one block's
+gradients in the reduce dtype when that differs from the compute dtype. The allocator's cached but
+unused blocks are the 10 % a plan leaves free: it fits when its total is within 90 % of the GPU.
+These GPU terms come from the libraries' documented defaults, not from a measurement on a GPU yet
+(``bash benchmarks/gpu.sh`` records the plan beside ``max_memory_reserved``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ OFFLOADABLE = ("fsdp", "zero1", "zero2", "zero3")
 HEADROOM = 0.9
 """A plan fits when its total is at most this share of the GPU's memory."""
 GB = 1e9
+CUDA_CONTEXT_BYTES = 0.6e9
+"""The CUDA context and torch's loaded kernels on each GPU."""
+NCCL_BYTES = 0.5e9
+"""NCCL's communication buffers of one process group with peers (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,9 @@ class Setup:
     world_size: int = 1
     gpus_per_node: int = 1
     accumulation: int = 1
+    reduce_bucket_mb: int = 200
+    reduce_dtype: Optional[str] = None
+    """``parallel.reduce_dtype``: FSDP's gradient reduce dtype (unset: fp32)."""
 
     def describe(self) -> str:
         """E.g. ``fsdp + offload, micro-batch 2, checkpointing``."""
@@ -109,10 +125,12 @@ class Estimate:
     weights while the model is built (``train.engines.placement``)."""
     comm_per_step: float
     """Bytes each GPU sends per optimizer step (ring collectives, gradient accumulation counted)."""
+    runtime: float = 0.0
+    """The CUDA context, NCCL's buffers and the engine's communication buffers."""
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.runtime
 
     def fits(self, gpu_bytes: float) -> bool:
         return self.total <= HEADROOM * gpu_bytes
@@ -146,6 +164,9 @@ def estimate(m: ModelSizes, s: Setup) -> Estimate:
     k = (n - 1) / n  # share of a ring collective's payload each rank sends
     build_copy = 4 * P  # rank 0 builds the fp32 weights once (engines.placement)
     offloaded = 0.0
+    params: float
+    grads: float
+    optim: float
     if s.engine == "ddp":
         params, grads, optim = 4 * P, 4 * T, 8 * T
         comm = 2 * k * 4 * T
@@ -171,14 +192,29 @@ def estimate(m: ModelSizes, s: Setup) -> Estimate:
             offloaded = w * P / n + (w + master) * T / n + (master + 8) * T / n
             params, grads, optim = 4 * m.largest_layer, 0, 0
     host = offloaded * s.gpus_per_node + build_copy
-    return Estimate(s, params, grads, optim, activation_bytes(m, s), host, comm)
+    return Estimate(s, params, grads, optim, activation_bytes(m, s), host, comm, runtime_bytes(m, s))
+
+
+def runtime_bytes(m: ModelSizes, s: Setup) -> float:
+    """What a GPU holds besides the model's tensors (see the module docstring)."""
+    w = 2 if s.precision != "fp32" else 4
+    buffers = 0.0
+    if s.engine.startswith("zero"):
+        bucket = s.reduce_bucket_mb * 2**20  # the same bytes whatever the dtype (engines.config)
+        buffers = 2 * bucket + bucket  # reduce bucket, double-buffered by overlap_comm; gather/prefetch bucket
+    elif s.engine == "fsdp":
+        reduce_w = 2 if s.reduce_dtype == "bf16" else 4
+        buffers = reduce_w * m.block if reduce_w != w else 0.0
+    return CUDA_CONTEXT_BYTES + (NCCL_BYTES if s.world_size > 1 else 0.0) + buffers
 
 
 def alternatives(setup: Setup) -> list[Setup]:
     """Other setups, cheapest change first: checkpointing, a smaller micro-batch (more
     accumulation), another engine, offload."""
     out: list[Setup] = []
-    ckpt_options = {False: ["selective", True], "selective": [True], True: []}[setup.activation_checkpointing]
+    ckpt_choices: dict[Union[bool, str], list[Union[bool, str]]] = {
+        False: ["selective", True], "selective": [True], True: []}
+    ckpt_options = ckpt_choices[setup.activation_checkpointing]
     out += [dataclasses.replace(setup, activation_checkpointing=c) for c in ckpt_options]
     mb = setup.micro_batch // 2
     while mb >= 1:
@@ -215,7 +251,8 @@ def fit_problem(m: ModelSizes, setup: Setup, gpu_bytes: float) -> Optional[str]:
         return None
     need = (f"memory: {setup.describe()} needs {e.total / GB:.1f} GB per GPU (weights {e.params / GB:.1f} + "
             f"gradients {e.grads / GB:.1f} + optimizer {e.optimizer / GB:.1f} + activations "
-            f"{e.activations / GB:.1f}), more than {HEADROOM:.0%} of the GPU's {gpu_bytes / GB:.3g} GB")
+            f"{e.activations / GB:.1f} + CUDA/NCCL/buffers {e.runtime / GB:.1f}), more than {HEADROOM:.0%} of the "
+            f"GPU's {gpu_bytes / GB:.3g} GB")
     for alt in alternatives(setup):
         other = estimate(m, alt)
         if other.fits(gpu_bytes):
@@ -237,15 +274,16 @@ def plan_table(m: ModelSizes, setup: Setup, gpu_bytes: Optional[float]) -> str:
             f"{setup.world_size} GPUs, {setup.precision}, micro-batch {setup.micro_batch} × {setup.seq_len} tokens; "
             + (f"GPU {gpu_bytes / GB:.0f} GB, fits = total ≤ {HEADROOM:.0%})" if gpu_bytes else
                "GPU memory unknown: set parallel.gpu_mem_gb)"))
-    lines = [head, f"#   {'setup':<50} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7} "
-                   f"{'host/node':>9} {'comm/step':>9}  fits"]
+    lines = [head, f"#   {'setup':<50} {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'runtime':>7} "
+                   f"{'total':>7} {'host/node':>9} {'comm/step':>9}  fits"]
     for i, s in enumerate(rows):
         e = estimate(m, s)
         fits = "-" if not gpu_bytes else ("yes" if e.fits(gpu_bytes) else "no")
         mark = "*" if i == 0 else " "
         lines.append(f"# {mark} {s.describe():<50} {e.params / GB:8.2f} {e.grads / GB:7.2f} {e.optimizer / GB:7.2f} "
-                     f"{e.activations / GB:7.2f} {e.total / GB:7.2f} {e.host_per_node / GB:9.1f} "
+                     f"{e.activations / GB:7.2f} {e.runtime / GB:7.2f} {e.total / GB:7.2f} {e.host_per_node / GB:9.1f} "
                      f"{e.comm_per_step / GB:9.2f}  {fits}")
-    lines.append("# (* the recipe's setup; host/node: offloaded state + rank 0's fp32 copy while building; "
+    lines.append("# (* the recipe's setup; runtime: CUDA context, NCCL and the engine's communication buffers; "
+                 "host/node: offloaded state + rank 0's fp32 copy while building; "
                  "comm/step: GB each GPU sends per optimizer step)")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -21,19 +21,23 @@ from train.model import shard_units
 from train.checkpoint.files import CheckpointError
 from train.checkpoint.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
-from train.recipe import Recipe, grad_accum_steps
+from train.recipe import Recipe
 
 
 class _TorchEngine(Engine):
     """Shared by DDP and FSDP2: torch AdamW, LambdaLR, DCP checkpoints."""
 
-    def __init__(self, recipe: Recipe, device: torch.device):
-        self.recipe, self.device = recipe, device
-        self.accum = grad_accum_steps(recipe)
+    scaler: Optional[torch.amp.GradScaler]
+    """The fp16 loss scaler (``None`` for bf16/fp32); each engine sets it."""
+
+    def __init__(self, recipe: Recipe, device: torch.device, accum: int):
+        self.recipe, self.device, self.accum = recipe, device, accum
         self.clip = recipe.optim.grad_clip
         self._skipped = 0
-        self._scale_before: Optional[float] = None
+        self._skipped_on_device = torch.zeros((), dtype=torch.int64, device=device)
+        """fp16 steps the loss scaler skipped since the last read of :attr:`skipped_steps` (a log step)."""
         self._save_group = None
+        self._stager: Any = None  # the background saves' CPU copy of the state, made once and refilled
 
     def _setup_optim(self, params_model: torch.nn.Module) -> None:
         # With frozen parameters (LoRA, frozen layers) a checkpoint holds only what trains; the
@@ -58,11 +62,11 @@ class _TorchEngine(Engine):
             found = torch.maximum(found, (~torch.isfinite(norm)).float())
         if dist.get_world_size() > 1:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        if self.scaler:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
+        if self.scaler:  # no host sync: get_scale() would .item() twice per step
+            scale = self.scaler._get_scale_async().clone()  # the scale tensor, updated in place below
+            self.scaler.step(self.optimizer)  # fused AdamW skips on the scaler's found_inf, on the device
             self.scaler.update()
-            self._skipped += int(self.scaler.get_scale() < scale)  # a skipped step lowers the scale
+            self._skipped_on_device += self.scaler._get_scale_async() < scale  # a skipped step lowers it
         else:
             self.optimizer.grad_scale, self.optimizer.found_inf = None, found  # fused AdamW skips on it
             self.optimizer.step()
@@ -78,14 +82,18 @@ class _TorchEngine(Engine):
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return cast(float, self.scheduler.get_last_lr()[0])  # a float lr gives floats: stubs allow a Tensor
 
     @property
     def skipped_steps(self) -> int:
+        """Read at log steps and saves: the one host sync of the count."""
+        if self.scaler:
+            self._skipped += int(self._skipped_on_device.item())
+            self._skipped_on_device.zero_()
         return self._skipped
 
     def _extra_state(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "skipped": self._skipped,
+        return {"scheduler": self.scheduler.state_dict(), "skipped": self.skipped_steps,
                 "scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save(self, path: Path, background: bool = False, digests: Optional[dict] = None):
@@ -103,10 +111,23 @@ class _TorchEngine(Engine):
             if self._save_group is None:  # the writer thread's collectives must not interleave with training's
                 self._save_group = dist.new_group(backend="gloo")
             future = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=writer,
-                                    process_group=self._save_group)
+                                    process_group=self._save_group, async_stager=self.stager())
         if dist.get_rank() == 0:  # after DCP's collectives: failing here (disk full) leaves no peer waiting in them
             torch.save(self._extra_state(), path / "engine_extra.pt")
         return future
+
+    def stager(self):
+        """The staging of background saves, kept for the whole run: its CPU copy of the state (pinned
+        on a GPU host, for fast device-to-host copies) is allocated at the first save and refilled in
+        place by the next ones, where DCP's default would allocate fresh pageable memory every save.
+        Refilling is safe: the checkpointer starts a save only after the previous one is written."""
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=self.device.type == "cuda",
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        return self._stager
 
     def load(self, path: Path, saved_world_size: int) -> None:  # DCP reshards by itself
         import torch.distributed.checkpoint as dcp
@@ -114,7 +135,7 @@ class _TorchEngine(Engine):
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._state_options())
         _check_shapes(path, model_sd)
-        state = {"model": model_sd, "optim": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, storage_reader=safe_reader(path / "dcp"))
         keys = set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                               optim_state_dict=state["optim"],
@@ -127,6 +148,7 @@ class _TorchEngine(Engine):
         extra = torch.load(path / "engine_extra.pt", weights_only=True)
         self.scheduler.load_state_dict(extra["scheduler"])
         self._skipped = extra["skipped"]
+        self._skipped_on_device.zero_()
         if self.scaler and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
 
@@ -153,9 +175,9 @@ def _check_shapes(path: Path, model_sd: dict) -> None:
 class DDPEngine(_TorchEngine):
     name = "ddp"
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device,
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, *, accum: int,
                  weights: Optional[InitialWeights] = None):
-        super().__init__(recipe, device)
+        super().__init__(recipe, device, accum)
         from torch.nn.parallel import DistributedDataParallel
 
         if is_empty(model):  # a rank > 0: the wrapper broadcasts rank 0's parameters and buffers into it
@@ -186,16 +208,16 @@ class DDPEngine(_TorchEngine):
 class FSDPEngine(_TorchEngine):
     name = "fsdp"
 
-    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, cfg: dict,
+    def __init__(self, recipe: Recipe, model: torch.nn.Module, device: torch.device, *, accum: int, cfg: dict,
                  weights: Optional[InitialWeights] = None):
-        super().__init__(recipe, device)
+        super().__init__(recipe, device, accum)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg["param_dtype"]],
                                   reduce_dtype=DTYPES[cfg["reduce_dtype"]])
-        kwargs = {"mesh": mesh, "mp_policy": mp}
+        kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp}
         if cfg.get("cpu_offload"):
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         empty = is_empty(model)  # fully_shard moves a real model's tensors to the device one block at a time

@@ -4,7 +4,60 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Optional
+
+
+def nvml_ids(device) -> list[str]:
+    """What NVML knows ``device`` (a CUDA ``torch.device``) by, most precise first: its UUID (``GPU-``,
+    or ``MIG-`` for a MIG slice) and its PCI bus id (``domain:bus:device.0``). CUDA numbers devices
+    after ``CUDA_VISIBLE_DEVICES`` and ``CUDA_DEVICE_ORDER`` (fastest first by default), NVML all of
+    them by PCI bus: a rank's CUDA index is no NVML index."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    ids = []
+    uuid = str(getattr(props, "uuid", "") or "")  # torch prints it bare: 8-4-4-4-12 hex digits
+    if uuid:
+        ids += [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:
+        ids.append(f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0")
+    return ids
+
+
+def nvml_handle(nvml, ids: list[str]):
+    """The NVML handle of the first of ``ids`` (see :func:`nvml_ids`) that NVML finds."""
+    for ident in ids:
+        try:
+            if ident.startswith(("GPU-", "MIG-")):
+                return nvml.nvmlDeviceGetHandleByUUID(ident)
+            return nvml.nvmlDeviceGetHandleByPciBusId(ident)
+        except Exception:  # noqa: BLE001 - NVMLError_NotFound and friends: try the next name
+            continue
+    raise LookupError(f"NVML finds no device named {' or '.join(ids) or '(no UUID or PCI id from CUDA)'}")
+
+
+def _gpu_readers(n, h) -> dict:
+    """One reader per GPU field, each called on its own. The temperature and the clock-event
+    reasons use the current calls where the library has them (``nvmlDeviceGetTemperatureV``,
+    ``nvmlDeviceGetCurrentClocksEventReasons``), the deprecated ones before that."""
+    temp_v = getattr(n, "nvmlDeviceGetTemperatureV", None)
+
+    def temperature() -> float:
+        if temp_v is not None:
+            try:
+                return float(temp_v(h, n.NVML_TEMPERATURE_GPU))
+            except Exception:  # noqa: BLE001 - a driver older than the v2 call: the old one
+                pass
+        return float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))
+
+    reasons = getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+        n.nvmlDeviceGetCurrentClocksThrottleReasons
+    return {"gpu_util": lambda: float(n.nvmlDeviceGetUtilizationRates(h).gpu),
+            "gpu_mem_used_gb": lambda: n.nvmlDeviceGetMemoryInfo(h).used / 2**30,
+            "gpu_power_w": lambda: n.nvmlDeviceGetPowerUsage(h) / 1000.0,
+            "gpu_temp_c": temperature,
+            "gpu_sm_clock_mhz": lambda: float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
+            "gpu_throttle": lambda: float(reasons(h))}
 
 
 class Telemetry:
@@ -13,23 +66,25 @@ class Telemetry:
     GPU_FIELDS = ("gpu_util", "gpu_mem_used_gb", "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz",
                   "gpu_throttle")
 
-    def __init__(self, device_index: Optional[int], interval_s: float, warn=print):
+    def __init__(self, device, interval_s: float, warn=print):
+        """``device``: this rank's CUDA ``torch.device``, found in NVML by UUID or PCI bus id
+        (:func:`nvml_ids`); ``None`` without a GPU."""
         self.interval_s, self.warn = interval_s, warn
         self.samples: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._handle = None
+        self._readers: dict = {}
         self.source = "host"
-        if device_index is not None:
+        if device is not None:
             try:
                 import pynvml
 
+                ids = nvml_ids(device)
                 pynvml.nvmlInit()
-                self._nvml = pynvml
-                self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+                self._readers = _gpu_readers(pynvml, nvml_handle(pynvml, ids))
                 self.source = "nvml"
             except Exception as err:  # no driver, no library, no device
-                self.warn(f"telemetry: GPU metrics off ({type(err).__name__}); logging host CPU and RSS")
+                self.warn(f"telemetry: GPU metrics off ({type(err).__name__}: {err}); logging host CPU and RSS")
         else:
             self.warn("telemetry: no GPU; logging host CPU utilisation and RSS instead of GPU metrics")
         import psutil
@@ -40,13 +95,21 @@ class Telemetry:
         self._thread.start()
 
     def _read_gpu(self) -> dict:
-        n, h = self._nvml, self._handle
-        return {"gpu_util": float(n.nvmlDeviceGetUtilizationRates(h).gpu),
-                "gpu_mem_used_gb": n.nvmlDeviceGetMemoryInfo(h).used / 2**30,
-                "gpu_power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0,
-                "gpu_temp_c": float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
-                "gpu_sm_clock_mhz": float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM)),
-                "gpu_throttle": float(n.nvmlDeviceGetCurrentClocksThrottleReasons(h))}
+        """Every field that reads; a field that fails is said once and left out from then on (a
+        board without power readings keeps its other fields). When none reads, the device is gone."""
+        out, failed = {}, {}
+        for key, read in list(self._readers.items()):
+            try:
+                out[key] = read()
+            except Exception as exc:  # noqa: BLE001 - NVMLError_NotSupported, GPU lost, ...
+                failed[key] = exc
+        if failed and not out:
+            key, err = next(iter(failed.items()))
+            raise RuntimeError(f"{type(err).__name__}: {err}")
+        for key, err in failed.items():
+            self.warn(f"telemetry: NVML cannot read {key} ({type(err).__name__}: {err}); left out")
+            del self._readers[key]
+        return out
 
     def _read_host(self) -> dict:
         return {"host_cpu_util": self._psutil.cpu_percent(interval=None),
@@ -55,12 +118,12 @@ class Telemetry:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             sample = self._read_host()
-            if self._handle is not None:
+            if self._readers:
                 try:
                     sample.update(self._read_gpu())
                 except Exception as err:  # device lost mid-run: say so once, keep training
-                    self.warn(f"telemetry: NVML read failed ({type(err).__name__}: {err}); GPU metrics off")
-                    self._handle, self.source = None, "host"
+                    self.warn(f"telemetry: NVML read failed ({err}); GPU metrics off")
+                    self._readers, self.source = {}, "host"
             with self._lock:
                 self.samples.append(sample)
 
