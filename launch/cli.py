@@ -11,6 +11,7 @@ from typing import Optional
 from launch.recipe import RecipeError, load_recipe, recipe_yaml
 from launch.runlock import RunLock, RunLocked
 
+from train.recipe import Recipe
 from train.rundir import EXIT_BAD_INPUT
 
 
@@ -48,27 +49,48 @@ def cpu_oversubscribed(recipe, gpus: Optional[int] = None) -> Optional[str]:
     return None
 
 
+def visible_nvml_handles(nvml, visible: Optional[str]) -> list:
+    """NVML handles of the GPUs ``CUDA_VISIBLE_DEVICES`` (``visible``) leaves: entries by UUID
+    (``GPU-…``/``MIG-…``, or a unique prefix of a GPU's, as CUDA accepts) or by index, up to the
+    first CUDA would stop at. An index is taken as NVML's, which numbers by PCI bus: CUDA's
+    default order (fastest first) can differ on a node of mixed GPUs."""
+    count = nvml.nvmlDeviceGetCount()
+    gpus = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    if visible is None:
+        return gpus
+    out = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit() and int(entry) < count:
+            out.append(gpus[int(entry)])
+            continue
+        if not entry.startswith(("GPU-", "MIG-")):
+            break
+        try:
+            out.append(nvml.nvmlDeviceGetHandleByUUID(entry))
+            continue
+        except Exception:  # noqa: BLE001 - not a whole UUID: a prefix of one
+            matches = [h for h in gpus if str(nvml.nvmlDeviceGetUUID(h)).startswith(entry)]
+        if len(matches) != 1:
+            break
+        out.append(matches[0])
+    return out
+
+
 def _local_gpu_bytes() -> Optional[float]:
-    """Memory of this machine's first visible GPU, ``None`` without one (or named by UUID)."""
+    """Memory of the smallest GPU this machine lets this process use, ``None`` without one."""
     if _local_gpus() == 0:
         return None
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    index = int(first) if first.isdigit() else 0
-    return _nvml(lambda nvml: float(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total),
-                 None)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return _nvml(lambda nvml: float(min(nvml.nvmlDeviceGetMemoryInfo(h).total
+                                        for h in visible_nvml_handles(nvml, visible))), None)
 
 
-def _gpu_bytes(recipe) -> Optional[float]:
-    """``parallel.gpu_mem_gb`` when the recipe states it, else this machine's GPUs."""
-    return recipe.parallel.gpu_mem_gb * 1e9 if recipe.parallel.gpu_mem_gb else _local_gpu_bytes()
-
-
-def _load(args, check_model: bool = True) -> "object":
+def _load(args, check_model: bool = True) -> Recipe:
     return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model)
 
 
 def cmd_plan(args) -> int:
-    from launch.engine_config import describe, engine_configs
+    from train.engines.config import describe, engine_configs
     from train.recipe import grad_accum_steps, world_size
 
     recipe = _load(args)
@@ -85,9 +107,9 @@ def cmd_plan(args) -> int:
 
         print(f"# fsdp: each rank shards every {' and every '.join(shard_block_names(recipe))}, then the root")
     from train.engines.memory_plan import fit_problem, plan_table
-    from train.model_checks import model_sizes, planned_setup
+    from train.model_checks import model_sizes, plan_gpu_bytes, planned_setup
 
-    sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), _gpu_bytes(recipe)
+    sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), plan_gpu_bytes(recipe, _local_gpu_bytes)
     print(plan_table(sizes, setup, gpu_bytes))
     problem = fit_problem(sizes, setup, gpu_bytes) if gpu_bytes else None
     print(f"# does not fit: {problem} (`shardforge run` and `submit` refuse it)" if problem else
@@ -96,10 +118,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from launch.local import EarlyStop
+    from train.loop.stop_signals import StopRequest
 
-    early = EarlyStop()  # first: a stop signal during the seconds of validation must not kill us
-    from launch.engine_config import engine_configs
+    early = StopRequest.install()  # first: a stop signal during the seconds of validation must not kill us
+    from train.engines.config import engine_configs
     from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
     from launch.ownership import mark, run_dir_problems
 
@@ -108,13 +130,14 @@ def cmd_run(args) -> int:
     gpus = _local_gpus()
     if (problem := cpu_oversubscribed(recipe, gpus)) is not None:
         raise RecipeError(args.recipe, [problem])
+    assert recipe.run.dir is not None and recipe.parallel.nproc is not None  # load_recipe resolved them
     run_dir = Path(recipe.run.dir)
     if problems := run_dir_problems(run_dir):  # a user's folder, or a part of another run: never written
         raise RecipeError(args.recipe, problems)
     if node.rank > 0:  # node 0 checks and writes the run directory; its rendezvous starts no rank before that
         run_dir.mkdir(parents=True, exist_ok=True)
         mark(run_dir)  # before this node's log lands there: node 0, checking later, sees a run directory
-        return launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
+        return launch_local(run_dir, recipe.parallel.nproc, early=early, node=node)
     try:  # before anything is written: a live launch's recipe.yaml must stay as it is
         lock = RunLock(run_dir).acquire()
     except RunLocked as err:
@@ -127,7 +150,7 @@ def cmd_run(args) -> int:
         write_run_dir(recipe, engine_configs(recipe))
         print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
               f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
-        code = launch_local(run_dir, recipe.parallel.nproc, cpu=gpus == 0, early=early, node=node)
+        code = launch_local(run_dir, recipe.parallel.nproc, early=early, node=node)
         if code == EXIT_BAD_INPUT:  # the ranks refused (a changed data file, say): leave the run as it was
             backup.restore()
         return code
@@ -136,12 +159,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from launch.engine_config import engine_configs
+    from train.engines.config import engine_configs
     from launch.local import check_resumable, write_run_dir
     from launch.ownership import run_dir_problems
-    from launch.slurm import render_sbatch, submit
+    from launch.slurm import job_dependency, render_sbatch, submit
 
+    if args.tasks is not None and not args.prepare:
+        raise RecipeError("--tasks", ["counts the tasks of a --prepare job; add --prepare, or leave it out"])
     recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
+    assert recipe.run.dir is not None  # load_recipe resolved it
     run_dir = Path(recipe.run.dir).resolve()
     if problems := run_dir_problems(run_dir):
         raise RecipeError(args.recipe, problems)
@@ -153,16 +179,24 @@ def cmd_submit(args) -> int:
     if problems:
         raise RecipeError("resume", problems)
     if recipe.parallel.gpu_mem_gb:  # the login node cannot see the cluster's GPUs: only a stated size
-        from train.model_checks import memory_problems
+        from train.model_checks import memory_problems, plan_gpu_bytes
 
-        problems = memory_problems(recipe, recipe.parallel.gpu_mem_gb * 1e9)
+        problems = memory_problems(recipe, plan_gpu_bytes(recipe))
         if problems:
             raise RecipeError(args.recipe, problems)
+    if args.prepare:
+        from launch.slurm import submit_prepare
+
+        if args.after is not None:
+            raise RecipeError("--after", ["starts a training job after another; a --prepare job waits for nothing"])
+        return submit_prepare(recipe, run_dir, 4 if args.tasks is None else args.tasks, args.dry_run, args.recipe,
+                              lambda: write_run_dir(recipe, engine_configs(recipe)))
+    after = job_dependency(args.after)
     if args.dry_run:
-        return submit(recipe, run_dir, dry_run=True)
-    render_sbatch(recipe, run_dir, sys.executable, ".")  # refuse bad values before writing anything
+        return submit(recipe, run_dir, dry_run=True, after=after)
+    render_sbatch(recipe, run_dir, sys.executable, ".", after)  # refuse bad values before writing anything
     write_run_dir(recipe, engine_configs(recipe))
-    return submit(recipe, run_dir, dry_run=False)
+    return submit(recipe, run_dir, dry_run=False, after=after)
 
 
 def cmd_prepare(args) -> int:
@@ -171,8 +205,18 @@ def cmd_prepare(args) -> int:
     silence_known_noise()  # before datasets is imported
     from train.data.prepare import prepare_data
 
+    from train.data.prepare import prepare_share
+    from train.data.shards import share_arg
+
+    share = share_arg(args.task, args.tasks)  # bad numbers: one line before the recipe is read
     recipe = _load(args)
-    data = prepare_data(recipe)
+    if share is not None:
+        data = prepare_share(recipe, *share)
+        if data is None:
+            print(f"shardforge: prepare task {share[0]} of {share[1]} done; the last task to finish joins the cache")
+            return 0
+    else:
+        data = prepare_data(recipe)
     state = "reused" if data.stats.get("cache_hit") else "written"
     print(f"shardforge: data cache {state}: {recipe.data.cache_dir}/{data.key} "
           f"({data.stats['train_samples']} train, {data.stats['val_samples']} val samples)")
@@ -220,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
         if name == "submit":
             p.add_argument("--dry-run", action="store_true", help="print the job script; write and submit nothing")
+            p.add_argument("--prepare", action="store_true",
+                           help="submit a Slurm array that prepares the data cache (pre-training data) instead")
+            p.add_argument("--tasks", type=int, default=None, help="--prepare: array tasks (default 4)")
+            p.add_argument("--after", default=None, metavar="JOB",
+                           help="start the training job only after job JOB (a --prepare job) has completed")
+        if name == "prepare":
+            p.add_argument("--task", type=int, default=None, help="with --tasks: this task's share (0 .. tasks-1)")
+            p.add_argument("--tasks", type=int, default=None,
+                           help="tokenize one share of the files; the last task to finish joins the cache")
         if name == "run":
             p.add_argument("--node-rank", type=int, default=None,
                            help="parallel.nodes > 1 without Slurm: this machine's node (0 .. nodes-1); "

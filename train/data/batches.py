@@ -20,6 +20,7 @@ import torch
 from train.data.samples import Samples
 from train.data.sources import DataError
 from train.loop.stop_signals import ignore_stop_signals, stop_signals_blocked
+from train.recipe import accumulation
 
 
 class GlobalSampleStream:
@@ -176,7 +177,7 @@ class TrainBatches:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.stream = GlobalSampleStream(len(dataset), seed)
         self.stream.step_indices(0, global_batch)  # validates the sizes up front
-        self.micro_per_step = global_batch // (micro * world)
+        self.micro_per_step = accumulation(global_batch, micro, world)
         self.consumed = 0
         self._yielded = 0
         self._it: Optional[Iterator] = None

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -56,19 +57,35 @@ def source_stamps(recipe: Recipe) -> list:
     return stamps
 
 
-def write_cache(out: Path, splits: dict, stats: dict) -> None:
-    """Save the non-empty ``splits`` and ``stats.json`` into ``out`` atomically (another process that
-    got there first wins; its copy is kept)."""
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+def staging(out: Path) -> Path:
+    """The temporary folder a cache entry is written in before :func:`publish` renames it."""
+    tmp = out.with_name(out.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, split in splits.items():
-        if len(split):  # an empty split is not written (datasets cannot reload one)
-            split.flatten_indices().save_to_disk(str(tmp / name))
+    return tmp
+
+
+def publish(tmp: Path, out: Path, stats: dict) -> None:
+    """Write ``stats.json`` into ``tmp`` and rename it to ``out`` (another process that got there first
+    wins; its copy is kept)."""
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     if out.exists():
         shutil.rmtree(tmp)
-    else:
+        return
+    try:
         os.replace(tmp, out)
+    except OSError:  # renamed there between the check and now
+        if not (out / "stats.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_cache(out: Path, splits: dict, stats: dict) -> None:
+    """Save the non-empty ``datasets`` ``splits`` and ``stats.json`` into ``out`` atomically."""
+    tmp = staging(out)
+    for name, split in splits.items():
+        if len(split):  # an empty split is not written (datasets cannot reload one)
+            split.flatten_indices().save_to_disk(str(tmp / name))
+    publish(tmp, out, stats)
 
 
 def read_cache(out: Path, names: tuple[str, ...], columns: tuple[str, ...]) -> tuple[dict, Callable]:

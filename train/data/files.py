@@ -117,7 +117,7 @@ def path_problem(where: str, path: str, split: str) -> Optional[str]:
         kind = f"a {Path(f).suffix} file" if Path(f).suffix else "a file without a suffix"
         return (f"{where}.path: {f!r} is {kind}, which shardforge cannot read; convert it to one of "
                 f"{SUPPORTED}")
-    formats = sorted({file_format(f) for f in files})
+    formats = sorted({fmt for f in files if (fmt := file_format(f)) is not None})  # all are, here
     if len(formats) > 1:
         return (f"{where}.path: {path!r} mixes {' and '.join(formats)} files; one source reads one format: "
                 f"split it into one source per format")

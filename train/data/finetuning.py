@@ -256,7 +256,7 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
         splits = {"train": _encode(train, recipe, names, pad_id, "data.sources"),
                   "val": _encode(val, recipe, names, pad_id, "data.val_source" if d.val_source else "data (val split)"),
                   "test": _encode(test, recipe, names, pad_id, "data.test_source" if d.test_source else "data (test split)")}
-        stats = {"task": recipe.task, "labels": [str(n) for n in names], "seq_len": d.seq_len,
+        stats: dict[str, Any] = {"task": recipe.task, "labels": [str(n) for n in names], "seq_len": d.seq_len,
                  **{f"{k}_samples": len(v) for k, v in splits.items()},
                  "label_tokens": int(sum(np.sum(np.asarray(x) != IGNORE) for x in splits["train"]["labels"]))
                  if recipe.task != "sequence_classification" else None,

@@ -1,42 +1,103 @@
 """Pre-training data (``causal_lm``): sources → tokens (EOS after every document) → packed
-``seq_len`` blocks, mixed by weight, with a held-out validation share; cached."""
+``seq_len`` blocks, mixed by weight, with a held-out validation share; cached.
+
+Streamed in bounded memory: documents are read a block at a time (:mod:`train.data.documents`),
+tokenized in bounded pieces on ``data.num_proc`` processes (:mod:`train.data.encode`), packed to a
+flat file as blocks fill and written out as Arrow by row indices (:mod:`train.data.packing`). The
+samples, their order and the cache key are what the ``datasets.map`` pipeline before it produced.
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from train.data.cache import DATA_FORMAT_VERSION, PreparedData, fingerprint, read_cache, source_stamps, write_cache
-from train.data.sources import DataError, load_source
+from train.data.cache import (DATA_FORMAT_VERSION, PreparedData, fingerprint, publish, read_cache, source_stamps,
+                              staging)
+from train.data.documents import Progress, documents
+from train.data.encode import PIECE_CHARS, Splitter, available_cpus, backend_of, encode, tokenizer_processes
+from train.data.files import local_files
+from train.data.packing import Packer, blocks, write_split
+from train.data.scratch import scratch_dir, scratch_in
+from train.data.sources import DataError
 from train.data.tokenizer import tokenizer_fingerprint
-from train.recipe import Recipe
+from train.recipe import Recipe, SourceConfig
+
+_BACKENDS: dict[int, tuple] = {}
+
+
+def _backend(tokenizer):
+    """The tokenizer's ``tokenizers`` backend without truncation or padding (made once per tokenizer)."""
+    if id(tokenizer) not in _BACKENDS:
+        _BACKENDS[id(tokenizer)] = (tokenizer, backend_of(tokenizer))
+    return _BACKENDS[id(tokenizer)][1]
 
 
 def _tokenize_batch(batch: dict, tokenizer, eos_id: int) -> dict:
-    ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-    return {"input_ids": [x + [eos_id] for x in ids if x]}  # an empty document adds no bare EOS
+    """Ids (int32 arrays) of each text of ``batch["text"]`` tokenized in this process: pieces of
+    documents, so no EOS here (:class:`train.data.packing.Packer` adds one after each non-empty
+    document; ``eos_id`` is kept for callers of the old signature)."""
+    return {"input_ids": encode(_backend(tokenizer), list(batch["text"]))}
 
 
-def _pack_batch(batch: dict, seq_len: int) -> dict:
-    flat = np.fromiter((t for doc in batch["input_ids"] for t in doc), dtype=np.int64)
-    n = len(flat) // seq_len
-    return {"input_ids": flat[: n * seq_len].reshape(n, seq_len).tolist()}
+def pack_documents(docs: Iterable[Iterable[str]], tokenizer, seq_len: int, num_proc: int, path: Path,
+                   size: Optional[int] = None, progress: Optional[Progress] = None, log=print,
+                   where: str = "data", sink=None) -> dict:
+    """Tokenize documents (each an iterable of text blocks) and pack them into ``path`` (see
+    :class:`Packer`); the token counts. ``size`` (bytes, if known) decides whether worker processes pay.
+    ``sink``: takes the pieces' ids (``add(ids, last)``, ``finish()``) instead of a :class:`Packer`."""
+    backend = _backend(tokenizer)
+    splitter = Splitter(backend)
+    eos = tokenizer.eos_token_id
+    packer = sink if sink is not None else Packer(path, seq_len, eos)
+
+    def in_process(texts: list[str]) -> list:
+        return _tokenize_batch({"text": texts}, tokenizer, eos)["input_ids"]
+
+    def pieces() -> Iterator[tuple[str, bool]]:
+        for blocks_ in docs:
+            yield from splitter.pieces(blocks_)
+
+    workers = tokenizer_processes(backend, in_process, num_proc, size, lambda: path.parent)
+    try:
+        for ids, last in workers.map(pieces()):
+            packer.add(ids, last)
+            if progress is not None:
+                progress.tokens += len(ids)
+                progress.tick()
+    except BaseException:
+        workers.close(kill=True)
+        packer.finish()
+        raise
+    workers.close()
+    stats = packer.finish()
+    if splitter.unverified:
+        log(f"{where}: {splitter.unverified} of {splitter.cuts} cuts of documents longer than {PIECE_CHARS:,} "
+            f"characters are not where this tokenizer treats text as split; tokens there may differ from "
+            f"tokenizing those documents whole")
+    return stats
 
 
 def tokenize_and_pack(ds, tokenizer, seq_len: int, num_proc: int, desc: str):
-    """Tokenize (EOS after every document) and pack into ``seq_len`` blocks; return (blocks, stats)."""
-    eos = tokenizer.eos_token_id
-    tok = ds.map(_tokenize_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                 remove_columns=ds.column_names, fn_kwargs={"tokenizer": tokenizer, "eos_id": eos},
-                 desc=f"{desc}: tokenize")
-    total = int(sum(len(x) for x in tok["input_ids"]))
-    packed = tok.map(_pack_batch, batched=True, batch_size=1000, remove_columns=tok.column_names,
-                     fn_kwargs={"seq_len": seq_len}, desc=f"{desc}: pack {seq_len}")
-    kept = len(packed) * seq_len
-    return packed, {"tokens_total": total, "tokens_kept": kept, "tokens_dropped": total - kept}
+    """Tokenize (EOS after every document) and pack into ``seq_len`` blocks a ``datasets.Dataset``
+    with a ``text`` column, in memory; return (blocks as a ``datasets.Dataset``, stats). For small
+    data and tests: :func:`prepare_packed` streams."""
+    import datasets
+    import pyarrow as pa
+
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = (iter((text,)) for batch in ds.iter(batch_size=1000) for text in batch["text"])
+        stats = pack_documents(docs, tokenizer, seq_len, num_proc, Path(tmp) / "blocks", where=desc)
+        packed = np.array(blocks(Path(tmp) / "blocks", seq_len))
+    offsets = pa.array(np.arange(0, (len(packed) + 1) * seq_len, seq_len, dtype=np.int32))
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(packed.reshape(-1)))})
+    return datasets.Dataset(datasets.table.InMemoryTable(table)), stats
 
 
 def data_cache_key(recipe: Recipe, tokenizer) -> str:
@@ -47,44 +108,104 @@ def data_cache_key(recipe: Recipe, tokenizer) -> str:
                   "seed": recipe.run.seed, "v": DATA_FORMAT_VERSION})
 
 
-def prepare_packed(recipe: Recipe, tokenizer, log=print) -> PreparedData:
-    """Tokenize and pack the recipe's data once; later calls load the cached Arrow files."""
+def prepare_packed(recipe: Recipe, tokenizer, log=print,
+                   share: Optional[tuple[int, int]] = None) -> Optional[PreparedData]:
+    """Tokenize and pack the recipe's data once; later calls load the cached Arrow files. ``share``
+    (task, tasks): tokenize that task's share into the entry's shards (:mod:`train.data.shards`) and
+    join them if it is the last to finish; ``None`` when the entry is not written yet."""
+    from train.data.shards import ShardsBusy, joined, tokenize_share
+
     d = recipe.data
     key = data_cache_key(recipe, tokenizer)
     out = Path(d.cache_dir).expanduser() / key
     if (out / "stats.json").exists():
         return _cached(out, tokenizer, key, cache_hit=True)
-    start = time.time()
-    parts, stats = [], {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
-    for i, src in enumerate(d.sources):
-        blocks, st = tokenize_and_pack(load_source(src, f"data.sources[{i}]", d.max_record_mb), tokenizer,
-                                       d.seq_len, d.num_proc, f"data.sources[{i}]")
-        if len(blocks) == 0:
-            raise DataError(f"data.sources[{i}]: {src.path!r} has {st['tokens_total']} tokens, fewer "
-                            f"than one sample of data.seq_len={d.seq_len}; lower data.seq_len or add data")
-        parts.append((blocks, src.weight))
-        for k in stats:
-            stats[k] += st[k]
-    train = _mix(parts, recipe.run.seed)
-    if d.val_source is not None:
-        val, _ = tokenize_and_pack(load_source(d.val_source, "data.val_source", d.max_record_mb), tokenizer,
-                                   d.seq_len, d.num_proc, "data.val_source")
-    else:
-        n_val = max(1, int(round(len(train) * d.val_fraction))) if d.val_fraction > 0 else 0
-        if len(train) - n_val < 1:
-            raise DataError(f"data: only {len(train)} packed samples of {d.seq_len} tokens; "
-                            f"lower data.seq_len or data.val_fraction, or add data")
-        order = np.random.default_rng([recipe.run.seed, 7]).permutation(len(train))
-        val, train = train.select(np.sort(order[:n_val])), train.select(np.sort(order[n_val:]))
-    if d.max_samples is not None:
-        train = train.select(range(min(d.max_samples, len(train))))
-    stats.update(train_samples=len(train), val_samples=len(val), seq_len=d.seq_len,
-                 seconds=round(time.time() - start, 2))
-    write_cache(out, {"train": train, "val": val}, stats)
+    if share is not None:
+        missing = tokenize_share(recipe, tokenizer, out, *share, pack_documents, log=log)
+        if missing:
+            log(f"data: task(s) {', '.join(map(str, missing))} of {share[1]} have not finished; the last to finish joins")
+            return None
+    try:
+        with joined(recipe, tokenizer, out) as join:
+            if join is None and (out / "stats.json").exists():  # another process joined it meanwhile
+                return _cached(out, tokenizer, key, cache_hit=True)
+            if join is None:
+                pack = lambda k, src, where, path: _pack_source(recipe, src, where, tokenizer, path, log)  # noqa: E731
+            else:
+                log(f"data: joining the shards of {out}")
+                pack = lambda k, src, where, path: join(k, path)  # noqa: E731
+            stats = _write_packed(recipe, out, pack)
+    except ShardsBusy as err:
+        if share is None:
+            raise
+        log(str(err))
+        return None
     log(f"data: {stats['tokens_kept']:,} tokens kept in {stats['train_samples']:,} train + "
         f"{stats['val_samples']:,} val samples of {d.seq_len}; {stats['tokens_dropped']:,} dropped "
         f"(cache {out})")
     return _cached(out, tokenizer, key, cache_hit=False)
+
+
+def _write_packed(recipe: Recipe, out: Path, pack) -> dict:
+    """Pack every source with ``pack(key, src, where, path) -> (blocks, token counts)``, mix, split
+    and write the cache entry ``out``; its stats."""
+    d = recipe.data
+    root = out.parent
+    start = time.time()
+    with scratch_in(root):
+        folder = scratch_dir("packed")
+        assert folder is not None  # inside scratch_in
+        parts, weights = [], []
+        stats: dict[str, Any] = {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
+        for i, src in enumerate(d.sources):
+            where = f"data.sources[{i}]"
+            packed, st = pack(f"s{i}", src, where, folder / f"source{i}")
+            if len(packed) == 0:
+                raise DataError(f"{where}: {src.path!r} has {st['tokens_total']} tokens, fewer "
+                                f"than one sample of data.seq_len={d.seq_len}; lower data.seq_len or add data")
+            parts.append(packed)
+            weights.append(src.weight)
+            for k in stats:
+                stats[k] += st[k]
+        mixed = _mix_index([len(p) for p in parts], weights, recipe.run.seed)  # None: one source, all rows
+        if d.val_source is not None:
+            val_parts = [pack("val", d.val_source, "data.val_source", folder / "val")[0]]
+            val_index = None
+            train_index = mixed if mixed is not None else np.arange(len(parts[0]), dtype=np.int64)
+        else:
+            n = len(mixed) if mixed is not None else len(parts[0])
+            n_val = max(1, int(round(n * d.val_fraction))) if d.val_fraction > 0 else 0
+            if n - n_val < 1:
+                raise DataError(f"data: only {n} packed samples of {d.seq_len} tokens; "
+                                f"lower data.seq_len or data.val_fraction, or add data")
+            order = np.random.default_rng([recipe.run.seed, 7]).permutation(n)
+            val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+            del order
+            if mixed is not None:
+                val_index, train_index = mixed[val_index], mixed[train_index]
+            val_parts = parts
+        if d.max_samples is not None:
+            train_index = train_index[: d.max_samples]
+        tmp = staging(out)
+        tmp.mkdir(parents=True)
+        stats.update(train_samples=write_split(tmp / "train", parts, train_index, "train"),
+                     val_samples=write_split(tmp / "val", val_parts, val_index, "validation"),
+                     seq_len=d.seq_len, seconds=round(time.time() - start, 2))
+        publish(tmp, out, stats)
+    return stats
+
+
+def _pack_source(recipe: Recipe, src: SourceConfig, where: str, tokenizer, path: Path, log) -> tuple:
+    """(packed blocks of one source, memory-mapped; its token counts)."""
+    d = recipe.data
+    files = local_files(src.path)
+    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) if files is not None else None
+    progress = Progress(where, log)
+    stats = pack_documents(documents(src, where, d.max_record_mb, progress), tokenizer, d.seq_len,
+                           d.num_proc or available_cpus(), path, size, progress, log, where)
+    if time.monotonic() - progress.start >= progress.every_s:
+        log(progress.line())
+    return blocks(path, d.seq_len), stats
 
 
 def _cached(out: Path, tokenizer, key: str, cache_hit: bool) -> PreparedData:
@@ -93,17 +214,17 @@ def _cached(out: Path, tokenizer, key: str, cache_hit: bool) -> PreparedData:
     return PreparedData(load("train"), load("val"), tokenizer, key, stats)
 
 
-def _mix(parts: list, seed: int):
-    """Mix packed sources so each source's share of samples follows its weight."""
-    import datasets
-
-    if len(parts) == 1:
-        return parts[0][0]
-    total = sum(len(b) for b, _ in parts)
-    wsum = sum(w for _, w in parts)
+def _mix_index(lengths: list[int], weights: list[float], seed: int) -> Optional[np.ndarray]:
+    """Rows (numbered across the sources in order) of the mixed training samples: each source's
+    share follows its weight, drawn by a seeded permutation (repeated when a source is too small)
+    and kept in order; ``None`` for one source (all its rows)."""
+    if len(lengths) == 1:
+        return None
+    total, wsum = sum(lengths), sum(weights)
+    starts = np.cumsum([0, *lengths[:-1]])
     chosen = []
-    for i, (blocks, w) in enumerate(parts):
+    for i, (n, w) in enumerate(zip(lengths, weights)):
         want = max(1, int(round(total * w / wsum)))
-        idx = np.resize(np.random.default_rng([seed, 11, i]).permutation(len(blocks)), want)
-        chosen.append(blocks.select(np.sort(idx)).flatten_indices())
-    return datasets.concatenate_datasets(chosen)
+        idx = np.resize(np.random.default_rng([seed, 11, i]).permutation(n), want)
+        chosen.append(starts[i] + np.sort(idx))
+    return np.concatenate(chosen).astype(np.int64)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from train.data.files import (file_format, local_files, path_problem, saved_data_files, saved_dataset,
                               saved_splits)
+from train.data.scratch import scratch_dir
 from train.recipe import SourceConfig
 from train.rundir import first_line
 
@@ -45,40 +46,53 @@ def overlong_line(path: str, limit: int) -> Optional[int]:
     return None
 
 
+def check_local(src: SourceConfig, where: str, max_record_mb: int = 16) -> Optional[tuple[list[str], str]]:
+    """(files, format) of a local source, checked as :func:`load_records` reads it (path, permissions,
+    not all empty, no overlong line), or ``None`` for a hub dataset."""
+    files = local_files(src.path)
+    if files is None:
+        return None
+    problem = path_problem(where, src.path, src.split)
+    if problem:
+        raise DataError(problem)
+    folder = saved_dataset(src.path)
+    if folder is not None:  # read as Arrow files, like any local file: the user's folder stays as it is
+        splits = saved_splits(folder)
+        files, fmt = saved_data_files(folder if splits is None else folder / src.split), "arrow"
+    else:
+        fmt = file_format(files[0]) or ""  # path_problem refused a file of no known format
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise DataError(f"{where}.path: cannot read {f!r}; check its permissions")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise DataError(f"{where}: {src.path!r} is empty; point it at non-empty data")
+    if fmt in LINE_FORMATS:
+        for f in files:
+            if (line := overlong_line(f, max_record_mb << 20)) is not None:
+                raise DataError(f"{where}.path: line {line} of {f!r} is longer than data.max_record_mb="
+                                f"{max_record_mb} MiB; split that record, or raise data.max_record_mb")
+    return files, fmt
+
+
 def load_records(src: SourceConfig, where: str, max_record_mb: int = 16):
-    """Load one source as a ``datasets.Dataset`` with its own columns (checked to be non-empty)."""
+    """Load one source as a ``datasets.Dataset`` with its own columns (checked to be non-empty).
+    Inside :func:`train.data.cache.scratch_in`, datasets keeps its Arrow copy in that scratch folder."""
     import datasets
 
-    files = local_files(src.path)
-    if files is not None:
-        problem = path_problem(where, src.path, src.split)
-        if problem:
-            raise DataError(problem)
-        folder = saved_dataset(src.path)
-        if folder is not None:  # read as Arrow files, like any local file: the user's folder stays as it is
-            splits = saved_splits(folder)
-            files, fmt = saved_data_files(folder if splits is None else folder / src.split), "arrow"
-        else:
-            fmt = file_format(files[0])
-        for f in files:
-            if not os.access(f, os.R_OK):
-                raise DataError(f"{where}.path: cannot read {f!r}; check its permissions")
-        if all(os.path.getsize(f) == 0 for f in files):
-            raise DataError(f"{where}: {src.path!r} is empty; point it at non-empty data")
-        if fmt in LINE_FORMATS:
-            for f in files:
-                if (line := overlong_line(f, max_record_mb << 20)) is not None:
-                    raise DataError(f"{where}.path: line {line} of {f!r} is longer than data.max_record_mb="
-                                    f"{max_record_mb} MiB; split that record, or raise data.max_record_mb")
+    scratch = scratch_dir("datasets")
+    cache_dir = str(scratch) if scratch is not None else None
+    local = check_local(src, where, max_record_mb)
+    if local is not None:
+        files, fmt = local
         builder, kwargs = READERS[fmt]
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets wraps parser errors in many types
             raise DataError(f"{where}.path: could not read {src.path!r} as {fmt}: "
                             f"{first_line(err)}; check the file") from None
     else:
         try:
-            ds = datasets.load_dataset(src.path, src.name, split=src.split)
+            ds = datasets.load_dataset(src.path, src.name, split=src.split, cache_dir=cache_dir)
         except Exception as err:
             raise DataError(f"{where}.path: could not load hub dataset {src.path!r} "
                             f"(split {src.split!r}): {first_line(err)}") from None

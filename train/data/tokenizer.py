@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator, Optional
 
 from train.data.cache import DATA_FORMAT_VERSION, fingerprint
-from train.data.sources import DataError, load_source
+from train.data.documents import leading_text
+from train.data.sources import DataError
 from train.rundir import first_line
 from train.recipe import DataConfig, Recipe
 
@@ -54,9 +56,14 @@ def load_or_train_tokenizer(recipe: Recipe, cache_root: Path):
         tk.train_from_iterator(texts, trainer=trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>",
                                        pad_token="<|endoftext|>")
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp = out.with_name(out.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
         fast.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+        try:  # the tasks of a prepare job may train it at once: the first one's copy is kept
+            os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+        except OSError:
+            if not (out / "tokenizer.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(out))
     except Exception as err:  # a damaged cache entry
@@ -79,10 +86,11 @@ def broken_json(folder: Path) -> Optional[str]:
 
 
 def _training_text(cfg: DataConfig, max_chars: int) -> Iterator[str]:
+    """The first ``max_chars`` characters of the training sources, document by document (a text
+    file is read only as far as needed)."""
     seen = 0
     for i, src in enumerate(cfg.sources):
-        for record in load_source(src, f"data.sources[{i}]", cfg.max_record_mb):
-            text = record["text"][: max_chars - seen]
+        for text in leading_text(src, f"data.sources[{i}]", cfg.max_record_mb, max_chars - seen):
             seen += len(text)
             yield text
             if seen >= max_chars:
