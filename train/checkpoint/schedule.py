@@ -30,7 +30,6 @@ class Saver:
         self.cfg: CheckpointConfig = recipe.checkpoint
         self.keep_best = bool(recipe.eval.keep_best)
         self.last_save_time, self.last_save_step = time.time(), -1
-        self._write_started = None
 
     # ---- the decisions, in the order the trainer asks after each step
 
@@ -41,17 +40,18 @@ class Saver:
 
     def flags(self) -> tuple[bool, bool]:
         """(a save is due by the clock, a background write is in flight): this rank's part of the
-        agreement. A background save that started at step s is reported on from s + 1, agreed at s + 2."""
-        pending = self.checkpointer.pending
-        self._write_started = pending.step if pending is not None else None
+        agreement. A query: it changes no state, and :meth:`after_step` needs no earlier call of it."""
         due = bool(self.cfg.every_minutes) and self.is_main and \
             time.time() - self.last_save_time >= 60 * self.cfg.every_minutes
         return due, self.checkpointer.write_in_flight()
 
     def after_step(self, step: int, last: bool, agreed: Agreed, protect: tuple = ()) -> None:
-        """Commit a finished background save; then save when a period, the clock or the end says so."""
-        started = self._write_started
-        if started is not None and (last or (not agreed.writing and step >= started + 2)):
+        """Commit a finished background save; then save when a period, the clock or the end says so.
+
+        A background save started at step s is first in the flags sent after step s + 1, and the
+        agreement is one step late: from s + 2, ``agreed.writing`` false means every rank has written it."""
+        pending = self.checkpointer.pending
+        if pending is not None and (last or (not agreed.writing and step >= pending.step + 2)):
             self.commit_background()
         clock = agreed.save and self.last_save_step < step - 1  # raised before the last step's save: stale
         if self._periodic_due(step) or clock or (last and self.cfg.at_end):
@@ -92,7 +92,7 @@ class Saver:
             self.last_save_time = time.time()
             return False
         self.last_save_time = time.time()
-        took = self.checkpointer.last_save_s
+        took = self.checkpointer.last_save_s or 0.0  # set by the save just made
         if background:
             self.log(f"checkpoint: writing {path.name} in the background ({reason}; training stalled {took:.2f}s)")
             return True
@@ -108,6 +108,8 @@ class Saver:
             path = self.checkpointer.wait()
         except CheckpointSaveError as err:
             self._failed(err)
+            return
+        if path is None:  # nothing was in flight
             return
         self.log(f"checkpoint: committed {path.name} (written in the background, "
                  f"{self.checkpointer.last_commit_s:.1f}s)")

@@ -4,7 +4,7 @@ the step (the non-finite guard is in :mod:`train.loop.nonfinite`)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ class StepAgreement:
     def __init__(self, device: torch.device):
         self.world = dist.get_world_size()
         self.group = dist.new_group(backend="gloo") if device.type != "cpu" and self.world > 1 else None
-        self._pending = None
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None  # (the all-reduce in flight, its flags)
 
     def exchange(self, stop: bool, save: bool, writing: bool, wait_now: bool = False) -> Agreed:
         """Each flag true when any rank raised it one step ago (now, with ``wait_now``)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ class TrainStep:
         for micro in range(self.accum):
             t0 = time.perf_counter()
             self.watchdog.beat(step, "data")
-            batch = self.next_batch(step)
+            batch: dict[str, Any] = self.next_batch(step)  # and the loss denominator, a float
             tokens += batch["input_ids"].numel()
             if denominator is not None:
                 batch["loss_denominator"] = denominator

@@ -32,23 +32,24 @@ from train.data.prepare import prepare_data
 from train.data.sources import DataError
 from train.distributed import PROCESS_GROUP_TIMEOUT_S, DistInfo, all_ranks_agree, init_distributed
 from train.engines import capabilities
-from train.engines.base import Engine, report_compute_dtype, set_fp32_matmul_precision
-from train.engines.build import build_engine, engine_config
+from train.engines.base import Engine, report_compute_dtype, set_deterministic, set_fp32_matmul_precision
+from train.engines.build import build_engine
+from train.engines.config import checked_engine_config
 from train.engines.placement import place_model
 from train.metrics.evaluation import Evaluator
 from train.metrics.flops import flops_per_token, peak_tflops
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import MetricsWriter
 from train.model import build_model, frozen_digest, token_ids
-from train.model_checks import memory_problems, model_problems
+from train.model_checks import memory_problems, model_problems, plan_gpu_bytes
 from train.loop.agreement import Stopper
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
-from train.recipe import Recipe, grad_accum_steps, resolve_epochs
+from train.recipe import Recipe, grad_accum_steps, resolve_epochs, world_size
 from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe,
                           write_error_report, write_status)
 from train.checkpoint.safe_load import forbid_code_in_checkpoints
 from train.checkpoint.schedule import Saver
-from train.schema import RecipeProblems
+from train.schema import RecipeError
 from train.loop.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters, RNGState
 from train.loop.step import TrainStep
@@ -64,9 +65,10 @@ CURRENT = Counters()
 def train(run_dir: Path) -> int:
     """Train the run in ``run_dir`` on this rank; ``EXIT_REQUEUE`` when stopped, 0 when done."""
     global CURRENT
-    recipe = read_recipe(run_dir)
+    recipe = read_recipe(run_dir, check=True)  # the launcher's checks, again on what this rank reads
     d = join_process_group(recipe)
     set_fp32_matmul_precision(recipe.parallel.tf32)
+    set_deterministic(recipe.train.deterministic)
     check_model(recipe, d)  # imports transformers' model stack
     startup_gc.resume()  # the heavy imports are done; nothing is built yet
     log = print if d.is_main else (lambda *a, **k: None)
@@ -83,16 +85,16 @@ def train(run_dir: Path) -> int:
         parts = build_parts(recipe, data, d, run_dir, counters, log, closing)
         engine, task, batches, early = parts.engine, parts.task, parts.batches, parts.early
         report_compute_dtype(engine.model, log)
-        guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir)
+        guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir, log)
         writer = closing.enter_context(MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console,
                                                      t.max_steps, counters.step, log)) if d.is_main else None
-        telemetry = closing.enter_context(Telemetry(d.local_rank if d.device.type == "cuda" else None,
+        telemetry = closing.enter_context(Telemetry(d.device if d.device.type == "cuda" else None,
                                                     recipe.logging.telemetry_interval_s, warn=log))
         if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", log, closing):
             return EXIT_REQUEUE
         watchdog = closing.enter_context(start_watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(
             lambda msg: write_status(run_dir, "hung", counters.step, msg, d.rank))))  # any rank may be first
-        accum = grad_accum_steps(recipe)
+        accum = parts.accum
         step = TrainStep(engine, task.loss, batches, accum, d.world_size, d.device, guard, watchdog,
                          task.sample_loss_tokens(data.train))
         faults.install(step, d.rank)
@@ -160,6 +162,8 @@ class Parts:
     checkpointer: Checkpointer
     flops_token: float
     log_window: LogWindow
+    accum: int
+    """Micro-batches per rank per optimizer step, computed once (:func:`train.recipe.grad_accum_steps`)."""
 
 
 def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters, log,
@@ -170,7 +174,12 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     if line:
         log(line)
     task = build_task(recipe.task, data.labels)
-    engine_cfg = engine_config(recipe, run_dir)
+    if d.world_size != world_size(recipe):
+        raise RecipeError(None, [f"parallel: recipe.yaml plans {world_size(recipe)} ranks ({recipe.parallel.nproc} per node × "
+                              f"{recipe.parallel.nodes} nodes), but this launch has {d.world_size}; start it with "
+                              f"`shardforge run` or `submit`, which write both"])
+    accum = grad_accum_steps(recipe, d.world_size)  # computed once here; refuses a batch that does not divide
+    engine_cfg = checked_engine_config(recipe, run_dir)
     model, weights = place_model(recipe.parallel.engine, lambda empty_init: build_model(
         recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log,
         special_ids=token_ids(data.tokenizer), empty_init=empty_init), d.rank, d.world_size, engine_cfg)
@@ -180,7 +189,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
             f"and receive rank 0's values")
     flops_token = flops_per_token(model, recipe.data.seq_len)
     frozen_base = frozen_base_digest(model, recipe, d)
-    engine = build_engine(recipe, model, d.device, engine_cfg, weights)
+    engine = build_engine(recipe, model, d.device, accum=accum, cfg=engine_cfg, weights=weights)
     del model, weights  # the engine holds what it needs; rank 0's full copy is gone
     engine.train()  # whatever mode the build or a wrapper left: training starts in train mode on every rank
     batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
@@ -205,7 +214,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
             seed_rank(recipe.run.seed + counters.step, d.rank)
         check_fingerprint(manifest, batches, recipe, data.key)
         log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
-    return Parts(engine, task, batches, early, checkpointer, flops_token, log_window)
+    return Parts(engine, task, batches, early, checkpointer, flops_token, log_window, accum)
 
 
 def frozen_base_digest(model: torch.nn.Module, recipe: Recipe, d: DistInfo) -> Optional[str]:
@@ -230,25 +239,23 @@ def check_frozen_base(manifest: dict, frozen_base: Optional[str], ckpt: Path, re
 
 def check_model(recipe: Recipe, d: DistInfo) -> None:
     """The checks of the model and its memory that ``shardforge run`` leaves to the ranks."""
-    problems = model_problems(recipe) or memory_problems(recipe, gpu_bytes(recipe, d.device))
+    problems = model_problems(recipe) or memory_problems(recipe, plan_gpu_bytes(recipe, lambda: device_bytes(d.device)))
     if problems:
-        raise RecipeProblems(problems)
+        raise RecipeError(None, problems)
 
 
 def join_process_group(recipe: Recipe) -> DistInfo:
     """The job's process group; for DeepSpeed, its C++ ops are built or loaded first (see ``load_ops``)."""
-    if capabilities(recipe.parallel.engine).family != "deepspeed":
-        return init_distributed()
+    if capabilities(recipe.parallel.engine).family != "deepspeed":  # FSDP2 offload: gloo for CPU tensors too
+        return init_distributed(cpu_collectives=recipe.parallel.offload)
     from train.engines.deepspeed_engine import load_ops
 
     load_ops(offload=recipe.parallel.offload)
     return init_distributed(deepspeed=True)
 
 
-def gpu_bytes(recipe: Recipe, device: torch.device) -> Optional[float]:
-    """The GPU memory the plan must fit: ``parallel.gpu_mem_gb``, else this rank's GPU (none on CPU)."""
-    if recipe.parallel.gpu_mem_gb:
-        return recipe.parallel.gpu_mem_gb * 1e9
+def device_bytes(device: torch.device) -> Optional[float]:
+    """This rank's GPU memory (none on CPU)."""
     return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
 
 
@@ -305,7 +312,7 @@ def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step:
 def peak_flops(recipe: Recipe, d: DistInfo, log) -> Optional[float]:
     """Per-device peak TFLOP/s for MFU: the recipe's, or the device's from the table."""
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
-    precision = recipe.parallel.precision
+    precision: str = recipe.parallel.precision
     if precision == "fp32" and recipe.parallel.tf32 and d.device.type == "cuda":
         precision = "tf32"
     peak = recipe.logging.peak_tflops or peak_tflops(device_name, precision)
@@ -342,7 +349,7 @@ def error_kind(err: BaseException) -> str:
         return "nonfinite"
     if isinstance(err, CheckpointSaveError):
         return "save_failed"
-    if isinstance(err, (DataError, CheckpointError, RecipeProblems)):
+    if isinstance(err, (DataError, CheckpointError, RecipeError)):
         return "bad_input"
     text = str(err)
     if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(

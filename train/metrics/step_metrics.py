@@ -4,7 +4,7 @@ once per ``train.log_every`` steps (the step loop's only host sync), then writte
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -85,7 +85,7 @@ class StepMetrics:
         norm = norm / self.world_size
         counters.tokens += round(all_tokens) - w.tokens * self.world_size  # ranks' lengths differ unpacked
         self.guard.check(counters.step)
-        telemetry_all = [None] * self.world_size
+        telemetry_all: list[Any] = [None] * self.world_size  # every rank's drained telemetry
         dist.all_gather_object(telemetry_all, self.telemetry.drain())
         seconds = time.time() - self.start
         steps = max(self.timed_steps, 1)
@@ -97,7 +97,10 @@ class StepMetrics:
                   **{k: v / steps for k, v in self.timers.items()},
                   "model_tflops": tps / self.world_size * self.flops_token / 1e12,
                   "mfu": mfu(tps / self.world_size, self.flops_token, self.peak),
-                  "skipped_steps": self.engine.skipped_steps, "nonfinite_steps": self.guard.total(),
+                  # updates not applied: the fp16 loss scaler's skips include every non-finite step,
+                  # and without a scaler the guard's are the only ones
+                  "skipped_steps": max(self.engine.skipped_steps, self.guard.total()),
+                  "nonfinite_steps": self.guard.total(),
                   "tokens": counters.tokens,
                   "epoch": counters.step * self.global_batch / max(self.train_samples, 1),
                   **aggregate_ranks(telemetry_all)}
