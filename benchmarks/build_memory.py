@@ -42,13 +42,13 @@ def rank_program(engine: str, mode: str, config: dict, out: Path) -> None:
     import psutil
     import torch.distributed as dist
 
-    from launch.engine_config import engine_configs
+    from train.engines.config import engine_configs
     from train.distributed import init_distributed
     from train.engines import CAPABILITIES
     from train.engines.build import build_engine
     from train.engines.placement import InitialWeights, place_model
     from train.model import build_model
-    from train.recipe import recipe_from_dict, resolve_defaults
+    from train.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
 
     d = init_distributed(deepspeed=True)
     recipe = recipe_from_dict({"run": {"name": "build"}, "model": {"config": config},
@@ -73,7 +73,8 @@ def rank_program(engine: str, mode: str, config: dict, out: Path) -> None:
     else:
         model, weights = build(None), InitialWeights()
     after_build = gathered(psutil.Process().memory_info().rss)  # every rank at the same moment
-    engine_obj = build_engine(recipe, model, d.device, cfg, weights)
+    engine_obj = build_engine(recipe, model, d.device, accum=grad_accum_steps(recipe, d.world_size), cfg=cfg,
+                              weights=weights)
     dist.barrier()
     seconds = time.perf_counter() - start
     after_engine = gathered(psutil.Process().memory_info().rss)

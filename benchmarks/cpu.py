@@ -264,7 +264,7 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     recipe = recipe_from_dict(raw)
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    engine = DDPEngine(recipe, build_model(recipe.model, 8192, 0), torch.device("cpu"))  # 1 rank: no wrapper
+    engine = DDPEngine(recipe, build_model(recipe.model, 8192, 0), torch.device("cpu"), accum=1)  # 1 rank
     for _ in range(2):  # populate Adam's moments so the state is the full size
         engine.forward_backward({"input_ids": torch.randint(0, 8192, (2, 32))},
                                 lambda m, batch: m(input_ids=batch["input_ids"]).logits.float().mean(), True)

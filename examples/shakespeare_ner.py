@@ -1,7 +1,7 @@
 """Build the named-entity set of the NER demo from the Shakespeare corpus, and score a baseline.
 
-    python -m launch.shakespeare_ner build data/shakespeare data/ner
-    python -m launch.shakespeare_ner report data/ner runs/minilm-ner
+    python -m examples.shakespeare_ner build data/shakespeare data/ner
+    python -m examples.shakespeare_ner report data/ner runs/minilm-ner
 
 Each play's own list of persons ("Persons Represented", "Dramatis Personae") and its scene
 headings name its people and places; those names, and a closed list of titles, tag the words
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from launch.shakespeare_plays import spoken_lines
+from examples.shakespeare_plays import spoken_lines
 from train.metrics.scores import entity_counts, entity_counts_by_type, entity_scores
 
 TEST_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "twelfth_night", "julius_caesar")
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "report":
         print(report(Path(argv[1]), Path(argv[2])))
         return 0
-    print("usage: python -m launch.shakespeare_ner build CORPUS OUT | report DATA RUN_DIR", file=sys.stderr)
+    print("usage: python -m examples.shakespeare_ner build CORPUS OUT | report DATA RUN_DIR", file=sys.stderr)
     return 2
 
 

@@ -1,6 +1,6 @@
 """Build the labelled set of the fine-tuning demo: which play does a Shakespeare passage come from?
 
-    python -m launch.shakespeare_plays data/shakespeare data/plays
+    python -m examples.shakespeare_plays data/shakespeare data/plays
 
 Reads four plays of the corpus that ``make data`` fetches (two tragedies, two comedies), drops
 speaker names and stage directions, cuts the spoken lines into passages of a few lines and
@@ -12,7 +12,7 @@ The same passages as chat records go to ``chat.jsonl`` and, every tenth, ``chat_
 is from, the assistant answers with its title. ``ask`` prompts an exported model with the held-out
 questions the way a user would, through ``apply_chat_template``, and scores its answers:
 
-    python -m launch.shakespeare_plays ask runs/tiny-chat-lora/export data/plays/chat_test.jsonl
+    python -m examples.shakespeare_plays ask runs/tiny-chat-lora/export data/plays/chat_test.jsonl
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding
 
 PLAYS = {"hamlet": "hamlet_gut.txt", "macbeth": "macbeth_gut.txt", "tempest": "tempest_gut.txt",
          "twelfth_night": "twelfth_night_gut.txt"}
@@ -96,12 +100,14 @@ def ask(model_dir: Path, test_file: Path, max_new_tokens: int = 8) -> dict:
     chats = [json.loads(line)["messages"] for line in test_file.read_text().splitlines()]
     answers = []
     for messages in chats:
-        prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt",
-                                         return_dict=True)
+        # return_dict=True gives a BatchEncoding: the stubs' return type is the union of every option's
+        prompt = cast("BatchEncoding", tok.apply_chat_template(messages[:-1], add_generation_prompt=True,
+                                                               return_tensors="pt", return_dict=True))
         with torch.no_grad():
             out = model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        answers.append(tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        answers.append(cast(str, tok.decode(out[0, prompt["input_ids"].shape[1]:],  # 1-D ids: decodes to a str
+                                            skip_special_tokens=True)).strip())
     truth = [m[-1]["content"] for m in chats]
     majority = max(set(truth), key=truth.count)
     result = {"questions": len(chats), "accuracy": sum(a == t for a, t in zip(answers, truth)) / len(chats),
@@ -119,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         ask(Path(args[1]), Path(args[2]))
         return 0
     if len(args) != 2:
-        print("usage: python -m launch.shakespeare_plays CORPUS_DIR OUT_DIR\n"
-              "       python -m launch.shakespeare_plays ask MODEL_DIR CHAT_TEST_JSONL", file=sys.stderr)
+        print("usage: python -m examples.shakespeare_plays CORPUS_DIR OUT_DIR\n"
+              "       python -m examples.shakespeare_plays ask MODEL_DIR CHAT_TEST_JSONL", file=sys.stderr)
         return 2
     build(Path(args[0]), Path(args[1]))
     return 0

@@ -1,8 +1,8 @@
 """``shardforge`` / ``python -m launch``: the CLI's entry point.
 
 For ``run`` the stop signals are blocked before anything heavy is imported, so a signal during
-the seconds of imports and validation waits for ``run``'s handlers (``launch.local.EarlyStop``)
-instead of killing the launcher.
+the seconds of imports and validation waits for the handlers ``run`` installs
+(``train.loop.stop_signals.StopRequest``) instead of killing the launcher.
 """
 
 import signal

@@ -18,7 +18,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -111,8 +111,9 @@ def build_export_model(recipe, run_dir: Path, tokenizer, frozen_base: Optional[s
     labels = _labels(run_dir)
     if frozen_base is not None:
         as_trained = dataclasses.replace(recipe.model, activation_checkpointing=False, compile=False)
-        model = build_model(as_trained, len(tokenizer), recipe.run.seed, recipe.task, labels, log=lambda *_: None,
-                            special_ids=token_ids(tokenizer))
+        # A transformers model (peft's wrapper with LoRA), used through their API.
+        model: Any = build_model(as_trained, len(tokenizer), recipe.run.seed, recipe.task, labels,
+                                 log=lambda *_: None, special_ids=token_ids(tokenizer))
         if frozen_digest(model) != frozen_base:
             raise ExportError(f"{run_dir}: its checkpoint holds only the trainable parameters, and the frozen ones "
                               f"built from model.pretrained {recipe.model.pretrained!r} differ from those it was "
@@ -176,7 +177,7 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     ckpt = pick_checkpoint(run_dir, step)
     tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    model = build_export_model(recipe, run_dir, tokenizer, manifest.get("frozen_base"))
+    model: Any = build_export_model(recipe, run_dir, tokenizer, manifest.get("frozen_base"))  # used through HF's API
     with refusing_code(ckpt, ExportError):
         state = full_state_dict(ckpt, model)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -6,7 +6,7 @@ import base64
 import html
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from launch.status import duration
 
@@ -130,6 +130,7 @@ def draw(run_dir: Path, events: dict[str, list[tuple[float, int, float]]], title
     unit, per_unit = time_unit(max(t for values in events.values() for t, _, _ in values) - start)
     rows = (len(drawn) + 1) // 2
     fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows + 0.6), squeeze=False)
+    steps: Sequence[float]  # a panel's steps, then (Loss) the extrapolated ones of the loss events
     for ax, (title, tags) in zip(axes.flat, drawn):
         for tag in tags:
             times, steps, values = zip(*events[tag])

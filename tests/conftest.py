@@ -4,7 +4,7 @@ and groups the tests for ``make test``'s two workers (pytest-xdist, ``--dist loa
 A test launches when its body calls one of the launching helpers or it uses a fixture that
 launches. Read from the source, so a new test is marked without anyone remembering to.
 
-Workers: a file's tests stay together (its module fixtures train once), and both Slurm files
+Workers: a file's tests stay together (its module fixtures train once), and the Slurm files
 share one worker, since they spend most of their time waiting on the scheduler (requeue delays,
 time-limit checks): they go first, so that waiting overlaps the other worker's CPU-bound files,
 which follow with the most launches first (the longest files do not end up last, alone).
@@ -18,6 +18,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import World, make_corpus
 
 LAUNCHING_CALLS = {"run_recipe", "launch_in_process", "launch", "submit", "Popen", "_cli", "torchrun_program"}
 """Helpers (in tests/helpers.py and the test files) that start ``shardforge run``, a job or the ranks."""
@@ -34,9 +36,17 @@ def _called_names(function) -> set[str]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "launch: starts training processes (left out by `make test-fast`)")
+    config.addinivalue_line("markers", "slow: runs for 10 s or more without launching (left out by `make test-fast`)")
 
 
-WAITING_FILES = ("test_slurm.py", "test_slurm_nodes.py")
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> World:
+    """One per test module: a temp folder named after the module, a corpus, a shared data cache."""
+    tmp = tmp_path_factory.mktemp(Path(request.module.__file__).stem.removeprefix("test_"))
+    return World(tmp, make_corpus(tmp / "corpus"), tmp / "cache")
+
+
+WAITING_FILES = ("test_slurm.py", "test_slurm_nodes.py", "test_slurm_prepare.py")
 """Files whose tests mostly wait on Slurm: one unit of work, scheduled first."""
 
 
@@ -48,7 +58,7 @@ def _group(path: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook; `make test` runs with --dist loadfile
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``--dist loadfile``, with both Slurm files as one unit. (Marking tests ``xdist_group`` for
+    """``--dist loadfile``, with the Slurm files as one unit. (Marking tests ``xdist_group`` for
     ``--dist loadgroup`` does nothing with pytest 9.2: pytest-xdist issue #1386.)"""
     if config.getvalue("dist") != "loadfile":
         return None
@@ -61,12 +71,26 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return FileGroups(config, log)
 
 
+def _fixture_launches(item: pytest.Item, name: str) -> bool:
+    """Whether the fixture ``name`` calls a launching helper itself (a module fixture that trains)."""
+    info = getattr(item, "_fixtureinfo", None)
+    for definition in (info.name2fixturedefs.get(name, ()) if info is not None else ()):
+        func = getattr(definition, "func", None)
+        try:
+            if func is not None and _called_names(func) & LAUNCHING_CALLS:
+                return True
+        except (OSError, TypeError, SyntaxError):  # a fixture without Python source (pytest's own)
+            continue
+    return False
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     launches: dict[str, int] = {}
     for item in items:
         function = getattr(item, "function", None)
         if function is not None and (_called_names(function) & LAUNCHING_CALLS
-                                     or set(item.fixturenames) & LAUNCHING_FIXTURES):
+                                     or set(item.fixturenames) & LAUNCHING_FIXTURES
+                                     or any(_fixture_launches(item, name) for name in item.fixturenames)):
             item.add_marker(pytest.mark.launch)
             launches[_group(item.nodeid)] = launches.get(_group(item.nodeid), 0) + 1
     # A stable sort: each file's tests keep their order (and each module fixture its life).

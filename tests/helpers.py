@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,19 @@ def make_corpus(root: Path, files: int = 12, words_per_file: int = 3000, seed: i
             lines.append(" ".join(rng.choice(WORDS) for _ in range(10)).capitalize() + ".")
         (root / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+@dataclass(frozen=True)
+class World:
+    """A test module's ground (the ``world`` fixture of conftest.py): its temp folder, a generated
+    corpus, and one data cache that every recipe of the module shares (tokenized once)."""
+    tmp: Path
+    corpus: Path
+    cache: Path
+
+    def recipe(self, name: str, **sections) -> dict:
+        """:func:`tiny_recipe` with its run directory at ``tmp/name``."""
+        return tiny_recipe(self.corpus, self.cache, self.tmp / name, **sections)
 
 
 def tiny_recipe(corpus: Path, cache: Path, run_dir: Path, **sections) -> dict:
@@ -227,7 +241,7 @@ ROLES = {"lord", "king", "queen", "sir", "lady", "father", "mother", "son", "dau
 
 def make_finetune_data(root: Path, records: int = 400) -> dict[str, Path]:
     """Small labelled sets from the real play passages: classification, BIO tags, prompt/response, chat."""
-    from launch.shakespeare_plays import PLAYS, passages, spoken_lines
+    from examples.shakespeare_plays import PLAYS, passages, spoken_lines
 
     root.mkdir(parents=True, exist_ok=True)
     per_play = records // len(PLAYS)

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch.engine_config import engine_configs
+from train.engines.config import engine_configs
 from train.distributed import init_distributed
 from train.engines import CAPABILITIES
 from train.engines.build import build_engine
 from train.engines.placement import place_model
 from train.model import build_model
-from train.recipe import recipe_from_dict, resolve_defaults
+from train.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
 
 MODELS = {
     "llama": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -57,14 +57,15 @@ def main() -> int:
             recipe = recipe_for(engine, kind, d.world_size, pretrained)
             task_labels = labels if recipe.task == "token_classification" else None
 
-            def build(empty_init):
+            def build(empty_init, recipe=recipe, task_labels=task_labels):
                 return build_model(recipe.model, 256, recipe.run.seed, recipe.task, task_labels,
                                    log=lambda *_: None, empty_init=empty_init)
 
             expected = build(None)  # what one process builds
             cfg = engine_configs(recipe).get(CAPABILITIES[engine].config_file or "", {})
             model, weights = place_model(engine, build, d.rank, d.world_size, cfg)
-            engine_obj = build_engine(recipe, model, d.device, cfg, weights)
+            engine_obj = build_engine(recipe, model, d.device, accum=grad_accum_steps(recipe, d.world_size), cfg=cfg,
+                                      weights=weights)
             full = engine_obj.full_model_state()  # gathers every rank's shards on rank 0
             mismatched = []
             if d.rank == 0:

@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import launch_in_process, make_corpus, run_recipe, tiny_recipe, train_losses, write_recipe
+from tests.helpers import World, launch_in_process, make_corpus, run_recipe, tiny_recipe, train_losses, write_recipe
 from train.checkpoint.files import committed_checkpoints, latest_valid, verify
 
 
+def recipe(world: World, name: str, **train) -> dict:
+    """Six steps, a checkpoint every two (the last two kept and one at the end)."""
+    return world.recipe(name, train={"max_steps": 6, **train},
+                        checkpoint={"every_steps": 2, "keep_last": 2, "at_end": True})
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    corpus = make_corpus(tmp / "corpus")
-
-    def recipe(name: str, **train):
-        return tiny_recipe(corpus, tmp / "cache", tmp / name, train={"max_steps": 6, **train},
-                           checkpoint={"every_steps": 2, "keep_last": 2, "at_end": True})
-
-    straight = recipe("straight")
-    run_recipe(tmp, straight)
-    return {"tmp": tmp, "recipe": recipe, "straight": train_losses(Path(straight["run"]["dir"]))}
+def straight(world: World) -> list[float]:
+    """The training losses of the recipe run once without interruption."""
+    r = recipe(world, "straight")
+    run_recipe(world.tmp, r)
+    return train_losses(Path(r["run"]["dir"]))
 
 
 def steps_of(run_dir: Path) -> list[int]:
@@ -35,10 +35,10 @@ def steps_of(run_dir: Path) -> list[int]:
 @pytest.mark.parametrize("point,rank,step,expected", [
     ("write", 1, 4, 2), ("rename", 0, 4, 2), ("manifest", 0, 4, 2),
     ("prune", 0, 6, 6)])  # step 6 is the first save that prunes (keep_last=2); step 6 is committed
-def test_kill_during_save_keeps_previous_checkpoint(world, point, rank, step, expected):
-    r = world["recipe"](f"kill-{point}")
+def test_kill_during_save_keeps_previous_checkpoint(world, straight, point, rank, step, expected):
+    r = recipe(world, f"kill-{point}")
     run_dir = Path(r["run"]["dir"])
-    path = write_recipe(world["tmp"] / f"kill-{point}.yaml", r)
+    path = write_recipe(world.tmp / f"kill-{point}.yaml", r)
     killed = launch_in_process("run", str(path), env={"SHARDFORGE_KILL_AT": f"{point}:{step}:{rank}"})
     assert killed.returncode != 0
     latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
@@ -46,66 +46,67 @@ def test_kill_during_save_keeps_previous_checkpoint(world, point, rank, step, ex
     resumed = launch_in_process("run", str(path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {latest}" in resumed.stdout
-    assert train_losses(run_dir) == world["straight"]
+    assert train_losses(run_dir) == straight
     assert steps_of(run_dir)[-2:] == [4, 6]
 
 
-def test_corrupted_checkpoint_falls_back_to_previous(world):
-    r = world["recipe"]("corrupt", stop_after=4)
+def test_corrupted_checkpoint_falls_back_to_previous(world, straight):
+    r = recipe(world, "corrupt", stop_after=4)
     run_dir = Path(r["run"]["dir"])
-    run_recipe(world["tmp"], r, expect=75)
+    run_recipe(world.tmp, r, expect=75)
     assert steps_of(run_dir) == [2, 4]
     victim = run_dir / "checkpoints" / "step-000004" / "rank-00001.pt"
-    victim.write_bytes(victim.read_bytes()[:-10])  # truncated
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-10] + bytes(b ^ 0xFF for b in data[-10:]))  # same size, altered bytes
     problem = verify(victim.parent)
     assert problem and "rank-00001.pt does not match its xxh3_128 digest" in problem
-    out = run_recipe(world["tmp"], r, "train.stop_after=0")
+    out = run_recipe(world.tmp, r, "train.stop_after=0")
     lines = [line for line in out.stdout.splitlines() if "skipping" in line]
     assert len(lines) == 1 and "step-000004" in lines[0] and "xxh3_128" in lines[0]
     assert "resumed from" in out.stdout and "step-000002" in out.stdout
-    assert train_losses(run_dir) == world["straight"]
+    assert train_losses(run_dir) == straight
     # every checkpoint corrupt: refused (exit 2), not a silent restart that overwrites the step directories
     saved = committed_checkpoints(run_dir / "checkpoints")
     for ckpt in saved:
         victim = sorted(ckpt.rglob("*.pt"))[0]
         victim.write_bytes(victim.read_bytes()[:-10])
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.max_steps=8", expect=2)
+    out = run_recipe(world.tmp, r, "train.stop_after=0", "train.max_steps=8", expect=2)
     assert f"none of the {len(saved)} committed checkpoints" in out.stdout + out.stderr
-    assert committed_checkpoints(run_dir / "checkpoints") == saved and train_losses(run_dir) == world["straight"]
+    assert committed_checkpoints(run_dir / "checkpoints") == saved and train_losses(run_dir) == straight
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(world):
-    r = world["recipe"]("changed", stop_after=2)
+    r = recipe(world, "changed", stop_after=2)
     run_dir = Path(r["run"]["dir"])
-    run_recipe(world["tmp"], r, expect=75)
+    run_recipe(world.tmp, r, expect=75)
     before = (run_dir / "recipe.yaml").read_text()
     # a changed batch size or seed: refused by the launcher, before it writes anything
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", "train.global_batch_size=16", "run.seed=9", expect=2)
+    out = run_recipe(world.tmp, r, "train.stop_after=0", "train.global_batch_size=16", "run.seed=9", expect=2)
     text = out.stdout + out.stderr
     assert "train.global_batch_size: 16 here but 8 in" in text and "run.seed: 9 here but" in text, text[-2000:]
     assert "Traceback" not in text and (run_dir / "recipe.yaml").read_text() == before
     # changed data (another validation split, so the next batch differs): refused by the ranks, and
     # the launcher puts the run's recipe back
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", "data.val_fraction=0.2", expect=2)
+    out = run_recipe(world.tmp, r, "train.stop_after=0", "data.val_fraction=0.2", expect=2)
     text = out.stdout + out.stderr
     assert "changed: data (sources, tokenizer or seq_len)" in text and "Traceback" not in text
     assert text.strip().splitlines()[-1].endswith("(checkpoint.resume=never) (exit 2)"), text[-2000:]
     assert (run_dir / "recipe.yaml").read_text() == before, "the refused launch's recipe.yaml was not undone"
-    assert run_recipe(world["tmp"], r, "train.stop_after=0").returncode == 0  # still resumable as it was
+    assert run_recipe(world.tmp, r, "train.stop_after=0").returncode == 0  # still resumable as it was
 
 
-def test_every_minutes_saves_on_wall_clock(world):
+def test_every_minutes_saves_on_wall_clock(world, straight):
     """checkpoint.every_minutes=1e-5 (0.6 ms): every step is due. The ranks agree on a due save one
     step later, and a flag raised before a save does not trigger a second save right after it, so
     the saves land on every other step, the same on every machine."""
-    r = world["recipe"]("timed")
+    r = recipe(world, "timed")
     r["checkpoint"].update({"every_steps": 0, "every_minutes": 1e-5, "keep_last": 10, "at_end": False})
-    out = run_recipe(world["tmp"], r)
+    out = run_recipe(world.tmp, r)
     ckpts = committed_checkpoints(Path(r["run"]["dir"]) / "checkpoints")
     reasons = [json.loads((c / "manifest.json").read_text())["reason"] for c in ckpts]
     assert [c.name for c in ckpts] == ["step-000002", "step-000004", "step-000006"], out.stdout[-2000:]
     assert reasons == ["periodic", "periodic", "end"]  # the last step's due save is named "end"
-    assert train_losses(Path(r["run"]["dir"])) == world["straight"], "saving must not change training"
+    assert train_losses(Path(r["run"]["dir"])) == straight, "saving must not change training"
 
 
 def test_manifest_is_the_commit_marker(tmp_path):
@@ -176,9 +177,9 @@ class Exploit:
 
 def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
     """A planted pickle that would run code is refused by weights_only loading."""
-    r = world["recipe"]("pickle", stop_after=2)
+    r = recipe(world, "pickle", stop_after=2)
     run_dir = Path(r["run"]["dir"])
-    run_recipe(world["tmp"], r, expect=75)
+    run_recipe(world.tmp, r, expect=75)
     victim = run_dir / "checkpoints" / "step-000002" / "rank-00000.pt"
     with open(victim, "wb") as f:
         pickle.dump({"counters": Exploit()}, f)
@@ -193,7 +194,7 @@ def test_malicious_pickle_in_checkpoint_is_refused(world, tmp_path):
 
     manifest["files"]["rank-00000.pt"] = file_digest(victim)
     manifest_path.write_text(json.dumps(sealed_manifest(manifest, victim.parent)))  # resealed, sizes too
-    out = run_recipe(world["tmp"], r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=2)
+    out = run_recipe(world.tmp, r, "train.stop_after=0", f"checkpoint.resume={victim.parent}", expect=2)
     assert "refused: a file holds objects that would run code" in out.stdout + out.stderr
     assert not Path("/tmp/shardforge-pwned").exists()
 
@@ -307,7 +308,7 @@ def test_no_checkpoint_holds_non_finite_weights():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         recipe = resolve_defaults(recipe_from_dict({"parallel": {"nproc": 1, "precision": "fp32"}}))
-        engine = DDPEngine(recipe, torch.nn.Linear(4, 4), torch.device("cpu"))
+        engine = DDPEngine(recipe, torch.nn.Linear(4, 4), torch.device("cpu"), accum=1)
         assert engine.weights_finite()
         with torch.no_grad():
             engine.model.weight[2, 1] = float("inf")

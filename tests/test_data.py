@@ -152,7 +152,6 @@ def test_samples_read_from_the_cache_equal_what_datasets_reads(tmp_path):
     own numpy formatter gives; ``_PackedSamples`` trims a batch to its longest attention mask. A
     column that is not integers or fixed-width integer lists is refused by name."""
     from train.data.batches import _PackedSamples
-    from train.data.sources import DataError
 
     rng = np.random.default_rng(0)
     parts = []
@@ -270,7 +269,7 @@ def test_empty_documents_add_no_bare_eos(corpus, tmp_path):
 
 
 def test_dictionary_baseline_scores_by_hand():
-    from launch.shakespeare_ner import dictionary_baseline, tag
+    from examples.shakespeare_ner import dictionary_baseline, tag
 
     train = [{"words": ["Good", "Horatio", "of", "Elsinore"], "tags": ["O", "B-PER", "O", "B-LOC"]},
              {"words": ["Sir", "Toby", "Belch"], "tags": ["B-TITLE", "B-PER", "I-PER"]}]
@@ -286,7 +285,7 @@ def test_dictionary_baseline_scores_by_hand():
 
 def test_ner_demo_data_tags_unseen_plays_from_their_own_lists(tmp_path):
     """Built from the real corpus (`make data`): aligned, valid BIO; test plays held out by play."""
-    from launch.shakespeare_ner import TEST_PLAYS, VAL_PLAYS, build
+    from examples.shakespeare_ner import TEST_PLAYS, VAL_PLAYS, build
     from train.metrics.scores import bio_entities
 
     counts = build(Path(__file__).resolve().parents[1] / "data" / "shakespeare", tmp_path)

@@ -22,19 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launch.recipe import RecipeError, load_recipe
-from tests.helpers import REPO, launch_in_process, make_corpus, read_metrics, tiny_recipe, write_recipe
+from tests.helpers import REPO, launch_in_process, read_metrics, tiny_recipe, write_recipe
 from train.checkpoint.files import committed_checkpoints
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("faults")
-    return {"tmp": tmp, "corpus": make_corpus(tmp / "corpus"), "cache": tmp / "cache"}
-
-
 def launch(world, name: str, env: dict, umask: int = 0o022, **sections) -> tuple[subprocess.CompletedProcess, Path]:
-    r = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / name, **sections)
-    path = write_recipe(world["tmp"] / f"{name}.yaml", r)
+    r = world.recipe(name, **sections)
+    path = write_recipe(world.tmp / f"{name}.yaml", r)
     old_umask = os.umask(umask)  # the launcher and the trainers it starts inherit it
     try:
         proc = launch_in_process("run", str(path), env=env)
@@ -53,6 +47,10 @@ def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world, engin
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in records] == [1, 2, 3, 4, 5, 6]
     assert [m["nonfinite_steps"] for m in records] == [0, 0, 1, 1, 1, 1]
+    assert [m["skipped_steps"] for m in records] == [0, 0, 1, 1, 1, 1], "a skipped update is counted"
+    skipped_lines = [line for line in proc.stdout.splitlines() if "its update was skipped" in line]
+    assert skipped_lines == ["step 3: non-finite loss or gradient norm on some rank; its update was skipped on every "
+                             "rank (train.on_nonfinite=skip)"], proc.stdout[-3000:]
     assert all(math.isfinite(m["loss"]) for m in records), "NaN must not reach the logged mean"
     # step 3's loss is rank 0's alone: rank 1's NaN micro-batches are left out, not averaged in as 0
     assert records[2]["loss"] > 0.8 * records[1]["loss"], [m["loss"] for m in records]
@@ -65,7 +63,7 @@ def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world, engin
 
 
 def test_bad_data_found_by_rank_0_is_one_line_and_rank_1_does_not_claim_a_timeout(world):
-    empty = world["tmp"] / "empty.txt"
+    empty = world.tmp / "empty.txt"
     empty.write_text("")
     proc, run_dir = launch(world, "empty", {}, data={"sources": [{"path": str(empty)}]})
     out = proc.stdout + proc.stderr
@@ -79,15 +77,14 @@ def test_bad_data_found_by_rank_0_is_one_line_and_rank_1_does_not_claim_a_timeou
 def test_a_stale_deepspeed_build_lock_does_not_hang_the_next_run(world):
     """A job killed while DeepSpeed held torch's build baton (a plain ``lock`` file, taken even when
     nothing is rebuilt) leaves it behind; every later DeepSpeed run used to wait on it forever (the
-    kill harness hit it). The ranks now load ops under an flock and clear such batons."""
+    kill harness hit it). The ranks now load ops under an flock and clear such batons, in the build
+    folder keyed by this environment (``TORCH_EXTENSIONS_DIR``/<op>/lock: torch's layout there)."""
     import fcntl
-    import sys
 
-    from torch.utils.cpp_extension import get_default_build_root
+    from train.engines.deepspeed_engine import extensions_root
 
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    build_dirs = sorted(root.glob("*/deepspeed_shm_comm")) or \
-        [root / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / "deepspeed_shm_comm"]
+    root = extensions_root()
+    build_dirs = [root / "deepspeed_shm_comm"]
     for build_dir in build_dirs:
         build_dir.mkdir(parents=True, exist_ok=True)
         (build_dir / "lock").touch()  # what the killed job left
@@ -115,7 +112,7 @@ def test_nan_stop_exits_without_saving_and_names_the_step(world):
 
 
 def test_zero_cannot_skip_nonfinite_steps(world, tmp_path):
-    r = tiny_recipe(world["corpus"], world["cache"], tmp_path / "z", train={"on_nonfinite": "skip"},
+    r = tiny_recipe(world.corpus, world.cache, tmp_path / "z", train={"on_nonfinite": "skip"},
                     parallel={"engine": "zero3", "precision": "fp32", "nproc": 2})
     with pytest.raises(RecipeError, match="train.on_nonfinite: skip needs parallel.engine ddp or fsdp"):
         load_recipe(str(write_recipe(tmp_path / "z.yaml", r)))
@@ -169,8 +166,8 @@ VALUES = st.one_of(st.integers(-5, 10**6).map(str), st.floats(allow_nan=True).ma
 @given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
 def test_fuzzed_overrides_either_load_or_fail_with_named_keys(world, overrides):
     """Any override either gives a valid recipe or a RecipeError whose every line names a key: never a crash."""
-    base = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / "fuzz")
-    path = write_recipe(world["tmp"] / "fuzz.yaml", base)
+    base = world.recipe("fuzz")
+    path = write_recipe(world.tmp / "fuzz.yaml", base)
     args = [f"{k}={v}" for k, v in overrides]
     try:
         load_recipe(str(path), args)
@@ -202,7 +199,7 @@ def test_fuzzed_recipe_documents_never_crash_the_loader(tmp_path_factory, doc):
 
 
 def test_bad_input_through_the_cli_is_one_line_and_exit_2_and_writes_nothing(world, tmp_path):
-    r = tiny_recipe(world["corpus"], world["cache"], tmp_path / "never")
+    r = tiny_recipe(world.corpus, world.cache, tmp_path / "never")
     path = write_recipe(tmp_path / "r.yaml", r)
     for args in (["train.micro_batch_size=-1"], ["parallel.engine=zero9"], ["data.seq_len=100000"],
                  ["data.sources.0.path=/nonexistent/corpus.txt"], ["nonsense"]):
@@ -237,7 +234,7 @@ ROOT = os.geteuid() == 0
 def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
     """checkpoints/ is a tmpfs with room for one checkpoint and a half, so the second save runs out
     of space (as root, like CI); without root the saves fail with an injected ENOSPC instead."""
-    run_dir = world["tmp"] / f"full-{policy}"
+    run_dir = world.tmp / f"full-{policy}"
     env = {} if ROOT else {"SHARDFORGE_NOSPACE_FROM": "write:4:1"}
     if ROOT:
         _mount_tmpfs(run_dir / "checkpoints", int(ckpt_size * 1.5 / 1024) + 4)
@@ -258,7 +255,7 @@ def test_disk_full_keeps_the_previous_checkpoint(world, ckpt_size, policy):
             assert "step-000004" in status["reason"]
             assert max(m["step"] for m in read_metrics(run_dir)) == 4
             if ROOT:  # free the space: keep step-000002, unmount the full tmpfs
-                kept = world["tmp"] / "kept-step-000002"
+                kept = world.tmp / "kept-step-000002"
                 shutil.copytree(run_dir / "checkpoints" / "step-000002", kept)
                 subprocess.run(["umount", str(run_dir / "checkpoints")], check=True)
                 shutil.copytree(kept, run_dir / "checkpoints" / "step-000002")

@@ -323,7 +323,7 @@ def test_sft_fsdp_prompt_response(ft_data, tmp_path):
 
 def test_minilm_demo_beats_the_majority_baseline(tmp_path):
     """The shipped recipe, kept short: the real pretrained MiniLM-L6 on 2 CPU processes."""
-    from launch.shakespeare_plays import build
+    from examples.shakespeare_plays import build
     from tests.helpers import SHAKESPEARE
     from train.data.prepare import prepare_data
     from train.rundir import read_recipe

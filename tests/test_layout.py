@@ -46,7 +46,7 @@ def _py_files(*tops: str) -> list[Path]:
 
 
 def test_no_file_is_longer_than_400_lines():
-    long = {str(p.relative_to(REPO)): n for p in _py_files("train", "launch", "benchmarks", "tests")
+    long = {str(p.relative_to(REPO)): n for p in _py_files("train", "launch", "benchmarks", "tests", "examples")
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long
 
@@ -101,3 +101,36 @@ def test_launch_builds_no_trainer_part():
                  "train.engines.base", "train.engines.torch_engines", "train.engines.deepspeed_engine"}
     offenders = {str(p.relative_to(REPO)): sorted(forbidden & imported_modules(p)) for p in _py_files("launch")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+ROOMS = ("checkpoint", "data", "engines", "loop", "metrics")
+"""train/'s rooms; every other module of train/ (recipe, schema, model, rundir, ...) is ``core``."""
+MAY_IMPORT = {
+    "core": {"checkpoint", "data", "engines", "metrics"},  # recipe checks, model checks, run files, task scores
+    "data": {"core", "loop"},                     # loop: stop_signals, for the read-ahead thread
+    "engines": {"core", "checkpoint"},            # checkpoint: the file format and safe loading
+    "checkpoint": {"core", "engines", "loop"},    # loop: the agreement, stop and fault hooks of the save schedule
+    "metrics": {"core", "checkpoint", "loop"},    # loop: the step's result, early stopping
+    "loop": {"core", "checkpoint", "data", "engines", "metrics"},  # the trainer puts the parts together
+}
+"""Which room of train/ may import which (``train/__main__.py``, the entry point, may import any).
+Nothing imports ``launch``; checkpoint ↔ loop and metrics ↔ loop still go both ways (the save
+schedule and the log window use the loop's agreement and step types): moving those types to
+core would make the loop the only room that imports the others' parts."""
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in ROOMS else "core"
+
+
+def test_each_room_of_train_imports_only_the_rooms_it_may():
+    offenders = {}
+    for path in _py_files("train"):
+        name = _module_name(path)
+        if name == "train.__main__":
+            continue
+        rooms = {_room(m) for m in imported_modules(path) if m.split(".")[0] == "train"} - {_room(name)}
+        if extra := rooms - MAY_IMPORT[_room(name)]:
+            offenders[name] = sorted(extra)
+    assert not offenders, offenders

@@ -156,7 +156,7 @@ def test_sft_ddp_chat_lora(ft_data, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from launch.shakespeare_plays import ask
+    from examples.shakespeare_plays import ask
     from train.rundir import read_recipe
 
     pretrained = make_pretrained(tmp_path / "pretrained", "sft")

@@ -58,10 +58,10 @@ def test_selective_checkpointing_recomputes_the_cheap_ops_and_keeps_the_matmuls(
 
 
 def test_activation_checkpointing_accepts_true_false_or_selective():
-    from train.schema import RecipeProblems
+    from train.schema import RecipeError
 
     assert recipe_from_dict({"model": {"activation_checkpointing": "selective"}}).model.activation_checkpointing == "selective"
-    with pytest.raises(RecipeProblems, match="activation_checkpointing: 'some' is not one of False, True, 'selective'"):
+    with pytest.raises(RecipeError, match="activation_checkpointing: 'some' is not one of False, True, 'selective'"):
         recipe_from_dict({"model": {"activation_checkpointing": "some"}})
 
 

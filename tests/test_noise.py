@@ -98,7 +98,7 @@ def test_the_gradient_checkpointing_future_warning_goes_and_others_stay(restored
         assert getattr(model, "is_gradient_checkpointing", True) is False  # what peft does
         warnings.warn_explicit("`something_else` is deprecated", FutureWarning, "modeling_utils.py", 1,
                                module=TRANSFORMERS_MODELING)
-        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # from this module: kept
+        warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)  # this module's: kept
         single = "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a " \
                  "single process."  # what export's one-process checkpoint read raises
         warnings.warn_explicit(single, UserWarning, "utils.py", 485, module="torch.distributed.checkpoint.utils")

@@ -129,7 +129,7 @@ def test_from_a_users_project_folder_links_and_pruning(tmp_path):
     assert again.returncode == 0 and "shardforge: completed at step 8" in again.stdout, again.stdout + again.stderr
     assert _tree(outside) == before, "nothing was pruned or written through a link"
     log = (run_dir / "logs" / "launch.log").read_text()
-    assert f"checkpoint: ignoring 2 symbolic link(s) among the step directories of" in log and \
+    assert "checkpoint: ignoring 2 symbolic link(s) among the step directories of" in log and \
         f"step-000002 -> {outside / 'step-000002'}" in log, log[-3000:]
     assert f"checkpoints/step-000006 was a symbolic link to {outside / 'step-000006'}; replaced the link" in log
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000008"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from launch.cli import main as cli_main
-from launch.engine_config import engine_configs
+from train.engines.config import engine_configs
 from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
 from tests.helpers import REPO, shardforge
 from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
@@ -127,6 +127,9 @@ def test_model_and_sizes_checked_before_launch():
     assert any("data.seq_len: 512 is longer than the model's 256 positions" in p
                for p in problems("data.seq_len=512"))
     assert any("parallel.offload" in p for p in problems("parallel.offload=true"))
+    assert any(p.startswith("parallel.reduce_dtype: ddp reduces gradients in their own dtype") and
+               "set parallel.engine=fsdp" in p for p in problems("parallel.reduce_dtype=bf16"))
+    assert load_recipe("tiny-cpu", ["parallel.engine=fsdp", "parallel.reduce_dtype=bf16"]).parallel.reduce_dtype == "bf16"
     assert any("data.sources[0].path" in p for p in problems("data.sources.0.path=./nowhere/*.txt"))
 
 
@@ -140,7 +143,7 @@ def test_the_launch_path_of_run_imports_neither_torch_nor_transformers(tmp_path)
     script = f"""
 import sys
 from pathlib import Path
-from launch.engine_config import engine_configs
+from train.engines.config import engine_configs
 from launch.local import check_resumable, write_run_dir
 from launch.recipe import load_recipe
 for engine in ("fsdp", "zero3", "ddp"):
@@ -216,6 +219,8 @@ GOLDEN_CASES = {
     "llama-1b": ("llama-1b", []),
     "llama-7b-zero3": ("llama-7b-zero3", []),
     "llama-7b-fsdp-offload": ("llama-7b-fsdp", ["parallel.offload=true"]),
+    "tiny-fsdp-reduce-bf16": ("tiny-cpu", ["parallel.engine=fsdp", "parallel.reduce_dtype=bf16"]),
+    "tiny-zero2-reduce-fp32": ("tiny-cpu", ["parallel.engine=zero2", "parallel.reduce_dtype=fp32"]),
 }
 
 
@@ -331,3 +336,53 @@ def test_dependencies_are_declared_used_and_bounded_by_what_is_tested():
     assert used <= set(declared), f"imported but not declared in pyproject.toml: {sorted(used - set(declared))}"
     assert set(declared) - used == set(USED_INDIRECTLY), \
         f"declared but imported nowhere: {sorted(set(declared) - used - set(USED_INDIRECTLY))}"
+
+
+def test_the_rank_rebuilds_the_engine_config_and_refuses_an_edited_record(tmp_path):
+    """deepspeed.json / fsdp.json are built in one place (train.engines.config); the file in the run
+    directory is a record the rank checks, never a second source of settings."""
+    from launch.local import write_run_dir
+    from train.engines.config import EngineConfigMismatch, checked_engine_config
+
+    recipe = load_recipe("tiny-cpu", ["parallel.engine=zero2", "parallel.nproc=2", f"run.dir={tmp_path / 'run'}"],
+                         local_gpus=0)
+    run_dir = write_run_dir(recipe, engine_configs(recipe))
+    assert checked_engine_config(recipe, run_dir) == engine_configs(recipe)["deepspeed.json"]
+    cfg = json.loads((run_dir / "deepspeed.json").read_text())
+    cfg["zero_optimization"]["stage"] = 3
+    (run_dir / "deepspeed.json").write_text(json.dumps(cfg))
+    with pytest.raises(EngineConfigMismatch) as err:
+        checked_engine_config(recipe, run_dir)
+    assert "deepspeed.json: zero_optimization.stage is 3 there, but recipe.yaml gives 2" in str(err.value)
+    (run_dir / "deepspeed.json").write_text("{")
+    with pytest.raises(EngineConfigMismatch, match="deepspeed.json: unreadable"):
+        checked_engine_config(recipe, run_dir)
+
+
+def test_accumulation_is_one_formula_that_refuses_a_batch_that_does_not_divide():
+    """The launcher's check names the divisors; on a rank the same formula refuses (batches.py
+    rounded down before)."""
+    from train.recipe import accumulation
+    from train.schema import RecipeError
+
+    assert accumulation(64, 4, 2) == 8
+    with pytest.raises(RecipeError, match=r"10 is not divisible by micro_batch_size × world size = 2 × 3 = 6"):
+        accumulation(10, 2, 3)
+
+
+def test_a_rank_runs_the_launchers_checks_on_the_recipe_it_reads(tmp_path):
+    """One set of checks (train.recipe_checks): the launcher runs it on the recipe it loads, each
+    rank again on recipe.yaml, so a record edited after the launch is refused naming the file."""
+    from launch.local import write_run_dir
+    from train.rundir import read_recipe
+    from train.schema import RecipeError
+
+    recipe = load_recipe("tiny-cpu", ["parallel.nproc=2", f"run.dir={tmp_path / 'run'}"], local_gpus=0)
+    run_dir = write_run_dir(recipe, engine_configs(recipe))
+    assert read_recipe(run_dir, check=True) == read_recipe(run_dir)
+    text = (run_dir / "recipe.yaml").read_text()
+    (run_dir / "recipe.yaml").write_text(text.replace("global_batch_size: 32", "global_batch_size: 10"))
+    assert read_recipe(run_dir).train.global_batch_size == 10  # export and status still read it
+    with pytest.raises(RecipeError) as err:
+        read_recipe(run_dir, check=True)
+    assert str(err.value).startswith(f"{run_dir / 'recipe.yaml'}: train.global_batch_size: 10 is not divisible")

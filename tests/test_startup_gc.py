@@ -35,7 +35,7 @@ runpy.run_module("train", run_name="__main__")
 
 
 def test_collector_is_off_for_the_imports_and_on_before_anything_is_built(tmp_path):
-    from launch.engine_config import engine_configs
+    from train.engines.config import engine_configs
     from launch.local import write_run_dir
     from launch.recipe import load_recipe
 

@@ -13,21 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import make_corpus, read_metrics, run_recipe, tiny_recipe, train_losses
+from tests.helpers import read_metrics, run_recipe, train_losses
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("training")
-    return {"tmp": tmp, "corpus": make_corpus(tmp / "corpus"), "cache": tmp / "cache"}
-
-
 def recipe(world, name: str, engine: str = "ddp", nproc: int = 2, precision: str = "fp32", **extra):
-    r = tiny_recipe(world["corpus"], world["cache"], world["tmp"] / name,
-                    parallel={"engine": engine, "precision": precision, "nproc": nproc},
-                    train={"micro_batch_size": 8 // (2 * nproc) if nproc > 1 else 8})
+    r = world.recipe(name, parallel={"engine": engine, "precision": precision, "nproc": nproc},
+                     train={"micro_batch_size": 8 // (2 * nproc) if nproc > 1 else 8})
     for key, value in extra.items():
         r[key] = {**r.get(key, {}), **value}
     return r
@@ -35,9 +28,11 @@ def recipe(world, name: str, engine: str = "ddp", nproc: int = 2, precision: str
 
 @pytest.fixture(scope="module")
 def reference(world):
-    """1 process, micro-batch 8, no accumulation: its training losses and its final eval loss."""
-    r = recipe(world, "reference", nproc=1)
-    run_recipe(world["tmp"], r)
+    """1 process, micro-batch 8, no accumulation: its training losses and its final eval loss.
+    With ``train.deterministic`` (torch's deterministic kernels): every engine must match it, so the
+    setting runs and changes nothing on a CPU."""
+    r = recipe(world, "reference", nproc=1, train={"deterministic": True})
+    run_recipe(world.tmp, r)
     return {"losses": train_losses(Path(r["run"]["dir"])), "eval_loss": _eval_loss(Path(r["run"]["dir"]))}
 
 
@@ -53,7 +48,7 @@ def straight(world):
     for engine in ENGINES:
         r = recipe(world, f"straight-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True},
                    **STRAIGHT_EXTRA.get(engine, {}))
-        run_recipe(world["tmp"], r)
+        run_recipe(world.tmp, r)
         runs[engine] = Path(r["run"]["dir"])
     return runs
 
@@ -80,7 +75,7 @@ def resume_from_step_3(world, source: Path, name: str, engine: str, *overrides: 
     """A new run dir ``name`` that resumes from ``source``'s step-3 checkpoint (``checkpoint.resume=PATH``);
     its directory and the launch's output."""
     r = recipe(world, name, engine, **sections)
-    out = run_recipe(world["tmp"], r, f"checkpoint.resume={source / 'checkpoints' / 'step-000003'}", *overrides,
+    out = run_recipe(world.tmp, r, f"checkpoint.resume={source / 'checkpoints' / 'step-000003'}", *overrides,
                      expect=expect)
     assert "resumed from" in out.stdout and "at step 3" in out.stdout, out.stdout[-2000:]
     return Path(r["run"]["dir"]), out.stdout
@@ -97,10 +92,12 @@ GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positi
 @pytest.mark.parametrize("engine", ENGINES)
 def test_bf16_with_dropout_trains_and_resumes_bit_identically(world, engine):
     """Every rank's dropout masks continue exactly after a resume: RNG states are restored, and
-    nothing draws from the global generator between the restore and the next step."""
-    gpt2 = {"model": {"config": GPT2}, "parallel": {"engine": engine, "precision": "bf16", "nproc": 2}}
+    nothing draws from the global generator between the restore and the next step. FSDP reduces
+    its gradients in bf16 here (``parallel.reduce_dtype``, the fast choice on GPUs)."""
+    gpt2 = {"model": {"config": GPT2}, "parallel": {"engine": engine, "precision": "bf16", "nproc": 2,
+                                                    **({"reduce_dtype": "bf16"} if engine == "fsdp" else {})}}
     straight = recipe(world, f"bf16-{engine}", engine, checkpoint={"every_steps": 3, "at_end": True}, **gpt2)
-    proc = run_recipe(world["tmp"], straight)
+    proc = run_recipe(world.tmp, straight)
     assert "precision: the first forward computed in torch.bfloat16" in proc.stdout, proc.stdout[-2000:]
     straight_dir = Path(straight["run"]["dir"])
     losses = train_losses(straight_dir)
@@ -124,7 +121,7 @@ def test_resume_on_another_world_size(world, straight, reference, engine):
     run_dir, out = resume_from_step_3(world, straight[engine], f"reshard-{engine}", engine, "parallel.nproc=1",
                                       "train.micro_batch_size=8", "train.stop_after=2", expect=75, **extra)
     assert "(2 → 1 ranks)" in out
-    again = run_recipe(world["tmp"], recipe(world, f"reshard-{engine}", engine, **extra), "checkpoint.resume=auto")
+    again = run_recipe(world.tmp, recipe(world, f"reshard-{engine}", engine, **extra), "checkpoint.resume=auto")
     assert "(1 → 2 ranks)" in again.stdout, again.stdout[-2000:]
     assert [m[0] for m in _trajectory(run_dir)] == [4, 5, 6]
     losses = train_losses(run_dir)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from train.recipe import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -91,7 +94,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     if trainable < total and empty_init is None:
         log(f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     if cfg.activation_checkpointing:
-        kwargs = {"use_reentrant": False}
+        kwargs: dict[str, Any] = {"use_reentrant": False}
         if cfg.activation_checkpointing == "selective":
             kwargs["context_fn"] = selective_checkpoint_contexts
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -137,7 +140,7 @@ def layer_stack(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(stacks[0]) if stacks else []
 
 
-def freeze(model: torch.nn.Module, embeddings: bool, first_layers: int) -> None:
+def freeze(model: PreTrainedModel, embeddings: bool, first_layers: int) -> None:
     """Stop gradients to the input embeddings (a tied head with them) and the first ``first_layers`` layers."""
     modules = list(layer_stack(model)[:first_layers])
     if embeddings:
@@ -187,6 +190,7 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     """What FSDP shards one by one: the blocks that the model's class names in ``_no_split_modules``,
     or (a class that names none) the layers of its layer stack. A LoRA model: its base model's."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # nn.Module.__getattr__ is typed Tensor | Module; hasattr found peft's get_base_model method
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     names = set(getattr(type(base), "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names] or layer_stack(base)

@@ -82,7 +82,7 @@ class LoadReportFilter(logging.Filter):
 def quiet_bar_class(base: type) -> type:
     """A subclass of the tqdm class ``base`` that starts the :data:`QUIET_BARS` bars disabled."""
 
-    class QuietBars(base):  # type: ignore[misc, valid-type]
+    class QuietBars(base):
         def __init__(self, *args, **kwargs):
             if QUIET_BARS.match(str(kwargs.get("desc") or "")):
                 kwargs["disable"] = True

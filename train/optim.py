@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -13,7 +13,8 @@ from train.recipe import OptimConfig
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms, biases and other 1-D tensors get no weight decay. (A parameter
     built under ZeRO-3's ``zero.Init`` holds a flat partition: its shape is ``ds_shape``.)"""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
@@ -25,7 +26,8 @@ def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) 
     """Fused AdamW (CUDA and CPU): one kernel per step, and it can skip a step on a device-side
     ``found_inf`` flag without a host synchronisation."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+                             betas=cast(tuple[float, float], tuple(cfg.betas)),  # two: launch.recipe checks
+                             eps=cfg.eps, fused=True)
 
 
 def lr_factor(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:

@@ -4,7 +4,7 @@ This module is the contract between the launcher and every rank: the launcher
 validates user input against it and writes the resolved ``recipe.yaml``; each
 rank parses that file back with :func:`recipe_from_dict`. Validation of user
 input (all problems at once, exit code 2) lives in ``launch.recipe``; here a
-malformed tree raises :class:`RecipeProblems`.
+malformed tree raises :class:`RecipeError`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from train.schema import from_dict
+from train.recipe_slurm import SLURM_SIGNAL_SLACK_S, SlurmConfig  # noqa: F401 - re-exported
+from train.schema import RecipeError, from_dict
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 """Validation metrics where lower is better (``eval.mode: auto``)."""
-
-
-SLURM_SIGNAL_SLACK_S = 30
-"""slurmctld checks time limits (and sends ``--signal`` warnings) about every 30 s."""
 
 
 @dataclass
@@ -122,8 +119,9 @@ class DataConfig:
     """Which tokenizer to use or train."""
     cache_dir: str = "data_cache"
     """Where packed Arrow files are cached, keyed by a fingerprint of the data recipe."""
-    num_proc: int = 1
-    """Processes for tokenization."""
+    num_proc: Optional[int] = None
+    """Processes that tokenize (pre-training: for sources over 1 MiB); ``None``: one per CPU core this
+    process may use."""
     max_record_mb: int = 16
     """Longest line of a json/jsonl/csv/tsv file, in MiB; a longer one is refused, naming it (parsers
     need many times a record's size in memory)."""
@@ -192,10 +190,15 @@ class TrainConfig:
     """A NaN/inf loss or gradient norm on any rank: ``skip`` the optimizer step on every rank (counted
     in ``skipped_steps``), or ``stop`` without saving (the last good checkpoint stays the latest).
     ``auto``: skip with ddp/fsdp, stop with ZeRO (DeepSpeed applies its step before the norm is
-    known, so it cannot skip). fp16 overflows handled by the loss scaler are not counted here."""
+    known, so it cannot skip). ``skipped_steps`` also counts the fp16 loss scaler's skips."""
     step_timeout_s: float = 0.0
     """Hang watchdog: a step (or save) that runs longer dumps every rank's Python stack and exits
     non-zero so the job can be requeued; the first step of a launch gets 10× (warm-up); 0: off."""
+    deterministic: bool = False
+    """Deterministic kernels on GPUs (``torch.use_deterministic_algorithms``, a fixed cuBLAS
+    workspace, no cuDNN autotuning): a resumed run then repeats the uninterrupted one bit for bit on
+    the same GPUs and software, and an op with no deterministic kernel raises naming itself. Off by
+    default: it costs speed. CPU runs are deterministic either way."""
 
 
 @dataclass
@@ -230,6 +233,11 @@ class ParallelConfig:
     """Processes per node; ``None`` means all local GPUs (one process without GPUs)."""
     nodes: int = 1
     """Number of nodes."""
+    reduce_dtype: Optional[Literal["fp32", "bf16"]] = None
+    """The dtype gradients are reduced in across ranks. Unset: FSDP reduces in fp32, DeepSpeed in its
+    own choice (the compute dtype); ``bf16`` halves the reduce-scatter's bytes (the fast choice on
+    GPUs, at bf16's rounding of the summed gradients), ``fp32`` is exact. FSDP and ZeRO only: DDP
+    reduces gradients in their own dtype."""
     reduce_bucket_mb: int = 200
     """DeepSpeed reduce / all-gather (and ZeRO-3 prefetch) bucket size in MiB of gradients; converted
     to the element count DeepSpeed expects (2 bytes per element in bf16/fp16, 4 in fp32)."""
@@ -279,34 +287,6 @@ class LoggingConfig:
     """Seconds between NVML (or host) telemetry samples."""
 
 
-@dataclass
-class SlurmConfig:
-    gpus_per_node: int = 8
-    """GPUs (and trainer processes) per node."""
-    cpus_per_task: int = 64
-    """CPUs for the one task per node."""
-    mem: str = "0"
-    """Memory per node (``0``: all)."""
-    partition: Optional[str] = None
-    """Partition."""
-    account: Optional[str] = None
-    """Account to charge."""
-    qos: Optional[str] = None
-    """Quality of service."""
-    time: str = "24:00:00"
-    """Time limit per job (requeued jobs start the clock again)."""
-    signal_lead_s: int = 300
-    """Seconds before the time limit that Slurm signals the job to checkpoint. slurmctld looks at
-    time limits only every :data:`SLURM_SIGNAL_SLACK_S` seconds, so the signal can come that much
-    later: leave a step, a save and that slack."""
-    max_restarts: int = 10
-    """Requeue at most this many times."""
-    extra_sbatch: list[str] = field(default_factory=list)
-    """Extra ``#SBATCH`` lines, without the prefix (e.g. ``--constraint=h100``)."""
-    env: dict = field(default_factory=dict)
-    """Environment variables exported in the job."""
-
-
 _CLASSIFICATION = ("loss", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall",
                    "micro_precision", "micro_recall")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -347,7 +327,7 @@ class Recipe:
 
 
 def recipe_from_dict(data: dict) -> Recipe:
-    """Build a :class:`Recipe` from plain data; raise :class:`RecipeProblems` listing every problem."""
+    """Build a :class:`Recipe` from plain data; raise :class:`RecipeError` listing every problem."""
     return from_dict(Recipe, data)
 
 
@@ -394,7 +374,18 @@ def world_size(recipe: Recipe) -> int:
     return (recipe.parallel.nproc or 1) * recipe.parallel.nodes
 
 
-def grad_accum_steps(recipe: Recipe) -> int:
-    """Micro-batches per rank per optimizer step."""
+def accumulation(global_batch: int, micro: int, world: int) -> int:
+    """Micro-batches per rank per optimizer step: the one formula, which refuses a global batch
+    that does not divide (never rounds it down)."""
+    unit = micro * world
+    if micro < 1 or world < 1 or global_batch < 1 or global_batch % unit:
+        raise RecipeError(None, [f"train.global_batch_size: {global_batch} is not divisible by micro_batch_size × world "
+                              f"size = {micro} × {world} = {unit}; change train.global_batch_size or "
+                              f"train.micro_batch_size"])
+    return global_batch // unit
+
+
+def grad_accum_steps(recipe: Recipe, world: Optional[int] = None) -> int:
+    """:func:`accumulation` for ``recipe`` on ``world`` ranks (default: the recipe's world size)."""
     t = recipe.train
-    return t.global_batch_size // (t.micro_batch_size * world_size(recipe))
+    return accumulation(t.global_batch_size, t.micro_batch_size, world or world_size(recipe))

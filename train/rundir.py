@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 RECIPE_FILE = "recipe.yaml"
 RUN_MARKER = ".shardforge-run"  # written by the launcher: shardforge made this directory (launch/ownership.py)
@@ -51,13 +51,26 @@ KIND_EXIT = {"bad_input": EXIT_BAD_INPUT, "save_failed": EXIT_BAD_INPUT, "nonfin
 rank went away; it is reported only when no rank says why."""
 
 
-def read_recipe(run_dir: Path):
-    """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`)."""
+def read_recipe(run_dir: Path, check: bool = False):
+    """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`).
+    ``check`` (the ranks): run the launcher's checks on it again (``train.recipe_checks``, less the
+    local GPU count and what needs transformers, which the ranks check after) and raise
+    :class:`train.schema.RecipeError` naming the file: a record edited after the launch is
+    refused as the launcher would have refused it."""
     import yaml
 
     from train.recipe import recipe_from_dict, resolve_defaults
 
-    return resolve_defaults(recipe_from_dict(yaml.safe_load((run_dir / RECIPE_FILE).read_text())))
+    path = run_dir / RECIPE_FILE
+    recipe = resolve_defaults(recipe_from_dict(yaml.safe_load(path.read_text())))
+    if check:
+        from train.recipe_checks import check_recipe
+        from train.schema import RecipeError
+
+        problems = check_recipe(recipe, local_gpus=None, check_model=False)
+        if problems:
+            raise RecipeError(None, [f"{path}: {problem}" for problem in problems])
+    return recipe
 
 
 def launch_id() -> str:
@@ -164,7 +177,7 @@ def _is_symptom(report: dict) -> bool:
     return bool(report.get("symptom")) or report.get("kind") == "collective"
 
 
-def final_status(run_dir: Path, launch: str, process_failures: list[tuple[int, str]] = (),
+def final_status(run_dir: Path, launch: str, process_failures: Sequence[tuple[int, str]] = (),
                  interrupted: bool = False) -> dict:
     """Settle how launch ``launch`` ended, write ``status.json`` if the ranks did not, and return it.
 

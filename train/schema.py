@@ -8,15 +8,23 @@ import difflib
 import re
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union, cast
 
 
-class RecipeProblems(ValueError):
-    """All problems found in a recipe; ``problems`` holds one line each."""
+class RecipeError(ValueError):
+    """The one error type of a bad recipe, override or run-directory record, wherever it is found
+    (the launcher exits 2 with it, a rank reports it and exits 2): ``problems`` holds one line each,
+    ``source`` (the recipe file or argument, when known) starts the message."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+    def __init__(self, source: Optional[str], problems: list[str]):
+        self.source, self.problems = source, problems
+        if source is None:
+            text = "\n".join(problems)
+        elif len(problems) == 1:
+            text = f"{source}: {problems[0]}"
+        else:
+            text = f"{source}: {len(problems)} problems\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(text)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -68,7 +76,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")
             return None
-        return _build(tp, value, key, problems)
+        return _build(cast(type, tp), value, key, problems)  # an annotation: a dataclass type, not an instance
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -138,11 +146,11 @@ def _optional(tp: Any) -> bool:
 
 
 def from_dict(cls: type, data: Any, what: str = "recipe") -> Any:
-    """Build ``cls`` from plain data; raise :class:`RecipeProblems` listing every problem."""
+    """Build ``cls`` from plain data; raise :class:`RecipeError` listing every problem."""
     problems: list[str] = []
     if not isinstance(data, dict):
-        raise RecipeProblems([f"{what}: expected a mapping at the top level, got {type(data).__name__}"])
+        raise RecipeError(None, [f"{what}: expected a mapping at the top level, got {type(data).__name__}"])
     built = _build(cls, data, "", problems)
     if problems:
-        raise RecipeProblems(problems)
+        raise RecipeError(None, problems)
     return built

@@ -131,8 +131,8 @@ def hashing_file_system(digests: dict[str, str]):
         @contextmanager
         def create_stream(self, path, mode: str):
             if "w" not in mode:
-                with super().create_stream(path, mode) as stream:
-                    yield stream
+                with super().create_stream(path, mode) as reading:
+                    yield reading
                 return
             with Path(path).open(mode) as raw:
                 stream = HashingStream(raw)
@@ -288,7 +288,7 @@ def newest_valid(candidates: list[Path], check: Callable[[Path], Optional[str]] 
     """The newest of ``candidates`` (oldest first) that ``check`` passes, and the problem of each
     newer one (newest first), each also passed to ``warn``. The one search for a checkpoint to
     resume from or export: offline with :func:`verify`, in a run with the ranks sharing the work."""
-    problems = []
+    problems: list[str] = []
     for ckpt in reversed(candidates):
         problem = check(ckpt)
         if problem is None:

@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import AbstractSet, Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ class PendingSave(NamedTuple):
     keep_last: int
     keep_every: int
     extra_manifest: dict
-    protect: set
+    protect: AbstractSet[int]
     started: float
 
 
@@ -76,7 +76,7 @@ class Checkpointer:
         self._deleter: Optional[threading.Thread] = None  # rank 0 deleting pruned checkpoints
 
     def save(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict,
-             protect: set[int] = frozenset(), background: bool = False) -> Path:
+             protect: AbstractSet[int] = frozenset(), background: bool = False) -> Path:
         """Save and commit ``step``, then prune all but the newest ``keep_last``, every ``keep_every``
         multiple and the steps in ``protect`` (the best checkpoint).
 
@@ -134,7 +134,7 @@ class Checkpointer:
         self.last_commit_s = time.time() - p.started
         return self.root / step_dir_name(p.step)
 
-    def _commit(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict, protect: set[int]) -> None:
+    def _commit(self, step: int, keep_last: int, keep_every: int, extra_manifest: dict, protect: AbstractSet[int]) -> None:
         """fsync + hash (shared out), then rank 0 renames and writes the manifest; a collective."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
@@ -204,12 +204,14 @@ class Checkpointer:
             f"or a lower checkpoint.keep_last once this run can save again), then run again to resume",
             symptom=error is None)
 
-    def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: set[int]) -> None:
+    def _prune(self, keep_last: int, keep_every: int, saving_step: int, protect: AbstractSet[int]) -> None:
         ckpts = committed_checkpoints(self.root)
         newest = set(ckpts[-keep_last:]) if keep_last > 0 else set(ckpts)
         doomed = []
         for ckpt in ckpts:
-            step = int(STEP_DIR.match(ckpt.name).group(1))
+            match = STEP_DIR.match(ckpt.name)
+            assert match is not None  # committed_checkpoints lists step-N directories only
+            step = int(match.group(1))
             if ckpt in newest or (keep_every and step % keep_every == 0) or step in protect:
                 continue
             fault_point("prune", saving_step, self.rank)
@@ -218,8 +220,12 @@ class Checkpointer:
         doomed += [p for p in self.root.iterdir() if not p.is_symlink() and (p.name.startswith(".tmp-step-")
                    or (STEP_DIR.match(p.name) and not (p / MANIFEST).exists()))]  # left by crashes
         self._join_deleter()
-        self._deleter = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
-                                         name="checkpoint-prune")
+
+        def delete() -> None:
+            for p in doomed:
+                shutil.rmtree(p, ignore_errors=True)
+
+        self._deleter = threading.Thread(target=delete, name="checkpoint-prune")
         self._deleter.start()  # freeing the disk need not stall training; joined before the next save and at exit
 
     def _join_deleter(self) -> None:

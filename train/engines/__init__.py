@@ -9,7 +9,7 @@ live in :mod:`train.engines.torch_engines` (DDP, FSDP2) and :mod:`train.engines.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,9 @@ class Capabilities:
     """How the model state sits in a checkpoint: export reads it offline, without a process group."""
 
 
-_TORCH = dict(family="torch", skip_nonfinite=True, async_save=True, lora=True, zero_stage=None,
+_TORCH: dict[str, Any] = dict(family="torch", skip_nonfinite=True, async_save=True, lora=True, zero_stage=None,
               checkpoint_format="dcp")
-_ZERO = dict(family="deepspeed", config_file="deepspeed.json", skip_nonfinite=False, async_save=False,
+_ZERO: dict[str, Any] = dict(family="deepspeed", config_file="deepspeed.json", skip_nonfinite=False, async_save=False,
              lora=False, offload=True, checkpoint_format="deepspeed")
 CAPABILITIES: dict[str, Capabilities] = {
     "ddp": Capabilities(config_file=None, offload=False, **_TORCH),

@@ -5,20 +5,40 @@ scale) itself; the checkpointer adds the rest."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from train.engines.config import DTYPE_NAMES
+
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {**{precision: getattr(torch, name) for precision, name in DTYPE_NAMES.items()},
+          **{name: getattr(torch, name) for name in DTYPE_NAMES.values()}}
+"""``parallel.precision`` or an engine config's dtype name → the torch dtype."""
 
 
 def set_fp32_matmul_precision(tf32: bool) -> None:
     """``parallel.tf32``: let fp32 matmuls and convolutions use TF32 tensor cores on GPUs."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+
+
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+"""cuBLAS's workspace setting for reproducible results (CUDA's documentation: ``:4096:8`` or ``:16:8``)."""
+
+
+def set_deterministic(on: bool) -> None:
+    """``train.deterministic``: torch picks deterministic kernels and raises on an op that has none;
+    cuBLAS gets a fixed workspace (read when its first handle is made, so before any matmul: a value
+    the user set is kept); cuDNN neither autotunes nor picks nondeterministic algorithms."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def report_compute_dtype(model: torch.nn.Module, log) -> None:

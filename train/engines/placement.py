@@ -1,8 +1,8 @@
 """Where each rank's initial weights come from: rank 0 builds them, every other rank builds only
 the model's structure, and the engine gives every rank rank 0's values.
 
-Before, every rank built the whole fp32 model on its host (eight copies per 8-GPU node, about
-301 GB for a 7B model) and FSDP moved each whole copy to its GPU before sharding. Now:
+One fp32 copy of the weights per job on the host, not one per rank (an 8-GPU node building a 7B
+model eight times needs about 301 GB; ``python -m benchmarks.build_memory``):
 
 * rank 0 builds the weights exactly as a single process would (seeded random init or the
   pretrained file): one copy per job on its host, so initial weights are bit-equal whatever

@@ -115,6 +115,7 @@ class MetricsWriter:
             self._queue.put(record)
 
     def _tb_worker(self) -> None:
+        assert self.tb is not None  # the thread runs only with a SummaryWriter (__init__)
         while (record := self._queue.get()) is not None:
             for key, value in record.items():
                 if key not in ("step", "time"):
