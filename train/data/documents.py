@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterator, Optional, cast
 
 from train.data.files import file_format, local_files, saved_dataset
-from train.data.sources import DataError, check_local, check_template, check_text_column, load_records
+from train.data.sources import DataError, check_local, text_records
 from train.recipe import SourceConfig
 
 READ_CHARS = 1 << 20
@@ -94,13 +94,7 @@ def _file_blocks(path: str, src: SourceConfig, where: str, progress: Optional[Pr
 
 def _records(src: SourceConfig, where: str, max_record_mb: int,
              progress: Optional[Progress]) -> Iterator[Iterator[str]]:
-    ds = load_records(src, where, max_record_mb)
-    if src.template is None and src.text_field not in ds.column_names:
-        raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
-                        f"(columns: {', '.join(ds.column_names)}); set {where}.text_field")
-    if src.template is None:
-        check_text_column(src, ds, where)
-    check_template(src, ds, where)
+    ds = text_records(src, where, max_record_mb)
     if progress is not None:
         progress.total, progress.unit = len(ds), "records"
     start = 0

@@ -138,8 +138,9 @@ def check_text_column(src: SourceConfig, ds, where: str) -> None:
                     f"chat/messages data needs task: sft (with data.messages_field={src.text_field})")
 
 
-def load_source(src: SourceConfig, where: str, max_record_mb: int = 16):
-    """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
+def text_records(src: SourceConfig, where: str, max_record_mb: int = 16):
+    """The source's records (a ``datasets.Dataset``), checked to give text: the text field is a
+    column of text, or the template fits the columns."""
     ds = load_records(src, where, max_record_mb)
     if src.template is None and src.text_field not in ds.column_names:
         raise DataError(f"{where}.text_field: {src.text_field!r} is not a column of {src.path!r} "
@@ -147,6 +148,12 @@ def load_source(src: SourceConfig, where: str, max_record_mb: int = 16):
     if src.template is None:
         check_text_column(src, ds, where)
     check_template(src, ds, where)
+    return ds
+
+
+def load_source(src: SourceConfig, where: str, max_record_mb: int = 16):
+    """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
+    ds = text_records(src, where, max_record_mb)
     template, field_name = src.template, src.text_field
 
     def to_text(batch: dict, indices: list[int]) -> dict:
