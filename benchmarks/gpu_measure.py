@@ -73,7 +73,7 @@ def plan_gib(recipe: dict) -> dict:
     # torch's allocator sees the model's tensors, not the CUDA context or NCCL's own buffers: the
     # plan's share that max_memory_reserved measures is plan_gb less plan_runtime_gb (plus buffers)
     return {"plan_gb": e.total / 2**30, "plan_activations_gb": e.activations / 2**30,
-            "plan_runtime_gb": getattr(e, "runtime", 0.0) / 2**30}
+            "plan_runtime_gb": e.runtime / 2**30}
 
 
 def m_peak(c: Ctx) -> dict:
@@ -239,19 +239,14 @@ def m_ckpt(c: Ctx) -> dict:
 
 def m_resume(c: Ctx) -> dict:
     """A run stopped at step N (``train.stop_after``, with its checkpoint) and resumed, against the
-    same run uninterrupted: the losses of every step after N. ``train.deterministic: true`` where
-    the recipe has that setting."""
-    from train.recipe import TrainConfig
-
+    same run uninterrupted, both with ``train.deterministic: true``: the losses of every step after N."""
     steps = c.steps(TINY)[0] if not c.smoke else 6
     stop = steps // 2
-    deterministic = "deterministic" in {f.name for f in dataclasses.fields(TrainConfig)}
     losses = {}
     for name in ("straight", "resumed"):
         recipe = recipe_for(TINY, "ddp", False, steps, c.work, c.precision, name=f"resume-{name}")
         recipe["checkpoint"] = {"every_steps": 0, "at_end": False}
-        if deterministic:
-            recipe["train"]["deterministic"] = True
+        recipe["train"]["deterministic"] = True
         if name == "resumed":
             recipe["train"]["stop_after"] = stop
             code, tail = c.launch(recipe)
@@ -264,7 +259,7 @@ def m_resume(c: Ctx) -> dict:
         losses[name] = {r["step"]: r["loss"] for r in read_metrics(Path(recipe["run"]["dir"])) if "loss" in r}
     after = [s for s in sorted(losses["straight"]) if s > stop]
     diffs = [abs(losses["straight"][s] - losses["resumed"].get(s, float("nan"))) for s in after]
-    return {"steps": steps, "stopped_at": stop, "deterministic_setting": deterministic,
+    return {"steps": steps, "stopped_at": stop, "deterministic_setting": True,
             "losses_straight": [losses["straight"][s] for s in after],
             "losses_resumed": [losses["resumed"].get(s) for s in after],
             "max_abs_diff": max(diffs) if diffs else None, "equal": bool(diffs) and max(diffs) == 0.0}

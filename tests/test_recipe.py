@@ -370,7 +370,7 @@ def test_accumulation_is_one_formula_that_refuses_a_batch_that_does_not_divide()
         accumulation(10, 2, 3)
 
 
-def test_a_rank_runs_the_launchers_checks_on_the_recipe_it_reads(tmp_path):
+def test_a_rank_runs_the_launchers_checks_on_the_recipe_it_reads(tmp_path, monkeypatch):
     """One set of checks (train.recipe_checks): the launcher runs it on the recipe it loads, each
     rank again on recipe.yaml, so a record edited after the launch is refused naming the file."""
     from launch.local import write_run_dir
@@ -386,3 +386,10 @@ def test_a_rank_runs_the_launchers_checks_on_the_recipe_it_reads(tmp_path):
     with pytest.raises(RecipeError) as err:
         read_recipe(run_dir, check=True)
     assert str(err.value).startswith(f"{run_dir / 'recipe.yaml'}: train.global_batch_size: 10 is not divisible")
+    # the data sources' paths are checked where they are read (rank 0), not on every rank
+    (run_dir / "recipe.yaml").write_text(text.replace("data/shakespeare", str(tmp_path / "only-on-node-0")))
+    monkeypatch.setenv("RANK", "1")
+    assert read_recipe(run_dir, check=True).data.sources[0].path == str(tmp_path / "only-on-node-0" / "*_gut.txt")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RecipeError, match="only-on-node-0"):
+        read_recipe(run_dir, check=True)

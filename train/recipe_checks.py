@@ -26,8 +26,11 @@ def _divisors_near(n: int, unit: int) -> str:
     return " or ".join(str(v) for v in options)
 
 
-def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True) -> list[str]:
-    """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem."""
+def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True,
+                 data_paths: bool = True) -> list[str]:
+    """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem.
+    ``data_paths=False`` leaves out whether the data sources exist here (a rank that does not
+    prepare the data may not see them: a source on the first node's own disk)."""
     p: list[str] = []
     t, par = r.train, r.parallel
     assert par.nproc is not None  # load_recipe resolved it (resolve_defaults) before these checks
@@ -99,7 +102,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True)
     for where, src in named:
         if not src.path:
             p.append(f"{where}.path: empty; set it to a file, folder, glob or hub dataset name")
-        elif (problem := path_problem(where, src.path, src.split)) is not None:
+        elif data_paths and (problem := path_problem(where, src.path, src.split)) is not None:
             missing = _local_files(src.path) == [] and not Path(src.path).expanduser().exists()
             p.append(problem + (missing_path_hint(src.path) if missing else ""))
         if src.weight <= 0:

@@ -54,7 +54,8 @@ rank went away; it is reported only when no rank says why."""
 def read_recipe(run_dir: Path, check: bool = False):
     """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`).
     ``check`` (the ranks): run the launcher's checks on it again (``train.recipe_checks``, less the
-    local GPU count and what needs transformers, which the ranks check after) and raise
+    local GPU count and what needs transformers, which the ranks check after, and the data sources'
+    paths but on rank 0, the one that reads them) and raise
     :class:`train.schema.RecipeError` naming the file: a record edited after the launch is
     refused as the launcher would have refused it."""
     import yaml
@@ -67,7 +68,8 @@ def read_recipe(run_dir: Path, check: bool = False):
         from train.recipe_checks import check_recipe
         from train.schema import RecipeError
 
-        problems = check_recipe(recipe, local_gpus=None, check_model=False)
+        problems = check_recipe(recipe, local_gpus=None, check_model=False,
+                                data_paths=os.environ.get("RANK", "0") == "0")
         if problems:
             raise RecipeError(None, [f"{path}: {problem}" for problem in problems])
     return recipe
