@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from train.rundir import process_alive
+
 LOCK_FILE = "lock.json"
 HEARTBEAT_S = 10.0
 STALE_S = 90.0
@@ -27,16 +29,6 @@ STALE_S = 90.0
 
 class RunLocked(RuntimeError):
     """Another live launch holds the run directory; ``str()`` says who and what to do."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class RunLock:
@@ -68,7 +60,7 @@ class RunLock:
 
     def gone(self, holder: dict) -> bool:
         """Whether the holder of ``holder`` (a lock record) can no longer be running."""
-        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
             return True
         if holder.get("slurm_job") and holder.get("slurm_job") == self.me["slurm_job"]:
             return True  # this very job, requeued: its previous run has ended

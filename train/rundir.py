@@ -75,6 +75,17 @@ def read_recipe(run_dir: Path, check: bool = False):
     return recipe
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def launch_id() -> str:
     """This launch's id, from the environment (a new one when nobody set it)."""
     value = os.environ.get(LAUNCH_ID_ENV)

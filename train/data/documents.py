@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterator, Optional, cast
 
 from train.data.files import file_format, local_files, saved_dataset
-from train.data.sources import DataError, check_local, text_records
+from train.data.sources import DataError, check_local, record_texts, text_records
 from train.recipe import SourceConfig
 
 READ_CHARS = 1 << 20
@@ -99,22 +99,9 @@ def _records(src: SourceConfig, where: str, max_record_mb: int,
         progress.total, progress.unit = len(ds), "records"
     start = 0
     for table in ds.with_format("arrow").iter(batch_size=RECORD_BLOCK):
-        if src.template is None:
-            column = table.column(src.text_field)
-            if column.null_count:  # str(None) would train on the document "None"
-                missing = [i for i, v in enumerate(column.is_null().to_pylist()) if v]
-                raise DataError(f"{where}.text_field: record {start + missing[0] + 1} of {src.path!r} has no "
-                                f"{src.text_field!r} value ({len(missing)} such records in this block); fix "
-                                f"the data or set {where}.template")
-            for i in range(table.num_rows):
-                yield iter((str(column[i].as_py()),))
-                _advance(progress, start + i + 1)
-        else:
-            names = table.column_names
-            for i in range(table.num_rows):
-                row = {k: table.column(k)[i].as_py() for k in names}
-                yield iter((src.template.format_map(row),))
-                _advance(progress, start + i + 1)
+        for i, text in enumerate(record_texts(src, where, table.to_pydict(), start)):
+            yield iter((text,))
+            _advance(progress, start + i + 1)
         start += table.num_rows
 
 

@@ -10,6 +10,8 @@ import socket
 from pathlib import Path
 from typing import Optional
 
+from train.rundir import process_alive
+
 _SCRATCH: list[list] = []
 """The open :func:`scratch_in` contexts: [folder, made yet]."""
 SCRATCH_PREFIX = ".scratch-"
@@ -55,9 +57,5 @@ def _remove_stale(root: Path, host: str) -> None:
         pid = old.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass

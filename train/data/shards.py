@@ -34,6 +34,7 @@ from train.data.files import file_format, local_files, path_problem, saved_datas
 from train.data.packing import Packer, blocks
 from train.data.sources import DataError
 from train.recipe import Recipe, SourceConfig
+from train.rundir import process_alive
 
 SHARDS_SUFFIX = ".shards"
 LOCK = "join.lock"
@@ -327,13 +328,7 @@ def _stale(holder: list[str]) -> bool:
     if len(holder) < 3 or not holder[1].isdigit():
         return False
     if holder[0] == socket.gethostname():
-        try:
-            os.kill(int(holder[1]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-        return False
+        return not process_alive(int(holder[1]))
     if holder[2].isdigit() and shutil.which("squeue"):
         import subprocess
 

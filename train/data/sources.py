@@ -151,21 +151,27 @@ def text_records(src: SourceConfig, where: str, max_record_mb: int = 16):
     return ds
 
 
+def record_texts(src: SourceConfig, where: str, batch: dict[str, list], first: int) -> list[str]:
+    """The documents of a block of records (column → values; ``first``: the block's first record's
+    index): the text field, or the template filled with each record."""
+    if src.template is None:
+        values = batch[src.text_field]
+        missing = [first + i for i, t in enumerate(values) if t is None]
+        if missing:  # str(None) would train on the document "None"
+            raise DataError(f"{where}.text_field: record {missing[0] + 1} of {src.path!r} has no "
+                            f"{src.text_field!r} value ({len(missing)} such records in this block); fix "
+                            f"the data or set {where}.template")
+        return [str(t) for t in values]
+    rows = len(next(iter(batch.values()), []))
+    return [src.template.format_map({k: batch[k][i] for k in batch}) for i in range(rows)]
+
+
 def load_source(src: SourceConfig, where: str, max_record_mb: int = 16):
     """Load one source as a ``datasets.Dataset`` with a single ``text`` column."""
     ds = text_records(src, where, max_record_mb)
-    template, field_name = src.template, src.text_field
 
     def to_text(batch: dict, indices: list[int]) -> dict:
-        if template is None:
-            missing = [i for i, t in zip(indices, batch[field_name]) if t is None]
-            if missing:  # str(None) would train on the document "None"
-                raise DataError(f"{where}.text_field: record {missing[0] + 1} of {src.path!r} has no "
-                                f"{field_name!r} value ({len(missing)} such records in this block); fix "
-                                f"the data or set {where}.template")
-            return {"text": [str(t) for t in batch[field_name]]}
-        rows = [{k: batch[k][i] for k in batch} for i in range(len(indices))]
-        return {"text": [template.format_map(r) for r in rows]}
+        return {"text": record_texts(src, where, batch, indices[0] if indices else 0)}
 
     return ds.map(to_text, batched=True, with_indices=True, remove_columns=ds.column_names,
                   desc=f"{where}: text")
