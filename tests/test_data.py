@@ -201,13 +201,13 @@ def test_packing_conserves_tokens(corpus, tmp_path):
 
 def test_second_prepare_reuses_the_cache(corpus, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = pretraining._tokenize_batch
+    real = pretraining.pack_documents
 
-    def counting(batch, tokenizer, eos_id):
+    def counting(*args, **kwargs):
         calls["n"] += 1
-        return real(batch, tokenizer, eos_id)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pretraining, "_tokenize_batch", counting)
+    monkeypatch.setattr(pretraining, "pack_documents", counting)
     recipe = data_recipe(corpus, tmp_path)
     first = prepare_data(recipe, log=lambda *_: None)
     assert calls["n"] > 0 and not first.stats["cache_hit"]

@@ -17,7 +17,7 @@ from tests.helpers import REPO, SHAKESPEARE, data_recipe, make_corpus
 from train.data.scratch import scratch_in
 from train.data.encode import Splitter
 from train.data.prepare import prepare_data
-from train.data.pretraining import _backend
+from train.data.encode import backend_of
 from train.data.tokenizer import load_or_train_tokenizer
 
 WHITESPACE = ["\n", "\n\n", "  \n", "\n  ", " \n\n  ", "\t", "\r\n", "   ", "\n\n\n", " \t\n"]
@@ -57,7 +57,7 @@ def _tokenizers(bpe):
 def test_a_document_cut_into_pieces_tokenizes_token_for_token_as_whole(bpe):
     text = awkward_text(120_000)
     for name, tokenizer in _tokenizers(bpe):
-        splitter = Splitter(_backend(tokenizer), piece_chars=3000)
+        splitter = Splitter(backend_of(tokenizer), piece_chars=3000)
         pieces = list(splitter.pieces([text[i:i + 7000] for i in range(0, len(text), 7000)]))
         assert "".join(p for p, _ in pieces) == text and [last for _, last in pieces][-1]
         assert splitter.cuts >= 30 and splitter.unverified == 0, (name, splitter.cuts, splitter.unverified)
@@ -73,7 +73,7 @@ def test_a_tokenizer_that_prepends_to_every_input_gets_line_break_cuts_and_says_
     tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tk.train_from_iterator([awkward_text(20_000)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
                                                                         show_progress=False))
-    splitter = Splitter(_backend(PreTrainedTokenizerFast(tokenizer_object=tk)), piece_chars=2000)
+    splitter = Splitter(backend_of(PreTrainedTokenizerFast(tokenizer_object=tk)), piece_chars=2000)
     pieces = [p for p, _ in splitter.pieces([awkward_text(40_000)])]
     assert "".join(pieces) == awkward_text(40_000) and splitter.unverified == splitter.cuts >= 10
     assert all(p.endswith("\n") for p in pieces[:-1]), "the fallback cuts after a line break"

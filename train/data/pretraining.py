@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -29,21 +30,16 @@ from train.data.sources import DataError
 from train.data.tokenizer import tokenizer_fingerprint
 from train.recipe import Recipe, SourceConfig
 
-_BACKENDS: dict[int, tuple] = {}
+_BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _backend(tokenizer):
-    """The tokenizer's ``tokenizers`` backend without truncation or padding (made once per tokenizer)."""
-    if id(tokenizer) not in _BACKENDS:
-        _BACKENDS[id(tokenizer)] = (tokenizer, backend_of(tokenizer))
-    return _BACKENDS[id(tokenizer)][1]
-
-
-def _tokenize_batch(batch: dict, tokenizer, eos_id: int) -> dict:
-    """Ids (int32 arrays) of each text of ``batch["text"]`` tokenized in this process: pieces of
-    documents, so no EOS here (:class:`train.data.packing.Packer` adds one after each non-empty
-    document; ``eos_id`` is kept for callers of the old signature)."""
-    return {"input_ids": encode(_backend(tokenizer), list(batch["text"]))}
+    """:func:`backend_of`, made once per tokenizer while it lives (a shard task packs file by file,
+    and copying a large vocabulary's backend takes a fraction of a second each time)."""
+    backend = _BACKENDS.get(tokenizer)
+    if backend is None:
+        backend = _BACKENDS[tokenizer] = backend_of(tokenizer)
+    return backend
 
 
 def pack_documents(docs: Iterable[Iterable[str]], tokenizer, seq_len: int, num_proc: int, path: Path,
@@ -54,11 +50,10 @@ def pack_documents(docs: Iterable[Iterable[str]], tokenizer, seq_len: int, num_p
     ``sink``: takes the pieces' ids (``add(ids, last)``, ``finish()``) instead of a :class:`Packer`."""
     backend = _backend(tokenizer)
     splitter = Splitter(backend)
-    eos = tokenizer.eos_token_id
-    packer = sink if sink is not None else Packer(path, seq_len, eos)
+    packer = sink if sink is not None else Packer(path, seq_len, tokenizer.eos_token_id)
 
-    def in_process(texts: list[str]) -> list:
-        return _tokenize_batch({"text": texts}, tokenizer, eos)["input_ids"]
+    def in_process(texts: list[str]) -> list:  # pieces of documents: the Packer adds the EOS
+        return encode(backend, texts)
 
     def pieces() -> Iterator[tuple[str, bool]]:
         for blocks_ in docs:
