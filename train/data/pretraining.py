@@ -25,7 +25,7 @@ from train.data.documents import Progress, documents
 from train.data.encode import PIECE_CHARS, Splitter, available_cpus, backend_of, encode, tokenizer_processes
 from train.data.files import local_files
 from train.data.packing import Packer, blocks, write_split
-from train.data.scratch import scratch_dir, scratch_in
+from train.data.scratch import scratch_dir
 from train.data.sources import DataError
 from train.data.tokenizer import tokenizer_fingerprint
 from train.recipe import Recipe, SourceConfig
@@ -145,48 +145,46 @@ def _write_packed(recipe: Recipe, out: Path, pack) -> dict:
     """Pack every source with ``pack(key, src, where, path) -> (blocks, token counts)``, mix, split
     and write the cache entry ``out``; its stats."""
     d = recipe.data
-    root = out.parent
     start = time.time()
-    with scratch_in(root):
-        folder = scratch_dir("packed")
-        assert folder is not None  # inside scratch_in
-        parts, weights = [], []
-        stats: dict[str, Any] = {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
-        for i, src in enumerate(d.sources):
-            where = f"data.sources[{i}]"
-            packed, st = pack(f"s{i}", src, where, folder / f"source{i}")
-            if len(packed) == 0:
-                raise DataError(f"{where}: {src.path!r} has {st['tokens_total']} tokens, fewer "
-                                f"than one sample of data.seq_len={d.seq_len}; lower data.seq_len or add data")
-            parts.append(packed)
-            weights.append(src.weight)
-            for k in stats:
-                stats[k] += st[k]
-        mixed = _mix_index([len(p) for p in parts], weights, recipe.run.seed)  # None: one source, all rows
-        if d.val_source is not None:
-            val_parts = [pack("val", d.val_source, "data.val_source", folder / "val")[0]]
-            val_index = None
-            train_index = mixed if mixed is not None else np.arange(len(parts[0]), dtype=np.int64)
-        else:
-            n = len(mixed) if mixed is not None else len(parts[0])
-            n_val = max(1, int(round(n * d.val_fraction))) if d.val_fraction > 0 else 0
-            if n - n_val < 1:
-                raise DataError(f"data: only {n} packed samples of {d.seq_len} tokens; "
-                                f"lower data.seq_len or data.val_fraction, or add data")
-            order = np.random.default_rng([recipe.run.seed, 7]).permutation(n)
-            val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
-            del order
-            if mixed is not None:
-                val_index, train_index = mixed[val_index], mixed[train_index]
-            val_parts = parts
-        if d.max_samples is not None:
-            train_index = train_index[: d.max_samples]
-        tmp = staging(out)
-        tmp.mkdir(parents=True)
-        stats.update(train_samples=write_split(tmp / "train", parts, train_index, "train"),
-                     val_samples=write_split(tmp / "val", val_parts, val_index, "validation"),
-                     seq_len=d.seq_len, seconds=round(time.time() - start, 2))
-        publish(tmp, out, stats)
+    folder = scratch_dir("packed")
+    assert folder is not None  # prepare_data and prepare_share prepare inside scratch_in
+    parts, weights = [], []
+    stats: dict[str, Any] = {"tokens_total": 0, "tokens_kept": 0, "tokens_dropped": 0}
+    for i, src in enumerate(d.sources):
+        where = f"data.sources[{i}]"
+        packed, st = pack(f"s{i}", src, where, folder / f"source{i}")
+        if len(packed) == 0:
+            raise DataError(f"{where}: {src.path!r} has {st['tokens_total']} tokens, fewer "
+                            f"than one sample of data.seq_len={d.seq_len}; lower data.seq_len or add data")
+        parts.append(packed)
+        weights.append(src.weight)
+        for k in stats:
+            stats[k] += st[k]
+    mixed = _mix_index([len(p) for p in parts], weights, recipe.run.seed)  # None: one source, all rows
+    if d.val_source is not None:
+        val_parts = [pack("val", d.val_source, "data.val_source", folder / "val")[0]]
+        val_index = None
+        train_index = mixed if mixed is not None else np.arange(len(parts[0]), dtype=np.int64)
+    else:
+        n = len(mixed) if mixed is not None else len(parts[0])
+        n_val = max(1, int(round(n * d.val_fraction))) if d.val_fraction > 0 else 0
+        if n - n_val < 1:
+            raise DataError(f"data: only {n} packed samples of {d.seq_len} tokens; "
+                            f"lower data.seq_len or data.val_fraction, or add data")
+        order = np.random.default_rng([recipe.run.seed, 7]).permutation(n)
+        val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+        del order
+        if mixed is not None:
+            val_index, train_index = mixed[val_index], mixed[train_index]
+        val_parts = parts
+    if d.max_samples is not None:
+        train_index = train_index[: d.max_samples]
+    tmp = staging(out)
+    tmp.mkdir(parents=True)
+    stats.update(train_samples=write_split(tmp / "train", parts, train_index, "train"),
+                 val_samples=write_split(tmp / "val", val_parts, val_index, "validation"),
+                 seq_len=d.seq_len, seconds=round(time.time() - start, 2))
+    publish(tmp, out, stats)
     return stats
 
 

@@ -25,9 +25,6 @@ def scratch_in(root: Path):
     Scratch folders of this host's processes that ended without removing theirs are removed first."""
     host = socket.gethostname()
     folder = root / f"{SCRATCH_PREFIX}{host}-{os.getpid()}"
-    if _SCRATCH and _SCRATCH[-1][0] == folder:  # already open (prepare_data → prepare_packed)
-        yield folder
-        return
     entry = [folder, False]
     _SCRATCH.append(entry)
     try:
