@@ -216,3 +216,33 @@ def test_deterministic_setting_switches_torchs_kernel_choice_and_keeps_a_users_c
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+
+
+def test_deepspeed_probes_only_the_ops_a_run_loads(monkeypatch):
+    """``deepspeed.ops.__compatible_ops__``, read by DeepSpeed's torch backend at start-up, would
+    probe every op on every rank (nvcc subprocesses on a CUDA machine). ``probe_only`` seeds it with
+    the ops the run loads; DeepSpeed's own all-op probe is made to fail here, so a read that
+    still reached it would raise."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from train.engines.deepspeed_engine import probe_only
+
+    monkeypatch.delitem(vars(deepspeed.ops), "__compatible_ops__", raising=False)
+    monkeypatch.setattr(deepspeed.ops, "_probe_compatible_ops",
+                        lambda: (_ for _ in ()).throw(AssertionError("probed every op")))
+    probed = []
+
+    class Builder:
+        NAME = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME  # deepspeed_shm_comm
+
+        def is_compatible(self, verbose):
+            probed.append(self.NAME)
+            return False  # nothing is built here: build_shm_op then returns None without building
+
+    compatible = probe_only(deepspeed.ops, {"ShareMemCommBuilder": Builder(), "Missing": None})
+    assert probed == [Builder.NAME] and compatible[Builder.NAME] is False
+    assert not any(compatible.values()) and len(compatible) > 5  # every other op: not needed, not probed
+    assert build_shm_op() is None  # DeepSpeed's own read takes the seeded dict
+    assert probe_only(deepspeed.ops, {"ShareMemCommBuilder": Builder()}) is compatible and probed == [Builder.NAME]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -187,6 +187,8 @@ def load_ops(offload: bool) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    names = ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ()))
+    compatible = probe_only(deepspeed.ops, {name: get_accelerator().create_op_builder(name) for name in names})
     root = extensions_root()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)  # where torch's builder puts them (read at each load)
     root.mkdir(parents=True, exist_ok=True)
@@ -196,9 +198,9 @@ def load_ops(offload: bool) -> None:
         # TORCH_EXTENSIONS_DIR, <python and CUDA version>/<op>/lock under torch's default root
         for baton in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
             baton.unlink(missing_ok=True)
-        for name in ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ())):
+        for name in names:
             builder = get_accelerator().create_op_builder(name)
-            if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            if builder is None or not compatible.get(builder.NAME, False):
                 continue
             try:
                 builder.load(verbose=False)
@@ -209,6 +211,31 @@ def load_ops(offload: bool) -> None:
                 raise RuntimeError(f"DeepSpeed could not build its {builder.NAME} op in {root}: this machine lacks "
                                    f"{' and '.join(missing)}"
                                    + ("; or set parallel.offload=false" if name == "CPUAdamBuilder" else "")) from err
+
+
+def probe_only(ops_module: Any, builders: dict[str, Any]) -> dict[str, bool]:
+    """Seed DeepSpeed's ``deepspeed.ops.__compatible_ops__`` with the ops this run loads, each
+    probed once, every other op marked not needed (``False``); returns the dict.
+
+    Its first read (``deepspeed.init_distributed``'s torch backend reads it for the shared-memory
+    op) would otherwise probe every op DeepSpeed has, on every rank: on a CUDA machine each CUDA
+    op's probe runs compiler subprocesses and queries the GPU, for ops no run of ours builds. Only
+    that backend reads the dict (DeepSpeed 0.18); a builder's own ``load`` checks itself."""
+    seeded = vars(ops_module).get("__compatible_ops__")
+    if seeded is not None:  # probed already (in this process): keep DeepSpeed's answer
+        return seeded
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    compatible = dict.fromkeys(ALL_OPS, False)
+    for builder in builders.values():
+        if builder is None:
+            continue  # this accelerator has no such op (the shared-memory one is a CPU op)
+        try:
+            compatible[builder.NAME] = bool(builder.is_compatible(False))
+        except Exception:  # a probe that fails means "cannot build", as DeepSpeed's own probe_is_compatible
+            compatible[builder.NAME] = False
+    ops_module.__compatible_ops__ = compatible
+    return compatible
 
 
 def to_universal(ds_dir: Path, tag: str, universal_tag: str) -> Path:
