@@ -48,6 +48,7 @@ These GPU terms come from the libraries' documented defaults, not from a measure
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -161,7 +162,6 @@ def estimate(m: ModelSizes, s: Setup) -> Estimate:
     w = 2 if mixed else 4
     n, P, T = s.world_size, m.params, m.trainable
     master = 4 if mixed else 0  # DeepSpeed's fp32 copy of the 16-bit weights (and of their gradients)
-    k = (n - 1) / n  # share of a ring collective's payload each rank sends
     build_copy = 4 * P  # rank 0 builds the fp32 weights once (engines.placement)
     offloaded = 0.0
     params: float
@@ -169,11 +169,9 @@ def estimate(m: ModelSizes, s: Setup) -> Estimate:
     optim: float
     if s.engine == "ddp":
         params, grads, optim = 4 * P, 4 * T, 8 * T
-        comm = 2 * k * 4 * T
     elif s.engine == "fsdp":
         gathered = w * (2 * m.block + m.root)
         params, grads, optim = 4 * P / n + gathered, 4 * T / n + w * m.block, 8 * T / n
-        comm = s.accumulation * 2 * k * w * P + k * 4 * T
         if s.offload:
             offloaded = 4 * P / n + 4 * T / n + 8 * T / n
             params, grads, optim = gathered, w * m.block, 0
@@ -181,18 +179,77 @@ def estimate(m: ModelSizes, s: Setup) -> Estimate:
         params = w * P
         grads = (w * T + master * T / n) if s.engine == "zero1" else (w + master) * T / n
         optim = (master + 8) * T / n
-        comm = (1 if s.engine == "zero1" else s.accumulation) * k * w * T + k * w * P
         if s.offload:
             offloaded = (4 + master + 8) * T / n
             grads, optim = (w * T if s.engine == "zero1" else 0), 0
     else:
         params, grads, optim = w * P / n + 4 * m.largest_layer, (w + master) * T / n, (master + 8) * T / n
-        comm = s.accumulation * (2 * k * w * P + k * w * T)
         if s.offload:
             offloaded = w * P / n + (w + master) * T / n + (master + 8) * T / n
             params, grads, optim = 4 * m.largest_layer, 0, 0
     host = offloaded * s.gpus_per_node + build_copy
+    comm = sum(c.sent(n) * c.per_step(s) for c in collectives(m, s))
     return Estimate(s, params, grads, optim, activation_bytes(m, s), host, comm, runtime_bytes(m, s))
+
+
+DDP_BUCKET_BYTES = 25 * 2**20
+"""torch DDP's default ``bucket_cap_mb``: the gradients' all-reduce is issued in calls of this size."""
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective an engine runs: its payload, how often, and the compute it can hide behind
+    (``train.engines.scaling`` times it; :func:`estimate` sums its bytes as ``comm_per_step``)."""
+
+    kind: str
+    """``all-reduce`` (of the gradients), ``all-gather`` (of the weights) or ``reduce-scatter`` (of the gradients)."""
+    payload: float
+    """Bytes of the whole tensor: what every rank holds after an all-gather, or contributes to a reduction."""
+    every_micro_batch: bool
+    """Once per micro-batch; else once per optimizer step, in the last micro-batch."""
+    hidden_by: Optional[str]
+    """``forward`` or ``backward`` (of its micro-batch): the compute it overlaps; ``None``: nothing."""
+    calls: int
+    """NCCL calls it is issued as (buckets, or one per block and one for the root)."""
+
+    def sent(self, n: int) -> float:
+        """Bytes each of ``n`` ranks sends for one run of it, in NCCL's ring: ``(n-1)/n`` of the
+        payload for an all-gather or reduce-scatter, twice that for an all-reduce."""
+        return (2 if self.kind == "all-reduce" else 1) * (n - 1) / n * self.payload
+
+    def per_step(self, s: Setup) -> int:
+        return s.accumulation if self.every_micro_batch else 1
+
+
+def collectives(m: ModelSizes, s: Setup) -> list[Collective]:
+    """What the engine of ``s`` communicates in one optimizer step, with ``w`` bytes per value in
+    the compute precision and ``r`` in the gradients' reduction (``parallel.reduce_dtype``; unset:
+    fp32 for FSDP, ``w`` for DeepSpeed):
+
+    ==========  ===========================================================================
+    ddp         all-reduce 4T (fp32 gradients) once per step, in the last backward (``no_sync``)
+    zero1       reduce-scatter r·T once per step, in the last backward; all-gather w·P after the step
+    zero2       reduce-scatter r·T in every backward; all-gather w·P after the step
+    zero3       all-gather w·P in every forward and again in every backward; reduce-scatter r·T in
+                every backward
+    fsdp        as ZeRO-3, but the reduce-scatter only in the last backward
+                (``set_requires_gradient_sync``), in fp32 unless ``reduce_dtype`` says otherwise
+    ==========  ===========================================================================
+    """
+    w = 2 if s.precision != "fp32" else 4
+    default_r = 4 if s.engine == "fsdp" else w  # FSDP's policy reduces in fp32 (engines.config); DeepSpeed in w
+    r = {"bf16": 2, "fp32": 4}[s.reduce_dtype] if s.reduce_dtype else default_r
+    P, T = m.params, m.trainable
+    if s.engine == "ddp":
+        return [Collective("all-reduce", 4 * T, False, "backward", math.ceil(4 * T / DDP_BUCKET_BYTES))]
+    if s.engine in ("zero1", "zero2"):
+        bucket = s.reduce_bucket_mb * 2**20 // w  # elements, as engines.config writes it for DeepSpeed
+        return [Collective("reduce-scatter", r * T, s.engine == "zero2", "backward", math.ceil(T / bucket)),
+                Collective("all-gather", w * P, False, None, math.ceil(P / bucket))]
+    units = m.layers + 1  # one gather (and reduce) per transformer block, one for the root
+    return [Collective("all-gather", w * P, True, "forward", units),
+            Collective("all-gather", w * P, True, "backward", units),
+            Collective("reduce-scatter", r * T, s.engine == "zero3", "backward", units)]
 
 
 def runtime_bytes(m: ModelSizes, s: Setup) -> float:
