@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.recipe import RecipeError, load_recipe, recipe_yaml
+from launch.recipe import RecipeError, load_fitted_recipe, recipe_yaml
+from train.engines.autofit import Fit
 from launch.runlock import RunLock, RunLocked
 
 from train.recipe import Recipe
@@ -86,14 +87,33 @@ def _local_gpu_bytes() -> Optional[float]:
 
 
 def _load(args, check_model: bool = True) -> Recipe:
-    return load_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model)
+    return _load_fitted(args, check_model)[0]
+
+
+def _load_fitted(args, check_model: bool = True) -> tuple[Recipe, Optional[Fit]]:
+    return load_fitted_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model,
+                              gpu_bytes=_local_gpu_bytes)
+
+
+def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path) -> None:
+    """The auto-fit choice, and what it changed against the run directory's last launch."""
+    from launch.autofit import fit_changes, fit_summary
+
+    for line in [fit_summary(recipe, fit), *fit_changes(recipe, run_dir)]:
+        if line:
+            print(f"shardforge: {line}", flush=True)
 
 
 def cmd_plan(args) -> int:
     from train.engines.config import describe, engine_configs
     from train.recipe import grad_accum_steps, world_size
+    from train.engines.scaling import parse_nodes
 
-    recipe = _load(args)
+    try:  # before the recipe is read: a bad list is refused at once
+        nodes = parse_nodes(args.nodes) if args.nodes is not None else None
+    except ValueError as err:
+        raise RecipeError("--nodes", [str(err)]) from None
+    recipe, fit = _load_fitted(args)
     print("# recipe (resolved)")
     print(recipe_yaml(recipe), end="")
     print(f"# world size {world_size(recipe)}, gradient accumulation {grad_accum_steps(recipe)}")
@@ -114,6 +134,14 @@ def cmd_plan(args) -> int:
     problem = fit_problem(sizes, setup, gpu_bytes) if gpu_bytes else None
     print(f"# does not fit: {problem} (`shardforge run` and `submit` refuse it)" if problem else
           "# fits" if gpu_bytes else "# fit unknown: no GPU here and no parallel.gpu_mem_gb")
+    if fit is not None:
+        from train.engines.autofit import fit_table
+
+        print(fit_table(sizes, fit))
+    if nodes:
+        from train.engines.scaling import scaling_table
+
+        print(scaling_table(sizes, setup, nodes, gpu_bytes))
     return 0
 
 
@@ -125,7 +153,7 @@ def cmd_run(args) -> int:
     from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
     from launch.ownership import mark, run_dir_problems
 
-    recipe = _load(args, check_model=False)  # the ranks check the model: importing transformers here costs seconds
+    recipe, fit = _load_fitted(args, check_model=False)  # the ranks check the model: importing transformers costs seconds
     node = node_of(recipe.parallel.nodes, args.node_rank, args.master, args.recipe)
     gpus = _local_gpus()
     if (problem := cpu_oversubscribed(recipe, gpus)) is not None:
@@ -147,6 +175,7 @@ def cmd_run(args) -> int:
         if problems:
             raise RecipeError("resume", problems)
         backup = RunDirBackup(run_dir)
+        _say_fit(recipe, fit, run_dir)
         write_run_dir(recipe, engine_configs(recipe))
         print(f"shardforge: run directory {run_dir} ({recipe.parallel.nproc} processes, "
               f"engine {recipe.parallel.engine}, {recipe.parallel.precision})", flush=True)
@@ -166,7 +195,7 @@ def cmd_submit(args) -> int:
 
     if args.tasks is not None and not args.prepare:
         raise RecipeError("--tasks", ["counts the tasks of a --prepare job; add --prepare, or leave it out"])
-    recipe = load_recipe(args.recipe, args.overrides, for_slurm=True)
+    recipe, fit = load_fitted_recipe(args.recipe, args.overrides, for_slurm=True)
     assert recipe.run.dir is not None  # load_recipe resolved it
     run_dir = Path(recipe.run.dir).resolve()
     if problems := run_dir_problems(run_dir):
@@ -195,6 +224,7 @@ def cmd_submit(args) -> int:
     if args.dry_run:
         return submit(recipe, run_dir, dry_run=True, after=after)
     render_sbatch(recipe, run_dir, sys.executable, ".", after)  # refuse bad values before writing anything
+    _say_fit(recipe, fit, run_dir)
     write_run_dir(recipe, engine_configs(recipe))
     return submit(recipe, run_dir, dry_run=False, after=after)
 
@@ -269,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tasks", type=int, default=None, help="--prepare: array tasks (default 4)")
             p.add_argument("--after", default=None, metavar="JOB",
                            help="start the training job only after job JOB (a --prepare job) has completed")
+        if name == "plan":
+            p.add_argument("--nodes", default=None, metavar="N,N,...",
+                           help="also predict every engine's step time and scaling efficiency on these node counts "
+                                "(e.g. 1,2,4,8) of parallel.nproc GPUs each, per-GPU batch kept (weak scaling)")
         if name == "prepare":
             p.add_argument("--task", type=int, default=None, help="with --tasks: this task's share (0 .. tasks-1)")
             p.add_argument("--tasks", type=int, default=None,

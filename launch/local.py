@@ -28,6 +28,11 @@ RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "t
 (data sources are checked by the ranks, through the next batch's fingerprint)."""
 
 
+RESUME_FREE = ("model.activation_checkpointing", "model.compile")
+"""Settings under :data:`RESUME_KEYS` that change how a step computes, not what the checkpoints
+hold: a resume may change them (auto-fit may, on another world size)."""
+
+
 def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
     """Problems (one line each) that would make the ranks refuse to resume ``run_dir`` with ``recipe``:
     found here, before ``recipe.yaml`` is rewritten, so a refused launch leaves the run as it was."""
@@ -66,7 +71,7 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
         was, now = leaves(at(old, key), key), leaves(at(new, key), key)
         # a setting newer than the run directory is skipped; the model's own config is compared whole
         for name in sorted(set(was) | {n for n in now if n.startswith("model.config.")}):
-            if was.get(name) != now.get(name):
+            if was.get(name) != now.get(name) and name not in RESUME_FREE:
                 problems.append(f"{name}: {now.get(name)!r} here but {was.get(name)!r} in {old_file}, which its "
                                 f"checkpoints were trained with; restore it to resume, or start over with "
                                 f"checkpoint.resume=never or another run.dir")

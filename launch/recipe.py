@@ -9,11 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from train.recipe import Recipe, recipe_from_dict, resolve_defaults
+from launch.autofit import fit_recipe, reopen_fitted
+from train.engines.autofit import Fit
+from train.model_checks import plan_gpu_bytes
+from train.recipe import Recipe, auto_keys, recipe_from_dict, resolve_defaults
 from train.recipe_checks import check_recipe
 from train.schema import RecipeError
 
@@ -137,13 +140,23 @@ def drop_replaced(data: dict, parsed: list[tuple[list[str], Any]]) -> None:
 
 
 def load_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[int] = None,
-                for_slurm: bool = False, check_model: bool = True) -> Recipe:
+                for_slurm: bool = False, check_model: bool = True,
+                gpu_bytes: Optional[Callable[[], Optional[float]]] = None) -> Recipe:
     """Read, override, check and resolve a recipe; raise :class:`RecipeError` with every problem.
 
     ``parallel.nproc`` left unset becomes the local GPU count, or ``slurm.gpus_per_node`` for a
     Slurm job (whose nodes are not this one). ``check_model=False`` leaves out the checks that
-    import transformers (``train.model_checks``): the ranks run them.
+    import transformers (``train.model_checks``): the ranks run them (unless a setting is
+    ``auto``: choosing it counts the model). ``gpu_bytes``: this machine's GPU memory, for
+    ``auto`` when the recipe does not state ``parallel.gpu_mem_gb``.
     """
+    return load_fitted_recipe(name, overrides, local_gpus, for_slurm, check_model, gpu_bytes)[0]
+
+
+def load_fitted_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[int] = None,
+                       for_slurm: bool = False, check_model: bool = True,
+                       gpu_bytes: Optional[Callable[[], Optional[float]]] = None) -> tuple[Recipe, Optional[Fit]]:
+    """:func:`load_recipe`, and what auto-fit chose and rejected (``None`` when nothing was auto)."""
     path = find_recipe(name)
     try:
         text = path.read_text()
@@ -170,11 +183,24 @@ def load_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[i
         raise RecipeError(str(path), problems + err.problems) from None
     if for_slurm:
         local_gpus = None
-    resolve_defaults(recipe, nproc=recipe.slurm.gpus_per_node if for_slurm else local_gpus)
+    nproc = recipe.slurm.gpus_per_node if for_slurm else local_gpus
+    reopen_fitted(recipe, {".".join(keys) for keys, _ in parsed})
+    resolve_defaults(recipe, nproc=nproc)
+    fit = None
+    if auto_keys(recipe):
+        fit, fit_problems = fit_recipe(recipe, plan_gpu_bytes(recipe, gpu_bytes), NO_GPU_HINT[for_slurm])
+        problems += fit_problems
+        resolve_defaults(recipe, nproc=nproc)  # what waited for the engine (train.on_nonfinite)
+        check_model = True  # counting the model read it through transformers already
     problems += check_recipe(recipe, local_gpus, check_model)
     if problems:
         raise RecipeError(str(path), problems)
-    return recipe
+    return recipe, fit
+
+
+NO_GPU_HINT = {False: "this machine shows no GPU (NVML)",
+               True: "a Slurm job's GPUs are not visible from where it is submitted"}
+"""Why no GPU memory is known, for a local launch or plan (``False``) and for ``submit``."""
 
 
 def recipe_yaml(recipe: Recipe) -> str:

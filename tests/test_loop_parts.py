@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tests.loop_fakes import CPU, FakeGuard, FakeStopRequest, FakeWatchdog, FakeWriter
 from tests.loop_fakes import one_rank_group  # noqa: F401 - a fixture, found by its name here
 from train.checkpoint.files import MANIFEST, step_dir_name
+from train.recipe import TrainConfig
 from train.checkpoint.state import Counters
 from train.loop import agreement
 from train.loop.agreement import Agreed, StepAgreement, Stopper
@@ -143,16 +144,17 @@ def make_metrics(writer, guard, log_every: int, max_steps: int, scaler_skips: in
                  window: LogWindow = None) -> StepMetrics:
     """One rank, 2 micro-batches per step, 8 samples per step, 80 training samples."""
     engine = SimpleNamespace(lr=3e-4, skipped_steps=scaler_skips)  # fp16 loss scaler skips
-    return StepMetrics(engine, guard, FakeTelemetry(), writer, CPU, world_size=1, accum=2, global_batch=8,
-                       log_every=log_every, max_steps=max_steps, flops_token=1e6, peak_tflops=None,
-                       window=window or LogWindow(CPU), train_samples=80)
+    return StepMetrics(engine=engine, guard=guard, telemetry=FakeTelemetry(), writer=writer, device=CPU, world_size=1,
+                       accum=2, train=TrainConfig(global_batch_size=8, log_every=log_every, max_steps=max_steps),
+                       flops_token=1e6, peak_tflops=None, window=window or LogWindow(CPU), train_samples=80)
 
 
 def train_step(metrics: StepMetrics, counters: Counters, losses: tuple[float, ...], tokens: int = 10) -> None:
     """What the loop does with a step's result: advance the counters, then record it."""
     loss_tensors = [torch.tensor(x) for x in losses]
     result = StepResult(loss_tensors, torch.tensor(float(sum(not math.isfinite(x) for x in losses))),
-                        torch.tensor(0.5), tokens, 0.01, {"data_wait_s": 0.001, "fwd_bwd_s": 0.005, "optim_s": 0.002})
+                        torch.tensor(0.5), tokens, 0.01,
+                        [("data_wait_s", 0.0, 0.001), ("fwd_bwd_s", 0.001, 0.006), ("optim_s", 0.006, 0.008)])
     counters.advance(tokens, result.seconds)
     metrics.record(result, counters)
 
@@ -296,3 +298,39 @@ def test_the_test_split_is_evaluated_once_with_the_best_checkpoints_weights_when
     assert json.loads((tmp_path / TEST_JSON).read_text()) == {"step": 10, "checkpoint": weights, "samples": 6,
                                                                "metrics": {"loss": 0.5, "accuracy": 0.75}}
     assert writer.rows == [(10, {"test_loss": 0.5, "test_accuracy": 0.75})]
+
+
+def test_phase_times_are_read_at_log_steps_from_cuda_events():
+    """A fake ``torch.cuda.Event`` (no GPU here; the narrowest seam: the class the clock makes): the
+    clock records one event per mark, and a log step waits once, on the last event, then sums
+    the GPU's own milliseconds per phase."""
+    from train.loop.phase_clock import PhaseClock, phase_seconds
+
+    class FakeEvent:
+        made: list["FakeEvent"] = []
+
+        def __init__(self, enable_timing: bool):
+            assert enable_timing
+            self.stamp, self.synced = None, 0
+            FakeEvent.made.append(self)
+
+        def record(self):
+            self.stamp = 10.0 * len(FakeEvent.made)  # ms on the stream's clock
+
+        def synchronize(self):
+            self.synced += 1
+
+        def elapsed_time(self, end: "FakeEvent") -> float:
+            return end.stamp - self.stamp
+
+    real = torch.cuda.Event
+    torch.cuda.Event = FakeEvent  # type: ignore[misc]
+    try:
+        clock = PhaseClock(torch.device("cuda"))
+        marks = [clock.mark() for _ in range(4)]
+    finally:
+        torch.cuda.Event = real  # type: ignore[misc]
+    spans = [("data_wait_s", marks[0], marks[1]), ("fwd_bwd_s", marks[1], marks[2]), ("optim_s", marks[2], marks[3])]
+    assert phase_seconds(spans) == {"data_wait_s": 0.01, "fwd_bwd_s": 0.01, "optim_s": 0.01}
+    assert [e.synced for e in FakeEvent.made] == [0, 0, 0, 1]
+    assert phase_seconds([("optim_s", 1.0, 1.25)]) == {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.25}

@@ -34,8 +34,9 @@ def make_rig(tmp_path: Path, checkpoint: dict = None, keep_best: bool = False, i
     recipe = recipe_from_dict({"checkpoint": checkpoint or {}, "eval": {"keep_best": keep_best}})
     rig = SimpleNamespace(ckpt=FakeCheckpointer(**checkpointer), counters=Counters(), guard=FakeGuard(),
                           early=EarlyStopping("loss"), logs=[])
-    rig.saver = Saver(rig.ckpt, recipe, rig.counters, SimpleNamespace(fingerprint=lambda steps_back=0: "fp"),
-                      rig.early, rig.guard, FakeWatchdog(), tmp_path, is_main, rig.logs.append)
+    rig.saver = Saver(rig.ckpt, recipe=recipe, counters=rig.counters,
+                      batches=SimpleNamespace(fingerprint=lambda steps_back=0: "fp"), early=rig.early, guard=rig.guard,
+                      watchdog=FakeWatchdog(), run_dir=tmp_path, is_main=is_main, log=rig.logs.append)
     return rig
 
 

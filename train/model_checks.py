@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from train.data.files import local_files
 from train.engines.memory_plan import ModelSizes, Setup, fit_problem
-from train.recipe import Recipe, grad_accum_steps, world_size
+from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
 
 
 def declared_sizes(recipe: Recipe) -> dict[str, int]:
@@ -179,9 +179,9 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
 def planned_setup(recipe: Recipe) -> Setup:
     """The recipe's engine, precision and batch shape, as the memory plan sees them."""
     p = recipe.parallel
-    return Setup(engine=p.engine, precision=p.precision, offload=p.offload,
+    return Setup(engine=p.engine, precision=p.precision, offload=offloaded(recipe),
                  activation_checkpointing=recipe.model.activation_checkpointing,
-                 micro_batch=recipe.train.micro_batch_size, seq_len=recipe.data.seq_len,
+                 micro_batch=micro_batch(recipe), seq_len=recipe.data.seq_len,
                  world_size=world_size(recipe), gpus_per_node=p.nproc or 1, accumulation=grad_accum_steps(recipe),
                  reduce_bucket_mb=p.reduce_bucket_mb, reduce_dtype=p.reduce_dtype)
 

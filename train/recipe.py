@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
+from train.recipe_outputs import CheckpointConfig, LoggingConfig  # noqa: F401 - re-exported
 from train.recipe_slurm import SLURM_SIGNAL_SLACK_S, SlurmConfig  # noqa: F401 - re-exported
 from train.schema import RecipeError, from_dict
 
@@ -36,11 +37,12 @@ class ModelConfig:
     """Local path (or hub name) of pretrained weights; exclusive with ``config``."""
     config: Optional[dict] = None
     """Inline config for random init, e.g. ``{model_type: llama, hidden_size: 64}``."""
-    activation_checkpointing: Literal[False, True, "selective"] = False
+    activation_checkpointing: Literal[False, True, "selective", "auto"] = False
     """``true``: recompute each transformer block in backward (least activation memory, about a
     third more compute). ``selective``: keep the outputs of the matmuls and of attention, recompute
     only the cheap operations between them (norms, activations, residual adds, dropout): most of
-    the time back, part of the memory. ``false``: keep every activation."""
+    the time back, part of the memory. ``false``: keep every activation. ``auto``: the least
+    recomputation whose memory plan fits the GPU (see ``parallel.engine: auto``)."""
     compile: bool = False
     """``torch.compile`` each transformer block."""
     attn_implementation: str = "sdpa"
@@ -170,8 +172,9 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 100
     """Optimizer steps to train."""
-    micro_batch_size: int = 2
-    """Samples per rank per forward/backward."""
+    micro_batch_size: Union[int, Literal["auto"]] = 2
+    """Samples per rank per forward/backward. ``auto``: the largest that divides the global batch
+    over the ranks and whose memory plan fits the GPU (see ``parallel.engine: auto``)."""
     global_batch_size: int = 8
     """Samples per optimizer step over all ranks; accumulation = global / (micro × world)."""
     eval_every: int = 0
@@ -223,12 +226,15 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: Literal["ddp", "fsdp", "zero1", "zero2", "zero3"] = "ddp"
-    """Data-parallel engine."""
+    engine: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "auto"] = "ddp"
+    """Data-parallel engine. ``auto``: the least communication whose memory plan fits the GPU, in
+    the order ddp, zero1, zero2, fsdp, zero3 (``launch.autofit``; ``shardforge plan`` shows the
+    choice and what it rejected). Needs the GPU's memory: NVML, or ``parallel.gpu_mem_gb``."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision; master weights stay fp32."""
-    offload: bool = False
-    """Offload optimizer state (and ZeRO-3 / FSDP parameters) to CPU memory."""
+    offload: Union[bool, Literal["auto"]] = False
+    """Offload optimizer state (and ZeRO-3 / FSDP parameters) to CPU memory. ``auto``: only when
+    nothing fits without it (see ``engine: auto``)."""
     nproc: Optional[int] = None
     """Processes per node; ``None`` means all local GPUs (one process without GPUs)."""
     nodes: int = 1
@@ -245,46 +251,15 @@ class ParallelConfig:
     """Memory of one GPU in GB, for the memory plan (``shardforge plan``) and the check that refuses
     a plan that cannot fit. Unset: the GPUs of the machine that plans or trains (NVML / CUDA);
     set it for a Slurm cluster's GPUs, which ``shardforge submit`` cannot see from the login node."""
+    fitted: list[str] = field(default_factory=list)
+    """The settings ``auto`` chose (e.g. ``[parallel.engine, train.micro_batch_size]``), written by
+    the launcher into the run's ``recipe.yaml`` beside the values it chose: a launch on another
+    world size (or GPU) chooses them again, and says what changed. Not for hand editing: an
+    override of one of these settings takes it out of the list."""
     tf32: bool = True
     """On GPUs, fp32 matmuls and convolutions run on TF32 tensor cores (torch's own default is full
     fp32): all of ``precision: fp32`` and the fp32 parts of mixed precision. MFU for fp32 is then
     measured against the TF32 peak. ``false`` for bit-strict fp32."""
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 0
-    """Save every N steps (0: off)."""
-    every_minutes: float = 0.0
-    """Save every N minutes of wall clock (0: off)."""
-    at_end: bool = True
-    """Save when training finishes."""
-    keep_last: int = 2
-    """Keep the newest N committed checkpoints."""
-    keep_every: int = 0
-    """Also keep every checkpoint whose step is a multiple of N (0: none)."""
-    resume: str = "auto"
-    """``auto`` (latest committed checkpoint), ``never``, or a checkpoint path."""
-    async_save: bool = False
-    """ddp / fsdp: periodic saves copy the state to CPU memory and write it in a background thread
-    while training goes on; the checkpoint commits (manifest) once every rank's write is done.
-    The end-of-run, signal and best-checkpoint saves stay synchronous."""
-    on_error: Literal["stop", "continue"] = "stop"
-    """A save that fails (disk full, I/O error) leaves the previous checkpoint as the latest; then
-    ``stop`` ends the run with the error (exit 2), ``continue`` logs it and trains on (a failed
-    end-of-run or stop save still ends the run with exit 2: nothing else would hold its end)."""
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = True
-    """Write TensorBoard event files under ``<run dir>/tensorboard``."""
-    console: bool = True
-    """Show a progress line on rank 0."""
-    peak_tflops: Optional[float] = None
-    """Per-device peak TFLOP/s for MFU; ``None`` looks the device up in a table."""
-    telemetry_interval_s: float = 1.0
-    """Seconds between NVML (or host) telemetry samples."""
 
 
 _CLASSIFICATION = ("loss", "accuracy", "macro_f1", "micro_f1", "macro_precision", "macro_recall",
@@ -352,7 +327,7 @@ def resolve_defaults(recipe: Recipe, nproc: Optional[int] = None) -> Recipe:
         ev.keep_best = recipe.task != "causal_lm"
     if ev.mode == "auto":
         ev.mode = "min" if ev.metric in LOWER_IS_BETTER else "max"
-    if t.on_nonfinite == "auto":
+    if t.on_nonfinite == "auto" and "parallel.engine" not in auto_keys(recipe):  # else once auto-fit has chosen
         t.on_nonfinite = "skip" if capabilities(recipe.parallel.engine).skip_nonfinite else "stop"
     return recipe
 
@@ -367,6 +342,32 @@ def resolve_epochs(recipe: Recipe, train_samples: int) -> Optional[str]:
     t.max_steps = max(1, math.ceil(t.epochs * per_epoch))
     return (f"train: {t.epochs:g} epochs of {per_epoch} steps ({train_samples} samples / "
             f"global batch {t.global_batch_size}) = {t.max_steps} steps")
+
+
+AUTO_KEYS = ("parallel.engine", "parallel.offload", "model.activation_checkpointing", "train.micro_batch_size")
+"""The settings that take ``auto`` (chosen by ``launch.autofit`` from the memory plan)."""
+
+
+def auto_keys(recipe: Recipe) -> list[str]:
+    """The settings of :data:`AUTO_KEYS` that ``recipe`` leaves to auto-fit."""
+    values = {"parallel.engine": recipe.parallel.engine, "parallel.offload": recipe.parallel.offload,
+              "model.activation_checkpointing": recipe.model.activation_checkpointing,
+              "train.micro_batch_size": recipe.train.micro_batch_size}
+    return [key for key in AUTO_KEYS if values[key] == "auto"]
+
+
+def micro_batch(recipe: Recipe) -> int:
+    """``train.micro_batch_size`` once chosen (``auto`` is resolved by the launcher before anything runs)."""
+    value = recipe.train.micro_batch_size
+    assert value != "auto", "auto-fit (launch.autofit) chooses train.micro_batch_size first"
+    return value
+
+
+def offloaded(recipe: Recipe) -> bool:
+    """``parallel.offload`` once chosen (see :func:`micro_batch`)."""
+    value = recipe.parallel.offload
+    assert value != "auto", "auto-fit (launch.autofit) chooses parallel.offload first"
+    return value
 
 
 def world_size(recipe: Recipe) -> int:
@@ -387,5 +388,4 @@ def accumulation(global_batch: int, micro: int, world: int) -> int:
 
 def grad_accum_steps(recipe: Recipe, world: Optional[int] = None) -> int:
     """:func:`accumulation` for ``recipe`` on ``world`` ranks (default: the recipe's world size)."""
-    t = recipe.train
-    return accumulation(t.global_batch_size, t.micro_batch_size, world or world_size(recipe))
+    return accumulation(recipe.train.global_batch_size, micro_batch(recipe), world or world_size(recipe))

@@ -14,7 +14,7 @@ from typing import Optional
 from train.data.files import local_files as _local_files, path_problem
 from train.engines import capabilities, engines_that
 from train.model_checks import declared_sizes, model_problems, size_problems
-from train.recipe import TASK_METRICS, Recipe
+from train.recipe import TASK_METRICS, Recipe, auto_keys, micro_batch
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 """A run name: it names a folder and a Slurm job."""
@@ -31,6 +31,9 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True,
     """Cross-field checks: batch arithmetic, sizes, paths, engine choices. One line per problem.
     ``data_paths=False`` leaves out whether the data sources exist here (a rank that does not
     prepare the data may not see them: a source on the first node's own disk)."""
+    if keys := auto_keys(r):  # the launcher chooses them before it checks; a record still holding one is refused
+        return [f"{', '.join(keys)}: auto is chosen by the launcher (`shardforge run`, `plan` or `submit`), which "
+                f"writes the choice into the run's recipe.yaml; start the run with one of them"]
     p: list[str] = []
     t, par = r.train, r.parallel
     assert par.nproc is not None  # load_recipe resolved it (resolve_defaults) before these checks
@@ -48,12 +51,12 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True,
             p.append(f"train.{key}: must be 0 or more, got {getattr(t, key)}")
     if par.nproc is not None and par.nproc < 1 or par.nodes < 1:
         p.append(f"parallel: nproc and nodes must be at least 1 (nproc={par.nproc}, nodes={par.nodes})")
-    elif t.micro_batch_size >= 1 and t.global_batch_size >= 1:
+    elif micro_batch(r) >= 1 and t.global_batch_size >= 1:
         world = par.nproc * par.nodes
-        unit = t.micro_batch_size * world
+        unit = micro_batch(r) * world
         if t.global_batch_size % unit:
             p.append(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                     f"micro_batch_size × world size = {t.micro_batch_size} × {world} "
+                     f"micro_batch_size × world size = {micro_batch(r)} × {world} "
                      f"({par.nproc} per node × {par.nodes} nodes) = {unit}; set "
                      f"train.global_batch_size={_divisors_near(t.global_batch_size, unit)} "
                      f"or change train.micro_batch_size")

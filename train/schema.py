@@ -72,6 +72,13 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _convert(value, non_none[0], key, problems)
+        for arg in non_none:  # e.g. an integer or "auto": the first type that takes the value
+            tried: list[str] = []
+            converted = _convert(value, arg, key, tried)
+            if not tried:
+                return converted
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping, got {value!r}")

@@ -21,7 +21,13 @@ from train.checkpoint.state import Counters
 
 
 class Saver:
-    def __init__(self, checkpointer: Checkpointer, recipe: Recipe, counters: Counters, batches,
+    """Decides when the trainer saves (every N steps or minutes, at the end, on a stop, a new best
+    evaluation) and commits background saves once every rank has written them; the
+    :class:`~train.checkpoint.manager.Checkpointer` does the writing. The trainer calls
+    :meth:`save_best` after an evaluation and :meth:`after_step` after the agreement of each step;
+    :meth:`flags` is this rank's part of that agreement (a query, no state)."""
+
+    def __init__(self, checkpointer: Checkpointer, *, recipe: Recipe, counters: Counters, batches,
                  early: EarlyStopping, guard: NonFiniteGuard, watchdog, run_dir: Path, is_main: bool,
                  log: Callable[[str], None]):
         self.checkpointer, self.recipe, self.counters, self.batches = checkpointer, recipe, counters, batches

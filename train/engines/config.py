@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from train.engines import capabilities
-from train.recipe import Recipe, grad_accum_steps, world_size
+from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
 from train.schema import RecipeError
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -25,14 +25,14 @@ def fsdp_config(recipe: Recipe) -> dict:
         "param_dtype": DTYPE_NAMES[recipe.parallel.precision],
         "reduce_dtype": DTYPE_NAMES[recipe.parallel.reduce_dtype or "fp32"],  # fp32 unless the recipe says
         "reshard_after_forward": True,
-        "cpu_offload": recipe.parallel.offload,
+        "cpu_offload": offloaded(recipe),
         "shard_modules": None,
     }
 
 
 def deepspeed_config(recipe: Recipe) -> dict:
     """DeepSpeed ZeRO config; ``train_batch_size`` = micro × accumulation × world size."""
-    t, par, o = recipe.train, recipe.parallel, recipe.optim
+    par, o = recipe.parallel, recipe.optim
     stage = capabilities(par.engine).zero_stage
     if stage is None:  # only the ZeRO engines write deepspeed.json (engine_configs)
         raise ValueError(f"deepspeed_config: {par.engine} is not a DeepSpeed ZeRO engine")
@@ -44,13 +44,13 @@ def deepspeed_config(recipe: Recipe) -> dict:
     else:
         zero.update(stage3_prefetch_bucket_size=bucket, stage3_param_persistence_threshold=100_000,
                     stage3_gather_16bit_weights_on_model_save=False)
-    if par.offload:
+    if offloaded(recipe):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     cfg: dict = {
-        "train_batch_size": t.micro_batch_size * grad_accum_steps(recipe) * world_size(recipe),
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_batch_size": micro_batch(recipe) * grad_accum_steps(recipe) * world_size(recipe),
+        "train_micro_batch_size_per_gpu": micro_batch(recipe),
         "gradient_accumulation_steps": grad_accum_steps(recipe),
         "gradient_clipping": o.grad_clip,
         "bf16": {"enabled": par.precision == "bf16"},
@@ -63,7 +63,7 @@ def deepspeed_config(recipe: Recipe) -> dict:
     }
     if par.reduce_dtype is not None:
         cfg["communication_data_type"] = par.reduce_dtype  # DeepSpeed's names are the recipe's
-    if par.offload:  # offloaded optimizer state needs DeepSpeed's CPU AdamW
+    if offloaded(recipe):  # offloaded optimizer state needs DeepSpeed's CPU AdamW
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas),
                                                         "eps": o.eps, "weight_decay": o.weight_decay}}
     return cfg

@@ -10,6 +10,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from train.loop.phase_clock import Mark, PhaseClock
+
 
 @dataclass
 class StepResult:
@@ -23,8 +25,9 @@ class StepResult:
     """Positions this rank trained on (padding trimmed)."""
     seconds: float
     """Wall time of the step."""
-    timers: dict[str, float] = field(default_factory=dict)
-    """``data_wait_s``, ``fwd_bwd_s``, ``optim_s`` of this step."""
+    phases: list[tuple[str, Mark, Mark]] = field(default_factory=list)
+    """(phase, start, end) marks of this step's ``data_wait_s``, ``fwd_bwd_s`` and ``optim_s``
+    (:class:`~train.loop.phase_clock.PhaseClock`: CUDA events on a GPU, read at log steps)."""
 
 
 def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, micro_batches: int) -> float:
@@ -48,6 +51,7 @@ class TrainStep:
         self.engine, self.loss_fn, self.batches, self.accum = engine, loss_fn, batches, accum
         self.world_size, self.device, self.guard, self.watchdog = world_size, device, guard, watchdog
         self.loss_tokens = loss_tokens  # None: every micro-batch weighs the same
+        self.clock = PhaseClock(device)
 
     def next_batch(self, step: int) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
@@ -57,31 +61,30 @@ class TrainStep:
 
     def run(self, step: int) -> StepResult:
         start = time.time()
-        timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
+        clock, phases = self.clock, []
         losses, bad, tokens = [], torch.zeros((), device=self.device), 0
         loss_fn = self.loss_for(step)
         denominator = None if self.loss_tokens is None else step_loss_denominator(
             self.loss_tokens, self.batches.next_step_indices(), self.world_size * self.accum)
         for micro in range(self.accum):
-            t0 = time.perf_counter()
+            t0 = clock.mark()
             self.watchdog.beat(step, "data")
             batch: dict[str, Any] = self.next_batch(step)  # and the loss denominator, a float
             tokens += batch["input_ids"].numel()
             if denominator is not None:
                 batch["loss_denominator"] = denominator
-            t1 = time.perf_counter()
+            t1 = clock.mark()
             self.watchdog.beat(step, "forward-backward")
             loss = self.engine.forward_backward(batch, loss_fn, micro == self.accum - 1)
             losses.append(loss)
             bad += (~torch.isfinite(loss)).float()
-            timers["data_wait_s"] += t1 - t0
-            timers["fwd_bwd_s"] += time.perf_counter() - t1
-        t2 = time.perf_counter()
+            phases += [("data_wait_s", t0, t1), ("fwd_bwd_s", t1, clock.mark())]
+        t2 = clock.mark()
         self.watchdog.beat(step, "optimizer")
         grad_norm, skipped = self.optimizer_step(step, bad)
         self.guard.record(skipped, step)
-        timers["optim_s"] += time.perf_counter() - t2
-        return StepResult(losses, bad, grad_norm, tokens, time.time() - start, timers)
+        phases.append(("optim_s", t2, clock.mark()))
+        return StepResult(losses, bad, grad_norm, tokens, time.time() - start, phases)
 
     def optimizer_step(self, step: int, nonfinite: torch.Tensor):
         return self.engine.optimizer_step(nonfinite)

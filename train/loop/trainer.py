@@ -44,7 +44,7 @@ from train.model import build_model, frozen_digest, token_ids
 from train.model_checks import memory_problems, model_problems, plan_gpu_bytes
 from train.loop.agreement import Stopper
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
-from train.recipe import Recipe, grad_accum_steps, resolve_epochs, world_size
+from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, resolve_epochs, world_size
 from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe,
                           write_error_report, write_status)
 from train.checkpoint.safe_load import forbid_code_in_checkpoints
@@ -94,18 +94,18 @@ def train(run_dir: Path) -> int:
             return EXIT_REQUEUE
         watchdog = closing.enter_context(start_watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(
             lambda msg: write_status(run_dir, "hung", counters.step, msg, d.rank))))  # any rank may be first
-        accum = parts.accum
-        step = TrainStep(engine, task.loss, batches, accum, d.world_size, d.device, guard, watchdog,
+        step = TrainStep(engine, task.loss, batches, parts.accum, d.world_size, d.device, guard, watchdog,
                          task.sample_loss_tokens(data.train))
         faults.install(step, d.rank)
-        saver = Saver(parts.checkpointer, recipe, counters, batches, early, guard, watchdog, run_dir, d.is_main, log)
-        evaluator = Evaluator(engine, task, eval_batches(data.val, t.micro_batch_size, d.rank, d.world_size,
+        saver = Saver(parts.checkpointer, recipe=recipe, counters=counters, batches=batches, early=early, guard=guard,
+                      watchdog=watchdog, run_dir=run_dir, is_main=d.is_main, log=log)
+        evaluator = Evaluator(engine, task, eval_batches(data.val, micro_batch(recipe), d.rank, d.world_size,
                                                          t.eval_batches * t.global_batch_size),
                               early, t.eval_every, ev.keep_best, d.device, writer, watchdog, log)
         stopper = Stopper(stop, d.device, t.stop_after, first_step=counters.step)
-        metrics = StepMetrics(engine, guard, telemetry, writer, d.device, d.world_size, accum, t.global_batch_size,
-                              t.log_every, t.max_steps, parts.flops_token,
-                              peak_flops(recipe, d, log), parts.log_window, len(data.train))
+        metrics = StepMetrics(engine=engine, guard=guard, telemetry=telemetry, writer=writer, device=d.device, train=t,
+                              world_size=d.world_size, accum=parts.accum, flops_token=parts.flops_token, peak_tflops=(
+                                  peak_flops(recipe, d, log)), window=parts.log_window, train_samples=len(data.train))
         if d.is_main:
             write_status(run_dir, "running", counters.step, started=time.time())
 
@@ -134,7 +134,7 @@ def train(run_dir: Path) -> int:
         saver.finish()
 
         if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
-            evaluator.test(data.test, eval_batches(data.test, t.micro_batch_size, d.rank, d.world_size),
+            evaluator.test(data.test, eval_batches(data.test, micro_batch(recipe), d.rank, d.world_size),
                            data.labels, run_dir, counters.step, d.is_main)
     if d.is_main:
         write_status(run_dir, "stopped" if stopped else "completed", counters.step,
@@ -192,7 +192,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     engine = build_engine(recipe, model, d.device, accum=accum, cfg=engine_cfg, weights=weights)
     del model, weights  # the engine holds what it needs; rank 0's full copy is gone
     engine.train()  # whatever mode the build or a wrapper left: training starts in train mode on every rank
-    batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, t.micro_batch_size,
+    batches = closing.enter_context(TrainBatches(data.train, recipe.run.seed, t.global_batch_size, micro_batch(recipe),
                                                  d.rank, d.world_size, num_workers=recipe.data.num_workers,
                                                  pin_memory=d.device.type == "cuda"))
     early = EarlyStopping(ev.metric, ev.mode, ev.patience, ev.min_delta)
@@ -247,10 +247,10 @@ def check_model(recipe: Recipe, d: DistInfo) -> None:
 def join_process_group(recipe: Recipe) -> DistInfo:
     """The job's process group; for DeepSpeed, its C++ ops are built or loaded first (see ``load_ops``)."""
     if capabilities(recipe.parallel.engine).family != "deepspeed":  # FSDP2 offload: gloo for CPU tensors too
-        return init_distributed(cpu_collectives=recipe.parallel.offload)
+        return init_distributed(cpu_collectives=offloaded(recipe))
     from train.engines.deepspeed_engine import load_ops
 
-    load_ops(offload=recipe.parallel.offload)
+    load_ops(offload=offloaded(recipe))
     return init_distributed(deepspeed=True)
 
 

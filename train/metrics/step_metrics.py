@@ -13,7 +13,9 @@ from train.metrics.flops import mfu
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import MetricsWriter, aggregate_ranks
 from train.checkpoint.state import Counters
+from train.loop.phase_clock import Mark, phase_seconds
 from train.loop.step import StepResult
+from train.recipe import TrainConfig
 
 
 class LogWindow:
@@ -43,19 +45,25 @@ class LogWindow:
 
 
 class StepMetrics:
-    def __init__(self, engine, guard, telemetry: Telemetry, writer: Optional[MetricsWriter], device: torch.device,
-                 world_size: int, accum: int, global_batch: int, log_every: int, max_steps: int,
-                 flops_token: float, peak_tflops: Optional[float], window: LogWindow, train_samples: int):
+    """Adds each step's losses, tokens and phase times on the device (:meth:`record`, no sync); every
+    ``train.log_every`` steps and at the last, reduces them over the ranks in one collective, lets
+    the non-finite guard act, and has rank 0 write one ``metrics.jsonl`` row (loss, rates, MFU,
+    telemetry) and the progress line."""
+
+    def __init__(self, *, engine, guard, telemetry: Telemetry, writer: Optional[MetricsWriter], device: torch.device,
+                 world_size: int, accum: int, train: TrainConfig, flops_token: float, peak_tflops: Optional[float],
+                 window: LogWindow, train_samples: int):
         self.engine, self.guard, self.telemetry, self.writer = engine, guard, telemetry, writer
-        self.device, self.world_size, self.accum, self.global_batch = device, world_size, accum, global_batch
-        self.log_every, self.max_steps, self.flops_token, self.peak = log_every, max_steps, flops_token, peak_tflops
+        self.device, self.world_size, self.accum, self.global_batch = device, world_size, accum, train.global_batch_size
+        self.log_every, self.max_steps, self.flops_token, self.peak = train.log_every, train.max_steps, flops_token, \
+            peak_tflops
         self.window = window  # may hold steps from before a resume; the rates count this launch's only
         self.train_samples = train_samples
         self._new_timing()
 
     def _new_timing(self) -> None:
         self.timed_steps, self.timed_tokens, self.start = 0, 0, time.time()
-        self.timers = {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.0}
+        self.phases: list[tuple[str, Mark, Mark]] = []  # read at the log step (CUDA events: no sync before)
 
     def record(self, result: StepResult, counters: Counters) -> None:
         """Add the step (no sync); at a log step, reduce, check the guard, write and start a new window."""
@@ -65,8 +73,7 @@ class StepMetrics:
         w.nonfinite += result.nonfinite
         w.steps, w.tokens = w.steps + 1, w.tokens + result.tokens
         self.timed_steps, self.timed_tokens = self.timed_steps + 1, self.timed_tokens + result.tokens
-        for key, seconds in result.timers.items():
-            self.timers[key] += seconds
+        self.phases += result.phases
         if counters.step % self.log_every == 0 or counters.step == self.max_steps:
             self._log(result.grad_norm, counters)
 
@@ -94,7 +101,7 @@ class StepMetrics:
                   "tokens_per_s": tps, "tokens_per_s_per_device": tps / self.world_size,
                   "samples_per_s": self.timed_steps * self.global_batch / seconds,
                   "step_time_s": seconds / steps,
-                  **{k: v / steps for k, v in self.timers.items()},
+                  **{k: v / steps for k, v in phase_seconds(self.phases).items()},
                   "model_tflops": tps / self.world_size * self.flops_token / 1e12,
                   "mfu": mfu(tps / self.world_size, self.flops_token, self.peak),
                   # updates not applied: the fp16 loss scaler's skips include every non-finite step,

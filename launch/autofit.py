@@ -1,0 +1,193 @@
+"""``auto`` in a recipe: the launcher chooses the engine, offload, activation checkpointing and
+micro-batch from the memory plan (:mod:`train.engines.autofit`), writes the choice into the run's
+``recipe.yaml`` (with ``parallel.fitted`` naming what was chosen), and chooses again when a launch
+has another world size or GPU, saying what changed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from train.engines import CAPABILITIES, capabilities
+from train.engines.autofit import Auto, Fit, choose, describe_setup
+from train.engines.memory_plan import GB, ModelSizes, Setup
+from train.recipe import AUTO_KEYS, Recipe, auto_keys, micro_batch, offloaded, world_size
+
+STAND_INS: dict[str, Any] = {"parallel.engine": "fsdp", "parallel.offload": False,
+                             "model.activation_checkpointing": False, "train.micro_batch_size": 1}
+"""What an ``auto`` setting holds while the recipe's other checks run, when nothing could be
+chosen (the recipe is refused then, so a stand-in never trains)."""
+
+
+def _get(recipe: Recipe, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def _set(recipe: Recipe, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    setattr(getattr(recipe, section), name, value)
+
+
+def reopen_fitted(recipe: Recipe, overridden: set[str]) -> None:
+    """Turn the settings an earlier launch chose (``parallel.fitted``) back to ``auto``, so this
+    launch chooses them for its own world size and GPU; one the command line sets is the user's."""
+    for key in recipe.parallel.fitted:
+        if key in AUTO_KEYS and key not in overridden:
+            _set(recipe, key, "auto")
+    recipe.parallel.fitted = []
+
+
+def excluded_engines(recipe: Recipe) -> dict[str, str]:
+    """Engine → why this recipe cannot use it (the same rules ``check_recipe`` applies)."""
+    out: dict[str, str] = {}
+    deepspeed = importlib.util.find_spec("deepspeed") is not None
+    for name, caps in CAPABILITIES.items():
+        if recipe.model.lora is not None and not caps.lora:
+            out[name] = "model.lora runs on ddp or fsdp"
+        elif recipe.model.compile and caps.zero_stage == 3:
+            out[name] = "model.compile is not supported under ZeRO-3"
+        elif recipe.checkpoint.async_save and not caps.async_save:
+            out[name] = "checkpoint.async_save needs ddp or fsdp"
+        elif recipe.train.on_nonfinite == "skip" and not caps.skip_nonfinite:
+            out[name] = "train.on_nonfinite=skip needs ddp or fsdp"
+        elif recipe.parallel.reduce_dtype is not None and caps.config_file is None:
+            out[name] = "parallel.reduce_dtype is a setting of fsdp and ZeRO"
+        elif caps.family == "deepspeed" and not deepspeed:
+            out[name] = "deepspeed is not installed here"
+    return out
+
+
+def saved_engine(run_dir: Path) -> Optional[str]:
+    """The engine whose checkpoints ``run_dir`` holds (``None``: no committed checkpoint)."""
+    import yaml
+
+    from train.checkpoint.files import committed_checkpoints
+
+    if not committed_checkpoints(run_dir / "checkpoints"):
+        return None
+    try:
+        engine = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("parallel", {}).get("engine")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return engine if engine in CAPABILITIES else None
+
+
+def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
+               sizes: Optional[Callable[[Recipe], ModelSizes]] = None) -> tuple[Optional[Fit], list[str]]:
+    """Choose every ``auto`` setting of ``recipe`` (in place) and list them in ``parallel.fitted``;
+    returns the fit and the problems (one line each; the settings then hold :data:`STAND_INS`).
+    ``no_gpu_hint`` says why no GPU memory is known here."""
+    keys = auto_keys(recipe)
+    if not keys:
+        return None, []
+
+    def stand_in(problems: list[str]) -> tuple[Optional[Fit], list[str]]:
+        for key in keys:
+            _set(recipe, key, STAND_INS[key])
+        return None, problems
+
+    if not gpu_bytes:
+        return stand_in([f"{', '.join(keys)}: auto chooses from the GPU's memory, and {no_gpu_hint}; set "
+                         f"parallel.gpu_mem_gb (one GPU's memory in GB, e.g. 80)"])
+    m = recipe.model
+    if (m.pretrained is None) == (m.config is None):
+        return stand_in([])  # check_recipe says what is wrong with the model
+    from train.model_checks import model_problems
+
+    if model_problems(recipe):
+        return stand_in([])  # the same, through check_recipe(check_model=True)
+    from train.model_checks import model_sizes
+
+    auto = Auto(engine="parallel.engine" in keys, offload="parallel.offload" in keys,
+                checkpointing="model.activation_checkpointing" in keys, micro_batch="train.micro_batch_size" in keys)
+    excluded = excluded_engines(recipe)
+    assert recipe.run.dir is not None  # resolve_defaults ran
+    if auto.engine and (saved := saved_engine(Path(recipe.run.dir))) is not None:
+        fmt = capabilities(saved).checkpoint_format
+        for name, caps in CAPABILITIES.items():
+            if caps.checkpoint_format != fmt:
+                excluded.setdefault(name, f"the run's checkpoints are {fmt} ({saved}); {name} cannot resume them")
+    world, t, p = world_size(recipe), recipe.train, recipe.parallel
+    micro = 1 if auto.micro_batch else micro_batch(recipe)
+    base = Setup(engine="ddp" if auto.engine else p.engine, precision=p.precision,
+                 offload=False if auto.offload else offloaded(recipe),
+                 activation_checkpointing=False if auto.checkpointing else m.activation_checkpointing,
+                 micro_batch=micro, seq_len=recipe.data.seq_len, world_size=world, gpus_per_node=p.nproc or 1,
+                 reduce_bucket_mb=p.reduce_bucket_mb, reduce_dtype=p.reduce_dtype,
+                 accumulation=max(1, t.global_batch_size // (micro * world)))
+    fit = choose((sizes or model_sizes)(recipe), base, auto, gpu_bytes, t.global_batch_size, excluded)
+    if fit.chosen is None:
+        if not fit.candidates:
+            return stand_in([])  # the global batch does not divide over the ranks: check_recipe says so
+        tried = fit.candidates[-1]
+        return stand_in([f"{', '.join(keys)}: auto found nothing that fits {world} GPUs of {gpu_bytes / GB:.3g} GB "
+                         f"(the last tried, {describe_setup(tried.setup)}, {tried.verdict}); use more GPUs or GPUs "
+                         f"with more memory (`shardforge plan` lists every candidate)"])
+    chosen = fit.chosen
+    values = {"parallel.engine": chosen.engine, "parallel.offload": chosen.offload,
+              "model.activation_checkpointing": chosen.activation_checkpointing,
+              "train.micro_batch_size": chosen.micro_batch}
+    for key in keys:
+        _set(recipe, key, values[key])
+    p.fitted = keys
+    return fit, []
+
+
+def fit_summary(recipe: Recipe, fit: Optional[Fit]) -> Optional[str]:
+    """The line a launch prints about what auto chose (``None`` when nothing was auto)."""
+    if fit is None or fit.chosen is None:
+        return None
+    chosen = ", ".join(f"{key}={_show(_get(recipe, key))}" for key in recipe.parallel.fitted)
+    return (f"auto-fit: {chosen} ({describe_setup(fit.chosen)}; {fit.chosen.world_size} GPUs of "
+            f"{fit.gpu_bytes / GB:.3g} GB; `shardforge plan` lists what it rejected)")
+
+
+def fit_changes(recipe: Recipe, run_dir: Path) -> list[str]:
+    """What this launch's auto-fit changed against the run's ``recipe.yaml`` (another world size
+    or GPU): one line, or none when it chose the same (or the run is new)."""
+    import yaml
+
+    if not recipe.parallel.fitted or not (run_dir / "recipe.yaml").is_file():
+        return []
+    try:
+        old = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(old, dict):
+        return []
+
+    def at(key: str) -> Any:
+        node: Any = old
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    par = old.get("parallel")
+    par = par if isinstance(par, dict) else {}
+    was_world = (par.get("nproc") or 1) * (par.get("nodes") or 1)
+    changed = [f"{key} {_show(at(key))} → {_show(_get(recipe, key))}" for key in recipe.parallel.fitted
+               if at(key) != _get(recipe, key)]
+    if not changed:
+        return []
+    return [f"auto-fit chose again for {world_size(recipe)} GPUs (the run had {was_world}): {', '.join(changed)}"]
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def refit(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str) -> list[str]:
+    """Choose the settings an earlier launch chose (``parallel.fitted``) again, for ``recipe``'s
+    world size now (an elastic job that came back on fewer nodes); what changed, one phrase each
+    (``train.micro_batch_size 4 → 2``). :class:`RecipeError` when nothing fits."""
+    from train.schema import RecipeError
+
+    before = {key: _get(recipe, key) for key in recipe.parallel.fitted}
+    reopen_fitted(recipe, set())
+    _, problems = fit_recipe(recipe, gpu_bytes, no_gpu_hint)
+    if problems:
+        raise RecipeError(None, problems)
+    return [f"{key} {_show(was)} → {_show(_get(recipe, key))}" for key, was in before.items()
+            if _get(recipe, key) != was]
