@@ -8,6 +8,7 @@ anything else is refused with the key and the fix. Values in shell lines are quo
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import shutil
@@ -75,6 +76,43 @@ def _env_lines(recipe: Recipe, problems: list[str]) -> list[str]:
     return env
 
 
+ELASTIC_STEP = """
+# Elastic shrink (slurm.min_nodes): Slurm gave this job $SLURM_NNODES of {min_nodes}..{max_nodes} nodes. Fit
+# recipe.yaml and the engine configs to them (the same global batch, accumulation scaled) before
+# the ranks start, or end the job FAILED with one line when the global batch cannot be kept.
+"$PYTHON" -m launch.elastic "$RUN_DIR" "$SLURM_NNODES" --max-nodes={max_nodes} || exit $?
+"""
+"""The job-start step of an elastic job (``{{elastic}}`` in the template; empty without ``slurm.min_nodes``)."""
+
+
+def node_range(recipe: Recipe, problems: list[str]) -> Optional[int]:
+    """``slurm.min_nodes`` when the job may run on fewer nodes than ``parallel.nodes`` (``None``: exactly
+    ``parallel.nodes``). Refuses a minimum outside 1..nodes and a global batch that does not divide on
+    some node count of the range (one line each, with the arithmetic and the fix): ``submit`` refuses
+    them before anything is written, instead of the job failing when Slurm first gives it fewer nodes."""
+    nodes, low, t = recipe.parallel.nodes, recipe.slurm.min_nodes, recipe.train
+    if low is None or low == nodes:
+        return None
+    if not 1 <= low <= nodes:
+        problems.append(f"slurm.min_nodes={low}: must be between 1 and parallel.nodes={nodes} (the job runs on "
+                        f"min_nodes to nodes nodes); set slurm.min_nodes to 1..{nodes}, or leave it unset")
+        return None
+    micro, nproc = t.micro_batch_size, _nproc(recipe)
+    if not isinstance(micro, int) or micro < 1 or t.global_batch_size < 1:
+        return low  # auto-fit resolves the micro-batch first; a bad size is check_recipe's to refuse
+    units = {n: micro * nproc * n for n in range(low, nodes + 1)}
+    bad = [n for n, unit in units.items() if n < nodes and t.global_batch_size % unit]  # check_recipe: nodes
+    every = math.lcm(*units.values())
+    fits = -(-t.global_batch_size // every) * every  # the smallest multiple of every unit, at least the batch
+    fix = (f"set train.global_batch_size={fits} (divisible on {low}..{nodes} nodes) or "
+           if fits <= 4 * t.global_batch_size else "set ")  # a wide range can need a batch far too large
+    for n in bad:
+        problems.append(f"slurm.min_nodes={low}: on {n} node{'s' if n > 1 else ''}, train.global_batch_size "
+                        f"{t.global_batch_size} is not divisible by micro_batch_size × nproc × nodes = "
+                        f"{micro} × {nproc} × {n} = {units[n]}; {fix}slurm.min_nodes={max(bad) + 1}")
+    return low
+
+
 def job_dependency(job: Optional[str]) -> Optional[str]:
     """The ``#SBATCH`` dependency of ``submit --after JOB`` (``None`` without), or :class:`RecipeError`."""
     if job is None:
@@ -90,9 +128,12 @@ def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str, a
     s, problems = recipe.slurm, cast(list[str], [])
     log = run_dir / "logs" / "slurm-%j.out"
     _plain("run.dir", str(run_dir), problems)
+    low, nodes = node_range(recipe, problems), recipe.parallel.nodes
+    # A node range with --ntasks-per-node makes sbatch ask for MIN tasks, which Slurm places on MIN
+    # nodes: an elastic job leaves it out (one task per node is sbatch's default; srun sets it).
     lines = [f"--job-name={_plain('run.name', recipe.run.name, problems)}",
-             f"--nodes={recipe.parallel.nodes}",
-             "--ntasks-per-node=1",
+             f"--nodes={nodes}" if low is None else f"--nodes={low}-{nodes}",
+             *(["--ntasks-per-node=1"] if low is None else []),
              f"--cpus-per-task={s.cpus_per_task}"]
     if s.gpus_per_node:
         lines.append(f"--gpus-per-node={s.gpus_per_node}")
@@ -115,7 +156,8 @@ def render_sbatch(recipe: Recipe, run_dir: Path, python: str, pythonpath: str, a
     values = {"sbatch": "\n".join(f"#SBATCH {line}" for line in lines), "run_dir": shlex.quote(str(run_dir)),
               "python": shlex.quote(python), "pythonpath": shlex.quote(pythonpath),
               "max_restarts": str(s.max_restarts), "lead": str(s.signal_lead_s), "nproc": str(_nproc(recipe)),
-              "omp_threads": str(omp), "env": "\n".join(env), "exit_requeue": str(EXIT_REQUEUE)}
+              "omp_threads": str(omp), "env": "\n".join(env), "exit_requeue": str(EXIT_REQUEUE),
+              "elastic": "" if low is None else ELASTIC_STEP.format(min_nodes=low, max_nodes=nodes)}
     text = TEMPLATE.read_text()
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
 

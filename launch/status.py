@@ -194,6 +194,9 @@ def standing(run_dir: Path, now: Optional[float] = None) -> Standing:
         note = "never launched (no status.json)"
     else:
         note = describe(status)
+    resized = status.get("resized")  # an elastic Slurm job on another node count (launch.elastic)
+    if isinstance(resized, dict) and isinstance(resized.get("line"), str):
+        note = f"{note}; {resized['line']}" if note else resized["line"]
     return Standing(run_dir, state, step, total_steps(settings, last), last["loss"] if last else None,
                     f"{metric} {evals[-1][key]:.4f} @{evals[-1]['step']}" if evals else None, eta_s, note)
 

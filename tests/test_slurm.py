@@ -46,6 +46,12 @@ GOLDEN_CASES = {
                                      "extra_sbatch": ["--exclusive", "--constraint=h100"],
                                      "env": {"NCCL_IB_HCA": "mlx5", "WANDB_NOTES": "it's $HOME \"quoted\""}}},
                           "/lustre/proj/runs/llama-70b"),
+    # elastic shrink: --nodes=MIN-MAX without --ntasks-per-node, and the job-start step (launch.elastic)
+    "slurm-elastic-2to4.sbatch": ({"run": {"name": "elastic"}, "model": {"config": {"model_type": "llama"}},
+                                   "parallel": {"engine": "zero2", "nodes": 4},
+                                   "train": {"micro_batch_size": 2, "global_batch_size": 192},
+                                   "slurm": {"gpus_per_node": 8, "cpus_per_task": 96, "min_nodes": 2,
+                                             "time": "4:00:00", "max_restarts": 5}}, "/scratch/runs/elastic"),
 }
 
 

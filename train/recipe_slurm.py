@@ -31,6 +31,12 @@ class SlurmConfig:
     later: leave a step, a save and that slack."""
     max_restarts: int = 10
     """Requeue at most this many times."""
+    min_nodes: Optional[int] = None
+    """Elastic shrink: the job asks Slurm for ``min_nodes`` to ``parallel.nodes`` nodes
+    (``--nodes=MIN-MAX``) and runs, or resumes after a requeue, on as many as it gets: the world
+    size changes, gradient accumulation grows so ``train.global_batch_size`` stays, and the data
+    order is unchanged. Every count in the range must divide the global batch (``submit`` checks).
+    Unset: ``parallel.nodes`` exactly, no shrink."""
     extra_sbatch: list[str] = field(default_factory=list)
     """Extra ``#SBATCH`` lines, without the prefix (e.g. ``--constraint=h100``)."""
     env: dict = field(default_factory=dict)

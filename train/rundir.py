@@ -26,6 +26,7 @@ STATUS_FILE = "status.json"
 LABELS_FILE = "labels.json"
 BEST_FILE = "best.json"  # in checkpoints/: {"step", "metric", "value"} of the best evaluation
 LOST_FILE = "lost.json"  # in logs/: the newest checkpoint when a Slurm launch was last lost
+RESIZED_FILE = "resized.json"  # in logs/: an elastic Slurm job's launch on another node count (launch/elastic.py)
 LAUNCH_ID_ENV = "SHARDFORGE_LAUNCH_ID"
 """Set by whoever starts a launch (the local launcher, the Slurm job script, else the agent):
 ties ``status.json`` and error reports to the launch that wrote them."""
@@ -132,15 +133,18 @@ def write_status(run_dir: Path, state: str, step: int, reason: str = "", rank: O
     same launch when not given (``None`` while the loop has not begun). ``lost``: a ``failed``
     launch in which no rank holds a cause (see :func:`final_status`). ``summary``: what the ranks
     alone know at the end (tokens, the best evaluation; see ``train.loop.trainer.end_summary``), for
-    the lines the launcher prints and ``shardforge status``.
+    the lines the launcher prints and ``shardforge status``. A launch that the Slurm job script
+    resized (``logs/resized.json`` of this launch) carries it as ``resized``.
     """
     code = exit_code if exit_code is not None else STATE_EXIT.get(state)
     launch = launch_id()
     if started is None:
         started = read_status(run_dir, launch).get("started")
+    resized = read_resized(run_dir, launch)
     atomic_write(run_dir / STATUS_FILE, json.dumps(
         {"state": state, "step": step, "reason": reason, "rank": rank, "exit_code": code,
-         "launch_id": launch, "time": time.time(), "started": started, "lost": lost, "summary": summary}),
+         "launch_id": launch, "time": time.time(), "started": started, "lost": lost, "summary": summary,
+         **({"resized": resized} if resized else {})}),
         fsync=state != "running")
 
 
@@ -153,6 +157,16 @@ def read_status(run_dir: Path, launch: Optional[str] = None) -> dict:
     if not isinstance(status, dict) or (launch is not None and status.get("launch_id") != launch):
         return {}
     return status
+
+
+def read_resized(run_dir: Path, launch: str) -> dict:
+    """Launch ``launch``'s ``logs/resized.json`` (``launch.elastic`` writes it before the ranks start:
+    the node counts, world sizes and accumulation before and after), or ``{}``."""
+    try:
+        record = json.loads((run_dir / "logs" / RESIZED_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("launch_id") == launch else {}
 
 
 def error_report_path(run_dir: Path, rank: int) -> Path:
