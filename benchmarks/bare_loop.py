@@ -24,7 +24,7 @@ def main(recipe_path: str, out_path: str) -> None:
     from train.data.prepare import prepare_data
     from train.model import build_model
     from train.optim import build_adamw, build_scheduler
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(yaml.safe_load(Path(recipe_path).read_text()))
     t, o = recipe.train, recipe.optim

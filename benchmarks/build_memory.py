@@ -48,7 +48,7 @@ def rank_program(engine: str, mode: str, config: dict, out: Path) -> None:
     from train.engines.build import build_engine
     from train.engines.placement import InitialWeights, place_model
     from train.model import build_model
-    from train.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
+    from train.config.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
 
     d = init_distributed(deepspeed=True)
     recipe = recipe_from_dict({"run": {"name": "build"}, "model": {"config": config},
@@ -135,9 +135,9 @@ def plan_vs_deepspeed() -> list[dict]:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from launch.recipe import load_recipe
+    from train.config.loading import load_recipe
     from train.engines.memory_plan import estimate
-    from train.model_checks import model_sizes, planned_setup
+    from train.config.model_checks import model_sizes, planned_setup
 
     rows = []
     for name in ("llama-1b", "llama-7b-zero3"):

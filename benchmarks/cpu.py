@@ -220,7 +220,7 @@ def bench_tokenize(b: Bench, rounds: int) -> list[Row]:
     from train.data.pretraining import tokenize_and_pack
     from train.data.sources import load_source
     from train.data.tokenizer import load_or_train_tokenizer
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     datasets.disable_caching()  # time the work, not a cache hit
     recipe = recipe_from_dict(yaml.safe_load(b.recipe(1).read_text()))
@@ -254,7 +254,7 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     from train.checkpoint.state import Counters
     from train.engines.torch_engines import DDPEngine
     from train.model import build_model
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     raw = json.loads(json.dumps(b.base))
     raw["model"]["config"].update({} if b.smoke else {"hidden_size": 512, "intermediate_size": 1408,

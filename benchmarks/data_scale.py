@@ -59,7 +59,7 @@ def build_corpus(mb: float, folder: Path, seed: int = 0) -> int:
 
 def make_tokenizer(folder: Path) -> Path:
     """The byte-level BPE ``tiny-cpu`` trains (vocabulary 2048 on Shakespeare), saved in ``folder``."""
-    from launch.recipe import load_recipe
+    from train.config.loading import load_recipe
     from train.data.tokenizer import load_or_train_tokenizer
 
     recipe = load_recipe("configs/tiny-cpu.yaml", [f"data.sources.0.path={SHAKESPEARE}/*_gut.txt",
@@ -147,7 +147,7 @@ def baseline_main(corpus: Path, tokenizer: Path, out: Path, fast: bool) -> None:
 STARTUP = """
 import sys, time, json
 t0 = time.perf_counter()
-from launch.recipe import load_recipe
+from train.config.loading import load_recipe
 from train.data.batches import TrainBatches
 from train.data.prepare import prepare_data
 t1 = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _prepared(recipe: dict):
     from train.data.prepare import prepare_data
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     r = recipe_from_dict(recipe)
     return r, prepare_data(r, log=lambda *_: None)

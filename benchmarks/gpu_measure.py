@@ -64,8 +64,8 @@ class Ctx:
 def plan_gib(recipe: dict) -> dict:
     """What ``shardforge plan`` predicts per GPU for this run (GiB), next to the measured peaks."""
     from train.engines.memory_plan import estimate
-    from train.model_checks import model_sizes, planned_setup
-    from train.recipe import recipe_from_dict, resolve_defaults
+    from train.config.model_checks import model_sizes, planned_setup
+    from train.config.recipe import recipe_from_dict, resolve_defaults
 
     r = recipe_from_dict(recipe)
     resolve_defaults(r, nproc=1)
@@ -180,7 +180,7 @@ def m_ckpt(c: Ctx) -> dict:
     from train.checkpoint.state import Counters
     from train.engines.torch_engines import DDPEngine
     from train.model import build_model
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
     from train.rundir import fsync_path
 
     recipe = recipe_from_dict(c.recipe(GPT2, "ddp", name="ckpt"))

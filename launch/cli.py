@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.recipe import RecipeError, load_fitted_recipe, recipe_yaml
+from train.config.loading import RecipeError, load_fitted_recipe, recipe_yaml
 from train.engines.autofit import Fit
 from launch.runlock import RunLock, RunLocked
 
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 from train.rundir import EXIT_BAD_INPUT
 
 
@@ -97,7 +97,7 @@ def _load_fitted(args, check_model: bool = True) -> tuple[Recipe, Optional[Fit]]
 
 def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path) -> None:
     """The auto-fit choice, and what it changed against the run directory's last launch."""
-    from launch.autofit import fit_changes, fit_summary
+    from train.config.autofit import fit_changes, fit_summary
 
     for line in [fit_summary(recipe, fit), *fit_changes(recipe, run_dir)]:
         if line:
@@ -106,7 +106,7 @@ def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path) -> None:
 
 def cmd_plan(args) -> int:
     from train.engines.config import describe, engine_configs
-    from train.recipe import grad_accum_steps, world_size
+    from train.config.recipe import grad_accum_steps, world_size
     from train.engines.scaling import parse_nodes
 
     try:  # before the recipe is read: a bad list is refused at once
@@ -123,11 +123,11 @@ def cmd_plan(args) -> int:
     text = describe(configs)
     print(text or f"# engine {recipe.parallel.engine}: no engine config file")
     if "fsdp.json" in configs and configs["fsdp.json"]["shard_modules"] is None:
-        from train.model_checks import shard_block_names
+        from train.config.model_checks import shard_block_names
 
         print(f"# fsdp: each rank shards every {' and every '.join(shard_block_names(recipe))}, then the root")
     from train.engines.memory_plan import fit_problem, plan_table
-    from train.model_checks import model_sizes, plan_gpu_bytes, planned_setup
+    from train.config.model_checks import model_sizes, plan_gpu_bytes, planned_setup
 
     sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), plan_gpu_bytes(recipe, _local_gpu_bytes)
     print(plan_table(sizes, setup, gpu_bytes))
@@ -150,7 +150,8 @@ def cmd_run(args) -> int:
 
     early = StopRequest.install()  # first: a stop signal during the seconds of validation must not kill us
     from train.engines.config import engine_configs
-    from launch.local import RunDirBackup, check_resumable, launch_local, node_of, write_run_dir
+    from launch.local import RunDirBackup, launch_local, node_of, write_run_dir
+    from train.config.resume import check_resumable
     from launch.ownership import mark, run_dir_problems
 
     recipe, fit = _load_fitted(args, check_model=False)  # the ranks check the model: importing transformers costs seconds
@@ -189,7 +190,8 @@ def cmd_run(args) -> int:
 
 def cmd_submit(args) -> int:
     from train.engines.config import engine_configs
-    from launch.local import check_resumable, write_run_dir
+    from launch.local import write_run_dir
+    from train.config.resume import check_resumable
     from launch.ownership import run_dir_problems
     from launch.slurm import job_dependency, render_sbatch, submit
 
@@ -208,7 +210,7 @@ def cmd_submit(args) -> int:
     if problems:
         raise RecipeError("resume", problems)
     if recipe.parallel.gpu_mem_gb:  # the login node cannot see the cluster's GPUs: only a stated size
-        from train.model_checks import memory_problems, plan_gpu_bytes
+        from train.config.model_checks import memory_problems, plan_gpu_bytes
 
         problems = memory_problems(recipe, plan_gpu_bytes(recipe))
         if problems:

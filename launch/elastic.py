@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from launch.recipe import recipe_yaml
+from train.config.loading import recipe_yaml
 from launch.runlock import RunLock, RunLocked
 from train.checkpoint.files import committed_checkpoints
 from train.engines import ENGINE_CONFIG_FILES
 from train.engines.config import engine_configs
-from train.recipe import Recipe, accumulation, micro_batch, world_size
-from train.rundir import (EXIT_BAD_INPUT, RECIPE_FILE, RESIZED_FILE, atomic_write, launch_id, read_recipe,
-                          read_status, write_status)
-from train.schema import RecipeError
+from train.config.recipe import Recipe, accumulation, micro_batch, world_size
+from train.config.loading import read_recipe
+from train.rundir import (EXIT_BAD_INPUT, RECIPE_FILE, RESIZED_FILE, atomic_write, launch_id, read_status,
+                         write_status)
+from train.config.typed import RecipeError
 
 
 def _shape(recipe: Recipe) -> tuple[int, int, int]:
@@ -51,14 +52,14 @@ def resize_recipe(recipe: Recipe, nodes: int, gpu_bytes: Optional[float] = None)
     """Set ``recipe`` (in place) to run on ``nodes`` nodes; what changed, one phrase each (``world 2 → 1``,
     ``accumulation 4 → 8``, ..., ``global batch 8 kept``). Settings ``auto`` chose (``parallel.fitted``)
     are chosen again for the new world (``gpu_bytes``: this node's GPU, when the recipe does not
-    state ``parallel.gpu_mem_gb``). Raises :class:`train.schema.RecipeError` (the arithmetic, from
-    :func:`train.recipe.accumulation`) when the global batch cannot be kept or nothing fits."""
+    state ``parallel.gpu_mem_gb``). Raises :class:`train.config.typed.RecipeError` (the arithmetic, from
+    :func:`train.config.recipe.accumulation`) when the global batch cannot be kept or nothing fits."""
     _, world, accum = _shape(recipe)
     recipe.parallel.nodes = nodes
     refitted: list[str] = []
     if recipe.parallel.fitted:
-        from launch.autofit import refit
-        from train.model_checks import plan_gpu_bytes
+        from train.config.autofit import refit
+        from train.config.model_checks import plan_gpu_bytes
 
         refitted = refit(recipe, plan_gpu_bytes(recipe, lambda: gpu_bytes), "this node shows no GPU (NVML)")
     _, new_world, new_accum = _shape(recipe)

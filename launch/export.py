@@ -160,8 +160,8 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
     """
     from transformers import AutoTokenizer
 
-    from launch.recipe import RecipeError
-    from train.rundir import read_recipe
+    from train.config.loading import RecipeError
+    from train.config.loading import read_recipe
     from train.checkpoint.safe_load import refusing_code
 
     if not (run_dir / "recipe.yaml").exists():

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, cast
 
-from launch.recipe import RecipeError
-from train.recipe import SLURM_SIGNAL_SLACK_S, Recipe
+from train.config.loading import RecipeError
+from train.config.recipe import SLURM_SIGNAL_SLACK_S, Recipe
 from train.rundir import EXIT_REQUEUE
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"

@@ -100,7 +100,7 @@ def eval_key(metric: str) -> str:
 
 def total_steps(settings: dict, last: Optional[dict]) -> Optional[int]:
     """``train.max_steps``; under ``train.epochs`` the ranks derive it from the training split's size
-    (``train.recipe.resolve_epochs``), which the last record's ``epoch`` gives back."""
+    (``train.config.recipe.resolve_epochs``), which the last record's ``epoch`` gives back."""
     if settings.get("epochs", 0) <= 0:
         return settings.get("max_steps")
     batch = settings.get("global_batch_size")
@@ -246,7 +246,7 @@ def best_text(best) -> str:
 
 def test_headline(results: dict, task: str, metric: str) -> str:
     """``accuracy 0.8810, loss 0.4123, ...``: the eval metric first, then the task's first four."""
-    from train.recipe import TASK_METRICS
+    from train.config.recipe import TASK_METRICS
 
     metrics = results.get("metrics") or {}
     names = dict.fromkeys([metric, *TASK_METRICS.get(task, ("loss",))[:4]])

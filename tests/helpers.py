@@ -68,7 +68,7 @@ def tiny_recipe(corpus: Path, cache: Path, run_dir: Path, **sections) -> dict:
 
 def data_recipe(corpus: Path, tmp: Path, **data):
     """:func:`tiny_recipe` on ``corpus`` with ``data`` set, loaded as the ranks load it."""
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     r = tiny_recipe(corpus, tmp / "cache", tmp / "run")
     r["data"].update(data)
@@ -344,7 +344,7 @@ def on_pretrained(recipe: dict, tmp: Path, task: str) -> Path:
 def exported_state(run_dir: Path, step: int | None = None) -> dict:
     """The full fp32 state of a run's checkpoint (the best one by default), as export reads it."""
     from launch.export import build_export_model, full_state_dict, pick_checkpoint
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
 
     from transformers import AutoTokenizer
 

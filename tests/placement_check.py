@@ -24,7 +24,7 @@ from train.engines import CAPABILITIES
 from train.engines.build import build_engine
 from train.engines.placement import place_model
 from train.model import build_model
-from train.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
+from train.config.recipe import grad_accum_steps, recipe_from_dict, resolve_defaults
 
 MODELS = {
     "llama": {"config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

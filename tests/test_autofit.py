@@ -1,4 +1,4 @@
-"""Auto-fit (train/engines/autofit.py, launch/autofit.py): every decision on CPU from stated GPU
+"""Auto-fit (train/engines/autofit.py, train/config/autofit.py): every decision on CPU from stated GPU
 memory (``parallel.gpu_mem_gb`` or the ``gpu_bytes`` argument: no GPU is needed to decide), the
 choice written into recipe.yaml, kept on the same world size, chosen again on another; the
 refusals; and the golden table ``shardforge plan`` prints."""
@@ -120,15 +120,15 @@ def mid_recipe(tmp: Path, **parallel) -> dict:
 
 
 def load(tmp: Path, recipe: dict, *overrides: str, gpu_gb: float | None = None):
-    from launch.recipe import load_fitted_recipe
+    from train.config.loading import load_fitted_recipe
 
     return load_fitted_recipe(str(write_recipe(tmp / "r.yaml", recipe)), overrides, local_gpus=8,
                               gpu_bytes=(lambda: gpu_gb * 1e9) if gpu_gb else None)
 
 
 def test_the_launcher_writes_the_choice_and_chooses_again_on_another_world(tmp_path):
-    from launch.autofit import fit_changes, fit_summary
-    from launch.recipe import recipe_yaml
+    from train.config.autofit import fit_changes, fit_summary
+    from train.config.loading import recipe_yaml
 
     recipe, fit = load(tmp_path, mid_recipe(tmp_path), gpu_gb=4)
     assert fit is not None and fit.chosen is not None
@@ -160,9 +160,9 @@ def test_lora_and_a_resume_exclude_engines(tmp_path):
 
 
 def test_auto_without_gpu_memory_and_auto_in_a_ranks_record_are_refused(tmp_path):
-    from launch.recipe import RecipeError
-    from train.recipe import recipe_from_dict, resolve_defaults
-    from train.recipe_checks import check_recipe
+    from train.config.loading import RecipeError
+    from train.config.recipe import recipe_from_dict, resolve_defaults
+    from train.config.checks import check_recipe
 
     with pytest.raises(RecipeError) as err:
         load(tmp_path, mid_recipe(tmp_path))

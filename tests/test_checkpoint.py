@@ -303,7 +303,7 @@ def test_no_checkpoint_holds_non_finite_weights():
     import torch.distributed as dist
 
     from train.engines.torch_engines import DDPEngine
-    from train.recipe import recipe_from_dict, resolve_defaults
+    from train.config.recipe import recipe_from_dict, resolve_defaults
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -195,7 +195,7 @@ def test_deterministic_setting_switches_torchs_kernel_choice_and_keeps_a_users_c
     import torch
 
     from train.engines.base import CUBLAS_DETERMINISTIC_WORKSPACE, set_deterministic
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     assert recipe_from_dict({}).train.deterministic is False
     assert recipe_from_dict({"train": {"deterministic": True}}).train.deterministic is True

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 # ---------------------------------------------------------------- the process group (items 1, 5)
 
@@ -226,7 +226,7 @@ def test_the_job_gives_srun_its_cpus_and_names_the_network_interface():
     NCCL's async error handling is torch's default (3), not the 1 torchrun's agent would set."""
     import subprocess
 
-    from launch.recipe import RecipeError
+    from train.config.loading import RecipeError
 
     text = _render(network_interface="ib0,ib1")
     assert 'srun --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1' in text
@@ -247,7 +247,7 @@ def test_shipped_multi_node_recipes_end_a_job_whose_peer_is_gone_within_minutes(
     (``train.step_timeout_s``) ends the step first; every shipped multi-node recipe turns it on."""
     import yaml
 
-    from launch.recipe import CONFIG_DIR
+    from train.config.loading import CONFIG_DIR
 
     multi = {p.stem: yaml.safe_load(p.read_text()) for p in CONFIG_DIR.glob("*.yaml")}
     multi = {k: v for k, v in multi.items() if v.get("parallel", {}).get("nodes", 1) > 1}
@@ -282,7 +282,7 @@ def test_flash_attention_without_its_package_or_in_fp32_is_refused_in_one_line(m
     bf16/fp16 only."""
     import importlib.util
 
-    from train.model_checks import attention_problems
+    from train.config.model_checks import attention_problems
 
     def recipe(impl: str, precision: str = "bf16"):
         return recipe_from_dict({"model": {"attn_implementation": impl}, "parallel": {"precision": precision}})
@@ -304,7 +304,7 @@ def test_flash_attention_without_its_package_or_in_fp32_is_refused_in_one_line(m
 def test_compiled_blocks_under_zero3_are_refused_and_the_shipped_zero3_recipe_does_not_ask():
     """Stands in for per-block torch.compile on ZeRO-3, whose hooks gather each partitioned
     parameter as it is used; DeepSpeed supports compiling ZeRO-3 through engine.compile() only."""
-    from launch.recipe import RecipeError, load_recipe
+    from train.config.loading import RecipeError, load_recipe
 
     assert not load_recipe("llama-7b-zero3", check_model=False).model.compile
     with pytest.raises(RecipeError) as err:

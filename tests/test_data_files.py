@@ -13,7 +13,7 @@ from tests.helpers import REPO, WORDS, data_error, data_recipe, make_corpus, tin
 from train.data.prepare import prepare_data
 from train.data.sources import DataError, load_source
 from train.data.tokenizer import load_or_train_tokenizer
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 
 @pytest.fixture(scope="module")

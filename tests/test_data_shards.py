@@ -15,7 +15,7 @@ from tests.helpers import make_corpus, tiny_recipe, write_recipe
 from train.data.prepare import prepare_data, prepare_share
 from train.data.shards import shards_dir, units
 from train.data.sources import DataError
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 
 def _tokens(data) -> list[np.ndarray]:

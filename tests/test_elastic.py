@@ -18,9 +18,9 @@ from launch.slurm import render_sbatch
 from launch.status import standing
 from tests.helpers import make_corpus, shardforge, tiny_recipe, write_recipe
 from train.engines.config import engine_configs
-from train.recipe import recipe_from_dict, resolve_defaults
+from train.config.recipe import recipe_from_dict, resolve_defaults
 from train.rundir import read_status, write_status
-from train.schema import RecipeError
+from train.config.typed import RecipeError
 
 LAUNCH = "4242.1"
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launch.recipe import RecipeError, load_recipe
+from train.config.loading import RecipeError, load_recipe
 from tests.helpers import REPO, launch_in_process, read_metrics, tiny_recipe, write_recipe
 from train.checkpoint.files import committed_checkpoints
 

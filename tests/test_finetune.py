@@ -17,7 +17,7 @@ import torch
 
 from tests.helpers import (assert_stop_and_resume_exact, finetune_recipe, launch_in_process, make_finetune_data,
                            minilm_dir, on_pretrained, read_metrics, run_recipe, train_losses)
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 from train.tasks import IGNORE
 
 
@@ -180,7 +180,7 @@ def test_a_label_missing_from_training_is_one_clear_error(tmp_path):
     ({"data": {"test_fraction": 0.95}}, "data.test_fraction: must be in [0, 1) and leave training data"),
 ])
 def test_bad_finetune_recipes_are_refused_in_one_line(ft_data, tmp_path, change, message):
-    from launch.recipe import RecipeError, load_recipe
+    from train.config.loading import RecipeError, load_recipe
     from tests.helpers import write_recipe
 
     raw = finetune_recipe("sequence_classification", ft_data["classification"], tmp_path / "c", tmp_path / "r")
@@ -200,7 +200,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
 
     from train.data.batches import eval_batches
     from train.data.prepare import prepare_data
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
     from train.model import build_model, token_ids
 
     run_dir = tmp_path / "cls"
@@ -326,7 +326,7 @@ def test_minilm_demo_beats_the_majority_baseline(tmp_path):
     from examples.shakespeare_plays import build
     from tests.helpers import SHAKESPEARE
     from train.data.prepare import prepare_data
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
 
     passages = build(SHAKESPEARE, tmp_path / "plays")
     records = [json.loads(line) for line in passages.read_text().splitlines()]

@@ -103,15 +103,16 @@ def test_launch_builds_no_trainer_part():
     assert not {k: v for k, v in offenders.items() if v}
 
 
-ROOMS = ("checkpoint", "data", "engines", "loop", "metrics")
-"""train/'s rooms; every other module of train/ (recipe, schema, model, rundir, ...) is ``core``."""
+ROOMS = ("checkpoint", "config", "data", "engines", "loop", "metrics")
+"""train/'s rooms; every other module of train/ (model, rundir, tasks, distributed, ...) is ``core``."""
 MAY_IMPORT = {
-    "core": {"checkpoint", "data", "engines", "metrics"},  # recipe checks, model checks, run files, task scores
-    "data": {"core", "loop"},                     # loop: stop_signals, for the read-ahead thread
-    "engines": {"core", "checkpoint"},            # checkpoint: the file format and safe loading
-    "checkpoint": {"core", "engines", "loop"},    # loop: the agreement, stop and fault hooks of the save schedule
-    "metrics": {"core", "checkpoint", "loop"},    # loop: the step's result, early stopping
-    "loop": {"core", "checkpoint", "data", "engines", "metrics"},  # the trainer puts the parts together
+    "core": {"checkpoint", "config", "data", "engines", "metrics"},  # run files, model building, task scores
+    "config": {"core", "checkpoint", "data", "engines"},  # model checks, data paths, the memory plan, saved engines
+    "data": {"core", "config", "loop"},           # loop: stop_signals, for the read-ahead thread
+    "engines": {"core", "config", "checkpoint"},  # checkpoint: the file format and safe loading
+    "checkpoint": {"core", "config", "engines", "loop"},  # loop: the agreement, stop and fault hooks of saving
+    "metrics": {"core", "config", "checkpoint", "loop"},  # loop: the step's result, early stopping
+    "loop": {"core", "config", "checkpoint", "data", "engines", "metrics"},  # the trainer puts the parts together
 }
 """Which room of train/ may import which (``train/__main__.py``, the entry point, may import any).
 Nothing imports ``launch``; checkpoint ↔ loop and metrics ↔ loop still go both ways (the save

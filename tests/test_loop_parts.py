@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tests.loop_fakes import CPU, FakeGuard, FakeStopRequest, FakeWatchdog, FakeWriter
 from tests.loop_fakes import one_rank_group  # noqa: F401 - a fixture, found by its name here
 from train.checkpoint.files import MANIFEST, step_dir_name
-from train.recipe import TrainConfig
+from train.config.recipe import TrainConfig
 from train.checkpoint.state import Counters
 from train.loop import agreement
 from train.loop.agreement import Agreed, StepAgreement, Stopper

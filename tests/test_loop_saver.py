@@ -23,7 +23,7 @@ from train.checkpoint.state import Counters
 from train.loop.agreement import Agreed, Stopper
 from train.loop.early_stopping import EarlyStopping
 from train.loop.nonfinite import NonFiniteStop
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 from train.rundir import BEST_FILE
 
 def make_rig(tmp_path: Path, checkpoint: dict = None, keep_best: bool = False, is_main: bool = True,

@@ -38,7 +38,7 @@ def test_token_classification_fsdp_lora(ft_data, tmp_path):
     from safetensors.torch import load_file
 
     from launch.export import build_export_model
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
 
     pretrained = make_pretrained(tmp_path / "pretrained", "token_classification")
     run_dir = tmp_path / "ner-lora"
@@ -157,7 +157,7 @@ def test_sft_ddp_chat_lora(ft_data, tmp_path):
     from transformers import AutoTokenizer
 
     from examples.shakespeare_plays import ask
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
 
     pretrained = make_pretrained(tmp_path / "pretrained", "sft")
     tok = AutoTokenizer.from_pretrained(pretrained)

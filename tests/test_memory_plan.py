@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers import launch_in_process, make_corpus, shardforge, tiny_recipe, write_recipe
 from train.engines.memory_plan import ModelSizes, Setup, activation_bytes, estimate, fit_problem
-from train.model_checks import model_sizes, planned_setup
-from train.recipe import recipe_from_dict, resolve_defaults
+from train.config.model_checks import model_sizes, planned_setup
+from train.config.recipe import recipe_from_dict, resolve_defaults
 
 
 def sizes(params: int, largest: int) -> ModelSizes:
@@ -104,7 +104,7 @@ def test_model_sizes_count_what_the_ranks_build():
 
 
 def test_advice_names_a_setting_that_fits():
-    from launch.recipe import load_recipe
+    from train.config.loading import load_recipe
 
     recipe = load_recipe("llama-7b-fsdp", for_slurm=True)
     m, setup = model_sizes(recipe), planned_setup(recipe)

@@ -246,7 +246,7 @@ def test_tf32_is_on_by_default_and_switches_torchs_matmul_flags():
     import torch
 
     from train.engines.base import set_fp32_matmul_precision
-    from train.recipe import recipe_from_dict
+    from train.config.recipe import recipe_from_dict
 
     assert recipe_from_dict({}).parallel.tf32 is True
     assert recipe_from_dict({"parallel": {"tf32": False}}).parallel.tf32 is False

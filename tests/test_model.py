@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.model import build_model, transformer_blocks
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -58,7 +58,7 @@ def test_selective_checkpointing_recomputes_the_cheap_ops_and_keeps_the_matmuls(
 
 
 def test_activation_checkpointing_accepts_true_false_or_selective():
-    from train.schema import RecipeError
+    from train.config.typed import RecipeError
 
     assert recipe_from_dict({"model": {"activation_checkpointing": "selective"}}).model.activation_checkpointing == "selective"
     with pytest.raises(RecipeError, match="activation_checkpointing: 'some' is not one of False, True, 'selective'"):

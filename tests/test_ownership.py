@@ -142,8 +142,8 @@ def test_from_a_users_project_folder_links_and_pruning(tmp_path):
 def test_resuming_with_another_checkpoint_format_or_a_replaced_recipe_is_one_line(tmp_path, recipe_file):
     """Before, the ranks died on a missing dcp/.metadata (a ZeRO-2 run resumed with ddp), and a
     recipe.yaml replaced by a YAML list skipped the changed-recipe check."""
-    from launch.local import check_resumable
-    from launch.recipe import load_recipe, recipe_yaml
+    from train.config.resume import check_resumable
+    from train.config.loading import load_recipe, recipe_yaml
 
     run_dir = tmp_path / "runs" / "t"
     (run_dir / "checkpoints" / "step-000002").mkdir(parents=True)

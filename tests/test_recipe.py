@@ -11,10 +11,10 @@ import yaml
 
 from launch.cli import main as cli_main
 from train.engines.config import engine_configs
-from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
+from train.config.loading import CONFIG_DIR, RecipeError, load_recipe
 from tests.helpers import REPO, shardforge
-from train.recipe import Recipe, grad_accum_steps, recipe_from_dict
-from train.schema import field_docs
+from train.config.recipe import Recipe, grad_accum_steps, recipe_from_dict
+from train.config.typed import field_docs
 
 GOLDEN = Path(__file__).parent / "golden"
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -144,8 +144,9 @@ def test_the_launch_path_of_run_imports_neither_torch_nor_transformers(tmp_path)
 import sys
 from pathlib import Path
 from train.engines.config import engine_configs
-from launch.local import check_resumable, write_run_dir
-from launch.recipe import load_recipe
+from launch.local import write_run_dir
+from train.config.resume import check_resumable
+from train.config.loading import load_recipe
 for engine in ("fsdp", "zero3", "ddp"):
     recipe = load_recipe("tiny-cpu", [f"run.dir={tmp_path}/" + engine, "parallel.engine=" + engine], check_model=False)
     assert check_resumable(recipe, Path(recipe.run.dir)) == []
@@ -167,7 +168,7 @@ def test_a_bad_model_config_is_refused_by_the_ranks_when_run_skips_the_launchers
     launch exits 2 with the line `plan` gives (the agent's ending line); the run directory keeps
     status.json and the ranks' error reports. Sizes the recipe states (positions, layers) the
     launcher checks itself."""
-    from train.model_checks import model_problems
+    from train.config.model_checks import model_problems
 
     bad = ["model.config.model_type=lama", f"run.dir={tmp_path / 'run'}", "parallel.nproc=2",
            f"data.cache_dir={tmp_path / 'cache'}"]
@@ -362,8 +363,8 @@ def test_the_rank_rebuilds_the_engine_config_and_refuses_an_edited_record(tmp_pa
 def test_accumulation_is_one_formula_that_refuses_a_batch_that_does_not_divide():
     """The launcher's check names the divisors; on a rank the same formula refuses (batches.py
     rounded down before)."""
-    from train.recipe import accumulation
-    from train.schema import RecipeError
+    from train.config.recipe import accumulation
+    from train.config.typed import RecipeError
 
     assert accumulation(64, 4, 2) == 8
     with pytest.raises(RecipeError, match=r"10 is not divisible by micro_batch_size × world size = 2 × 3 = 6"):
@@ -371,11 +372,11 @@ def test_accumulation_is_one_formula_that_refuses_a_batch_that_does_not_divide()
 
 
 def test_a_rank_runs_the_launchers_checks_on_the_recipe_it_reads(tmp_path, monkeypatch):
-    """One set of checks (train.recipe_checks): the launcher runs it on the recipe it loads, each
+    """One set of checks (train.config.checks): the launcher runs it on the recipe it loads, each
     rank again on recipe.yaml, so a record edited after the launch is refused naming the file."""
     from launch.local import write_run_dir
-    from train.rundir import read_recipe
-    from train.schema import RecipeError
+    from train.config.loading import read_recipe
+    from train.config.typed import RecipeError
 
     recipe = load_recipe("tiny-cpu", ["parallel.nproc=2", f"run.dir={tmp_path / 'run'}"], local_gpus=0)
     run_dir = write_run_dir(recipe, engine_configs(recipe))

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from launch.cli import main as cli_main
-from launch.recipe import CONFIG_DIR, RecipeError, load_recipe
+from train.config.loading import CONFIG_DIR, RecipeError, load_recipe
 from tests.helpers import REPO
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 
 def problems(*overrides: str) -> list[str]:
@@ -24,7 +24,7 @@ def test_an_architecture_default_token_id_outside_the_vocabulary_is_dropped():
     from transformers import AutoModelForCausalLM
 
     from train.model import build_config
-    from train.recipe import ModelConfig
+    from train.config.recipe import ModelConfig
 
     cfg = ModelConfig(config={"model_type": "phi3", "hidden_size": 32, "intermediate_size": 64,
                               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2})
@@ -44,7 +44,7 @@ def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_pat
     from tests.helpers import make_corpus, tiny_recipe
     from train.data.tokenizer import load_or_train_tokenizer
     from train.model import build_config, token_ids
-    from train.recipe import ModelConfig
+    from train.config.recipe import ModelConfig
 
     corpus = make_corpus(tmp_path / "corpus", files=2, words_per_file=500)
     tokenizer = load_or_train_tokenizer(recipe_from_dict(tiny_recipe(corpus, tmp_path / "cache", tmp_path / "run")),
@@ -69,7 +69,7 @@ def test_a_model_trained_from_scratch_carries_its_tokenizers_special_ids(tmp_pat
 
 
 def test_epochs_set_max_steps_from_the_training_split():
-    from train.recipe import resolve_epochs
+    from train.config.recipe import resolve_epochs
 
     recipe = recipe_from_dict({"train": {"epochs": 1.5, "global_batch_size": 32, "max_steps": 7}})
     line = resolve_epochs(recipe, train_samples=1000)  # 31 full steps per epoch; the remainder is skipped

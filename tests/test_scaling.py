@@ -165,7 +165,7 @@ def test_bad_node_counts_exit_2_with_one_line(text, capsys):
     assert len(err.splitlines()) == 1 and err.startswith("shardforge: error: --nodes: ") and "e.g. --nodes 1,2,4,8" in err
 
 
-# configs/llama-1b.yaml as train.model_checks.model_sizes and planned_setup see it.
+# configs/llama-1b.yaml as train.config.model_checks.model_sizes and planned_setup see it.
 LLAMA_1B = ModelSizes(params=1_038_682_112, trainable=1_038_682_112, largest_layer=65_536_000, block=60_821_504,
                       root=65_538_048, layers=16, hidden=2048, intermediate=8192, heads=32, vocab=32000)
 LLAMA_1B_SETUP = Setup("fsdp", "bf16", micro_batch=8, seq_len=2048, world_size=8, gpus_per_node=8, accumulation=8)
@@ -201,8 +201,8 @@ def test_predictions_stay_near_the_published_scaling_figures():
 def test_plan_prints_the_scaling_block_last(capsys):
     """``shardforge plan llama-1b --nodes 2,1`` (in process; it builds the model on the meta device only)."""
     from launch.cli import main
-    from launch.recipe import load_recipe
-    from train.model_checks import model_sizes, planned_setup
+    from train.config.loading import load_recipe
+    from train.config.model_checks import model_sizes, planned_setup
 
     assert main(["plan", "llama-1b", "--nodes", "2,1"]) == 0
     out = capsys.readouterr().out

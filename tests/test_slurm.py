@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from launch.recipe import RecipeError, load_recipe
+from train.config.loading import RecipeError, load_recipe
 from launch.slurm import render_sbatch
 from tests.helpers import (job_info, launch_in_process, make_corpus, read_metrics, shardforge, tiny_recipe,
                            train_losses, wait_for, write_recipe)
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 GOLDEN = Path(__file__).parent / "golden"
 PYTHON, CODE = "/opt/shardforge/.venv/bin/python", "/opt/shardforge"

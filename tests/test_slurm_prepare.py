@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from launch.recipe import RecipeError
+from train.config.loading import RecipeError
 from launch.slurm import job_dependency, render_prepare_sbatch, render_sbatch
 from tests.helpers import launch_in_process, make_corpus, tiny_recipe, write_recipe
-from train.recipe import recipe_from_dict
+from train.config.recipe import recipe_from_dict
 
 GOLDEN = Path(__file__).parent / "golden"
 PYTHON, CODE = "/opt/shardforge/.venv/bin/python", "/opt/shardforge"

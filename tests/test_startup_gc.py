@@ -37,7 +37,7 @@ runpy.run_module("train", run_name="__main__")
 def test_collector_is_off_for_the_imports_and_on_before_anything_is_built(tmp_path):
     from train.engines.config import engine_configs
     from launch.local import write_run_dir
-    from launch.recipe import load_recipe
+    from train.config.loading import load_recipe
 
     recipe = tiny_recipe(make_corpus(tmp_path / "corpus", files=2), tmp_path / "cache", tmp_path / "run",
                          parallel={"engine": "ddp", "nproc": 1})

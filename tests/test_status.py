@@ -102,7 +102,7 @@ def test_ended_and_starting_runs(tmp_path, monkeypatch):
 
 
 def test_under_epochs_the_step_count_comes_from_the_logged_epoch(tmp_path, monkeypatch):
-    # 2.5 epochs of 1000 samples / 8 per step = 125 steps per epoch → 313 steps (train.recipe.resolve_epochs)
+    # 2.5 epochs of 1000 samples / 8 per step = 125 steps per epoch → 313 steps (train.config.recipe.resolve_epochs)
     run_dir = _run_dir(tmp_path, max_steps=100, epochs=2.5)
     _metrics(run_dir, [{"step": 10, "time": 1.0, "loss": 1.0, "epoch": 10 * 8 / 1000}])
     _status(run_dir, monkeypatch, "running", 0, started=0.0)

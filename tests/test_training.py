@@ -144,7 +144,7 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
 
     from tests.helpers import launch_in_process
     from train.data.prepare import prepare_data
-    from train.rundir import read_recipe
+    from train.config.loading import read_recipe
 
     out = tmp_path / "hf"
     proc = launch_in_process("export", str(straight[engine]), str(out))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from train.recipe import ModelConfig
+from train.config.recipe import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -7,7 +7,7 @@ from typing import Callable, cast
 
 import torch
 
-from train.recipe import OptimConfig
+from train.config.recipe import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -26,7 +26,7 @@ def build_adamw(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) 
     """Fused AdamW (CUDA and CPU): one kernel per step, and it can skip a step on a device-side
     ``found_inf`` flag without a host synchronisation."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=cast(tuple[float, float], tuple(cfg.betas)),  # two: launch.recipe checks
+                             betas=cast(tuple[float, float], tuple(cfg.betas)),  # two: train.config.loading checks
                              eps=cfg.eps, fused=True)
 
 

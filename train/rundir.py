@@ -52,30 +52,6 @@ KIND_EXIT = {"bad_input": EXIT_BAD_INPUT, "save_failed": EXIT_BAD_INPUT, "nonfin
 rank went away; it is reported only when no rank says why."""
 
 
-def read_recipe(run_dir: Path, check: bool = False):
-    """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.recipe.Recipe`).
-    ``check`` (the ranks): run the launcher's checks on it again (``train.recipe_checks``, less the
-    local GPU count and what needs transformers, which the ranks check after, and the data sources'
-    paths but on rank 0, the one that reads them) and raise
-    :class:`train.schema.RecipeError` naming the file: a record edited after the launch is
-    refused as the launcher would have refused it."""
-    import yaml
-
-    from train.recipe import recipe_from_dict, resolve_defaults
-
-    path = run_dir / RECIPE_FILE
-    recipe = resolve_defaults(recipe_from_dict(yaml.safe_load(path.read_text())))
-    if check:
-        from train.recipe_checks import check_recipe
-        from train.schema import RecipeError
-
-        problems = check_recipe(recipe, local_gpus=None, check_model=False,
-                                data_paths=os.environ.get("RANK", "0") == "0")
-        if problems:
-            raise RecipeError(None, [f"{path}: {problem}" for problem in problems])
-    return recipe
-
-
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host exists (another user's counts as alive)."""
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.recipe import TASK_METRICS
+from train.config.recipe import TASK_METRICS
 from train.metrics.scores import classification_scores, entity_counts, entity_counts_by_type, entity_scores
 
 IGNORE = -100

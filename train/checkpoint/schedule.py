@@ -14,7 +14,7 @@ from train.checkpoint.manager import Checkpointer, CheckpointSaveError
 from train.checkpoint.files import step_dir_name
 from train.loop.agreement import Agreed
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
-from train.recipe import SLURM_SIGNAL_SLACK_S, CheckpointConfig, Recipe
+from train.config.recipe import SLURM_SIGNAL_SLACK_S, CheckpointConfig, Recipe
 from train.rundir import BEST_FILE, atomic_write
 from train.loop.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters

@@ -20,7 +20,7 @@ import torch
 from train.data.samples import Samples
 from train.data.sources import DataError
 from train.loop.stop_signals import ignore_stop_signals, stop_signals_blocked
-from train.recipe import accumulation
+from train.config.recipe import accumulation
 
 
 class GlobalSampleStream:

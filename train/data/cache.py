@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from train.data.files import local_files
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 
 DATA_FORMAT_VERSION = 2
 """Bump when packed pre-training samples change for the same recipe (old caches are then ignored).

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, cast
 
 from train.data.files import file_format, local_files, saved_dataset
 from train.data.sources import DataError, check_local, record_texts, text_records
-from train.recipe import SourceConfig
+from train.config.recipe import SourceConfig
 
 READ_CHARS = 1 << 20
 """Characters of a text file read at a time."""

@@ -26,7 +26,7 @@ import numpy as np
 from train.data.cache import PreparedData, fingerprint, read_cache, source_stamps, write_cache
 from train.data.sources import DataError, check_template, load_records
 from train.data.tokenizer import tokenizer_fingerprint
-from train.recipe import Recipe, SourceConfig
+from train.config.recipe import Recipe, SourceConfig
 from train.tasks import IGNORE
 
 FORMAT_VERSION = 3  # 2: chat assistant headers are no longer learned; 3: CHAT_TEMPLATE's newlines render

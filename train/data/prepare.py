@@ -12,7 +12,7 @@ from train.data.pretraining import prepare_packed
 from train.data.scratch import scratch_in
 from train.data.sources import DataError
 from train.data.tokenizer import load_or_train_tokenizer
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 
 
 def prepare_data(recipe: Recipe, log=print) -> PreparedData:

@@ -28,7 +28,7 @@ from train.data.packing import Packer, blocks, write_split
 from train.data.scratch import scratch_dir
 from train.data.sources import DataError
 from train.data.tokenizer import tokenizer_fingerprint
-from train.recipe import Recipe, SourceConfig
+from train.config.recipe import Recipe, SourceConfig
 
 _BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

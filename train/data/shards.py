@@ -33,7 +33,7 @@ from train.data.documents import Progress, documents, streams_text
 from train.data.files import file_format, local_files, path_problem, saved_dataset
 from train.data.packing import Packer, blocks
 from train.data.sources import DataError
-from train.recipe import Recipe, SourceConfig
+from train.config.recipe import Recipe, SourceConfig
 from train.rundir import process_alive
 
 SHARDS_SUFFIX = ".shards"

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from train.data.files import (file_format, local_files, path_problem, saved_data_files, saved_dataset,
                               saved_splits)
 from train.data.scratch import scratch_dir
-from train.recipe import SourceConfig
+from train.config.recipe import SourceConfig
 from train.rundir import first_line
 
 

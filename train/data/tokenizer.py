@@ -16,7 +16,7 @@ from train.data.cache import DATA_FORMAT_VERSION, fingerprint
 from train.data.documents import leading_text
 from train.data.sources import DataError
 from train.rundir import first_line
-from train.recipe import DataConfig, Recipe
+from train.config.recipe import DataConfig, Recipe
 
 
 def load_or_train_tokenizer(recipe: Recipe, cache_root: Path):

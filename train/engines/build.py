@@ -9,7 +9,7 @@ import torch
 from train.engines import capabilities
 from train.engines.base import Engine
 from train.engines.placement import InitialWeights
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 
 
 def build_engine(recipe: Recipe, model: torch.nn.Module, device: torch.device, *, accum: int,

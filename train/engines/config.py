@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from train.engines import capabilities
-from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
-from train.schema import RecipeError
+from train.config.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
+from train.config.typed import RecipeError
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """``parallel.precision`` → the torch dtype's name (the one map; ``train.engines.base.DTYPES`` is

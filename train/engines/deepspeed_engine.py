@@ -16,7 +16,7 @@ from train.engines import capabilities
 from train.engines.base import Engine
 from train.engines.placement import InitialWeights, broadcast_buffers, copy_into_zero3, is_empty, materialize
 from train.optim import build_adamw, lr_factor, param_groups
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 
 
 class DeepSpeedEngine(Engine):

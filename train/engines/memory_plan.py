@@ -1,7 +1,7 @@
 """What one training step holds in each GPU's memory, per engine, worked out before anything launches.
 
 Pure arithmetic on the model's sizes (:class:`ModelSizes`, counted from a meta-device build in
-``train.model_checks.model_sizes``): no torch import here. Byte counts per GPU, with ``P``
+``train.config.model_checks.model_sizes``): no torch import here. Byte counts per GPU, with ``P``
 parameters, ``T`` of them trainable, ``N`` data-parallel ranks and ``w`` bytes per value in the
 compute precision (2 for bf16/fp16, 4 for fp32); master weights and Adam's two moments are fp32:
 

@@ -21,7 +21,7 @@ from train.model import shard_units
 from train.checkpoint.files import CheckpointError
 from train.checkpoint.safe_load import safe_reader
 from train.optim import build_adamw, build_scheduler
-from train.recipe import Recipe
+from train.config.recipe import Recipe
 
 
 class _TorchEngine(Engine):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from train.recipe import LOWER_IS_BETTER
+from train.config.recipe import LOWER_IS_BETTER
 
 
 class EarlyStopping:

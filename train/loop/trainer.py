@@ -41,15 +41,16 @@ from train.metrics.flops import flops_per_token, peak_tflops
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import MetricsWriter
 from train.model import build_model, frozen_digest, token_ids
-from train.model_checks import memory_problems, model_problems, plan_gpu_bytes
+from train.config.model_checks import memory_problems, model_problems, plan_gpu_bytes
 from train.loop.agreement import Stopper
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
-from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, resolve_epochs, world_size
-from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, read_recipe,
-                          write_error_report, write_status)
+from train.config.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, resolve_epochs, world_size
+from train.config.loading import read_recipe
+from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, write_error_report,
+                         write_status)
 from train.checkpoint.safe_load import forbid_code_in_checkpoints
 from train.checkpoint.schedule import Saver
-from train.schema import RecipeError
+from train.config.typed import RecipeError
 from train.loop.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters, RNGState
 from train.loop.step import TrainStep
@@ -163,7 +164,7 @@ class Parts:
     flops_token: float
     log_window: LogWindow
     accum: int
-    """Micro-batches per rank per optimizer step, computed once (:func:`train.recipe.grad_accum_steps`)."""
+    """Micro-batches per rank per optimizer step, computed once (:func:`train.config.recipe.grad_accum_steps`)."""
 
 
 def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters, log,

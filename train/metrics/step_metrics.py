@@ -15,7 +15,7 @@ from train.metrics.writer import MetricsWriter, aggregate_ranks
 from train.checkpoint.state import Counters
 from train.loop.phase_clock import Mark, phase_seconds
 from train.loop.step import StepResult
-from train.recipe import TrainConfig
+from train.config.recipe import TrainConfig
 
 
 class LogWindow:

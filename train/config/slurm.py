@@ -1,4 +1,4 @@
-"""The recipe's ``slurm`` section (``shardforge submit``), beside :mod:`train.recipe`'s other sections."""
+"""The recipe's ``slurm`` section (``shardforge submit``), beside :mod:`train.config.recipe`'s other sections."""
 
 from __future__ import annotations
 

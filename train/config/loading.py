@@ -7,20 +7,22 @@ Every problem is collected and reported together in one :class:`RecipeError`
 from __future__ import annotations
 
 import copy
+import os
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from launch.autofit import fit_recipe, reopen_fitted
+from train.config.autofit import fit_recipe, reopen_fitted
 from train.engines.autofit import Fit
-from train.model_checks import plan_gpu_bytes
-from train.recipe import Recipe, auto_keys, recipe_from_dict, resolve_defaults
-from train.recipe_checks import check_recipe
-from train.schema import RecipeError
+from train.config.model_checks import plan_gpu_bytes
+from train.config.recipe import Recipe, auto_keys, recipe_from_dict, resolve_defaults
+from train.config.checks import check_recipe
+from train.config.typed import RecipeError
+from train.rundir import RECIPE_FILE
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -146,7 +148,7 @@ def load_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[i
 
     ``parallel.nproc`` left unset becomes the local GPU count, or ``slurm.gpus_per_node`` for a
     Slurm job (whose nodes are not this one). ``check_model=False`` leaves out the checks that
-    import transformers (``train.model_checks``): the ranks run them (unless a setting is
+    import transformers (``train.config.model_checks``): the ranks run them (unless a setting is
     ``auto``: choosing it counts the model). ``gpu_bytes``: this machine's GPU memory, for
     ``auto`` when the recipe does not state ``parallel.gpu_mem_gb``.
     """
@@ -205,3 +207,20 @@ NO_GPU_HINT = {False: "this machine shows no GPU (NVML)",
 
 def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+
+
+def read_recipe(run_dir: Path, check: bool = False):
+    """The resolved recipe the launcher wrote into ``run_dir`` (a :class:`train.config.recipe.Recipe`).
+    ``check`` (the ranks): run the launcher's checks on it again (``train.config.checks``, less the
+    local GPU count and what needs transformers, which the ranks check after, and the data sources'
+    paths but on rank 0, the one that reads them) and raise
+    :class:`train.config.typed.RecipeError` naming the file: a record edited after the launch is
+    refused as the launcher would have refused it."""
+    path = run_dir / RECIPE_FILE
+    recipe = resolve_defaults(recipe_from_dict(yaml.load(path.read_text(), Loader=StrictLoader)))
+    if check:
+        problems = check_recipe(recipe, local_gpus=None, check_model=False,
+                                data_paths=os.environ.get("RANK", "0") == "0")
+        if problems:
+            raise RecipeError(None, [f"{path}: {problem}" for problem in problems])
+    return recipe

@@ -3,7 +3,7 @@
 This module is the contract between the launcher and every rank: the launcher
 validates user input against it and writes the resolved ``recipe.yaml``; each
 rank parses that file back with :func:`recipe_from_dict`. Validation of user
-input (all problems at once, exit code 2) lives in ``launch.recipe``; here a
+input (all problems at once, exit code 2) lives in ``train.config.loading``; here a
 malformed tree raises :class:`RecipeError`.
 """
 
@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from train.recipe_outputs import CheckpointConfig, LoggingConfig  # noqa: F401 - re-exported
-from train.recipe_slurm import SLURM_SIGNAL_SLACK_S, SlurmConfig  # noqa: F401 - re-exported
-from train.schema import RecipeError, from_dict
+from train.config.outputs import CheckpointConfig, LoggingConfig  # noqa: F401 - re-exported
+from train.config.slurm import SLURM_SIGNAL_SLACK_S, SlurmConfig  # noqa: F401 - re-exported
+from train.config.typed import RecipeError, from_dict
 
 LOWER_IS_BETTER = ("loss", "perplexity")
 """Validation metrics where lower is better (``eval.mode: auto``)."""
@@ -228,7 +228,7 @@ class EvalConfig:
 class ParallelConfig:
     engine: Literal["ddp", "fsdp", "zero1", "zero2", "zero3", "auto"] = "ddp"
     """Data-parallel engine. ``auto``: the least communication whose memory plan fits the GPU, in
-    the order ddp, zero1, zero2, fsdp, zero3 (``launch.autofit``; ``shardforge plan`` shows the
+    the order ddp, zero1, zero2, fsdp, zero3 (``train.config.autofit``; ``shardforge plan`` shows the
     choice and what it rejected). Needs the GPU's memory: NVML, or ``parallel.gpu_mem_gb``."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute precision; master weights stay fp32."""
@@ -345,7 +345,7 @@ def resolve_epochs(recipe: Recipe, train_samples: int) -> Optional[str]:
 
 
 AUTO_KEYS = ("parallel.engine", "parallel.offload", "model.activation_checkpointing", "train.micro_batch_size")
-"""The settings that take ``auto`` (chosen by ``launch.autofit`` from the memory plan)."""
+"""The settings that take ``auto`` (chosen by ``train.config.autofit`` from the memory plan)."""
 
 
 def auto_keys(recipe: Recipe) -> list[str]:
@@ -359,14 +359,14 @@ def auto_keys(recipe: Recipe) -> list[str]:
 def micro_batch(recipe: Recipe) -> int:
     """``train.micro_batch_size`` once chosen (``auto`` is resolved by the launcher before anything runs)."""
     value = recipe.train.micro_batch_size
-    assert value != "auto", "auto-fit (launch.autofit) chooses train.micro_batch_size first"
+    assert value != "auto", "auto-fit (train.config.autofit) chooses train.micro_batch_size first"
     return value
 
 
 def offloaded(recipe: Recipe) -> bool:
     """``parallel.offload`` once chosen (see :func:`micro_batch`)."""
     value = recipe.parallel.offload
-    assert value != "auto", "auto-fit (launch.autofit) chooses parallel.offload first"
+    assert value != "auto", "auto-fit (train.config.autofit) chooses parallel.offload first"
     return value
 
 

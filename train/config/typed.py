@@ -1,5 +1,5 @@
 """Plain data → a tree of dataclasses, checked against the type hints; every problem reported
-at once (``key: what is wrong; how to fix it``). Generic: :mod:`train.recipe` holds the tree."""
+at once (``key: what is wrong; how to fix it``). Generic: :mod:`train.config.recipe` holds the tree."""
 
 from __future__ import annotations
 

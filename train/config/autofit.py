@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from train.engines import CAPABILITIES, capabilities
 from train.engines.autofit import Auto, Fit, choose, describe_setup
 from train.engines.memory_plan import GB, ModelSizes, Setup
-from train.recipe import AUTO_KEYS, Recipe, auto_keys, micro_batch, offloaded, world_size
+from train.config.recipe import AUTO_KEYS, Recipe, auto_keys, micro_batch, offloaded, world_size
 
 STAND_INS: dict[str, Any] = {"parallel.engine": "fsdp", "parallel.offload": False,
                              "model.activation_checkpointing": False, "train.micro_batch_size": 1}
@@ -94,11 +94,11 @@ def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
     m = recipe.model
     if (m.pretrained is None) == (m.config is None):
         return stand_in([])  # check_recipe says what is wrong with the model
-    from train.model_checks import model_problems
+    from train.config.model_checks import model_problems
 
     if model_problems(recipe):
         return stand_in([])  # the same, through check_recipe(check_model=True)
-    from train.model_checks import model_sizes
+    from train.config.model_checks import model_sizes
 
     auto = Auto(engine="parallel.engine" in keys, offload="parallel.offload" in keys,
                 checkpointing="model.activation_checkpointing" in keys, micro_batch="train.micro_batch_size" in keys)
@@ -182,7 +182,7 @@ def refit(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str) -> list[
     """Choose the settings an earlier launch chose (``parallel.fitted``) again, for ``recipe``'s
     world size now (an elastic job that came back on fewer nodes); what changed, one phrase each
     (``train.micro_batch_size 4 → 2``). :class:`RecipeError` when nothing fits."""
-    from train.schema import RecipeError
+    from train.config.typed import RecipeError
 
     before = {key: _get(recipe, key) for key in recipe.parallel.fitted}
     reopen_fitted(recipe, set())

@@ -1,5 +1,5 @@
 """The recipe's cross-field checks (batch arithmetic, sizes, paths, engine choices), one line per
-problem. The launcher runs them on the recipe it loads (``launch.recipe.load_recipe``) and every
+problem. The launcher runs them on the recipe it loads (``train.config.loading.load_recipe``) and every
 rank again on the ``recipe.yaml`` it reads (``train.rundir.read_recipe(check=True)``), so a record
 edited between the two is refused the same way."""
 
@@ -13,8 +13,8 @@ from typing import Optional
 
 from train.data.files import local_files as _local_files, path_problem
 from train.engines import capabilities, engines_that
-from train.model_checks import declared_sizes, model_problems, size_problems
-from train.recipe import TASK_METRICS, Recipe, auto_keys, micro_batch
+from train.config.model_checks import declared_sizes, model_problems, size_problems
+from train.config.recipe import TASK_METRICS, Recipe, auto_keys, micro_batch
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 """A run name: it names a folder and a Slurm job."""

@@ -1,4 +1,4 @@
-"""The recipe's ``checkpoint`` and ``logging`` sections (what a run writes), beside :mod:`train.recipe`'s other sections."""
+"""The recipe's ``checkpoint`` and ``logging`` sections (what a run writes), beside :mod:`train.config.recipe`'s other sections."""
 
 from __future__ import annotations
 

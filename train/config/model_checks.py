@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 from train.data.files import local_files
 from train.engines.memory_plan import ModelSizes, Setup, fit_problem
-from train.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
+from train.config.recipe import Recipe, grad_accum_steps, micro_batch, offloaded, world_size
 
 
 def declared_sizes(recipe: Recipe) -> dict[str, int]:
