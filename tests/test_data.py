@@ -309,3 +309,23 @@ def test_ner_demo_data_tags_unseen_plays_from_their_own_lists(tmp_path):
     assert ("Horatio", "O") not in hamlet and ("the", "O") in hamlet
     baseline = json.loads((tmp_path / "baseline.json").read_text())
     assert 0 < baseline["entity_f1"] < 1 and baseline["gold_entities"] > 1000
+
+
+def test_the_epoch_permutation_is_a_keyed_bijection_computed_per_position():
+    """Each epoch visits every sample once, in an order that depends on (seed, epoch); any slice of
+    positions is computed alone (no array of all samples: start-up does not grow with the data),
+    and over many keys every sample lands at every position about equally often."""
+    from train.data.batches import GlobalSampleStream, shuffled_positions
+
+    for n in (1, 2, 3, 5, 64, 1000, 4097):
+        assert sorted(shuffled_positions(np.arange(n, dtype=np.uint64), n, (7, 0)).tolist()) == list(range(n))
+    stream = GlobalSampleStream(1000, seed=7)
+    whole = stream.permutation(0)
+    assert np.array_equal(stream.permutation(0, 300, 310), whole[300:310])
+    assert not np.array_equal(whole, stream.permutation(1)) and not np.array_equal(whole, np.arange(1000))
+    assert not np.array_equal(whole, GlobalSampleStream(1000, seed=8).permutation(0))
+    assert np.array_equal(stream.step_indices(1000 // 8 * 8 + 16, 8), stream.permutation(1, 16, 24))  # the second epoch
+    counts = np.zeros((6, 6))
+    for k in range(6000):
+        counts[np.arange(6), shuffled_positions(np.arange(6, dtype=np.uint64), 6, (k, 0))] += 1
+    assert counts.min() > 850 and counts.max() < 1150  # 1000 expected; a biased shuffle misses by far more

@@ -1,8 +1,10 @@
 """Per-rank batches from a prepared split.
 
 Order of samples is defined globally, independent of the world size: epoch ``e`` uses a
-permutation of all packed samples seeded by ``(seed, e)``; each optimizer step takes the next
-``global_batch_size`` indices of it. Rank ``r`` of ``W`` takes the ``r``-th slice of those and
+permutation of all packed samples keyed by ``(seed, e)``; each optimizer step takes the next
+``global_batch_size`` indices of it. The permutation is a keyed bijection computed per position
+(:func:`shuffled_positions`), never materialised: start-up does not grow with the data (a
+permutation array of 6 M samples cost 0.17 s and 50 MB per epoch). Rank ``r`` of ``W`` takes the ``r``-th slice of those and
 splits it into micro-batches. The position is the number of samples consumed, so resuming is
 O(1) and works on any world size.
 """
@@ -32,13 +34,11 @@ class GlobalSampleStream:
 
     def __init__(self, num_samples: int, seed: int):
         self.num_samples, self.seed = num_samples, seed
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, 3, epoch]).permutation(self.num_samples)
-            self._perm_epoch = epoch
-        return self._perm
+    def permutation(self, epoch: int, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Positions ``start:stop`` of epoch ``epoch``'s permutation of the samples (all by default)."""
+        stop = self.num_samples if stop is None else min(stop, self.num_samples)
+        return shuffled_positions(np.arange(start, stop, dtype=np.uint64), self.num_samples, (self.seed, epoch))
 
     def locate(self, consumed: int, global_batch: int) -> tuple[int, int]:
         """(epoch, offset in that epoch) of the step starting after ``consumed`` samples."""
@@ -55,7 +55,49 @@ class GlobalSampleStream:
             raise DataError(f"train.global_batch_size={global_batch} exceeds the {self.num_samples} "
                             f"training samples; lower it or add data")
         epoch, offset = self.locate(consumed, global_batch)
-        return self.permutation(epoch)[offset: offset + global_batch]
+        return self.permutation(epoch, offset, offset + global_batch)
+
+
+FEISTEL_ROUNDS = 6
+_MASK64 = np.uint64(2**64 - 1)
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A 64-bit mixing function of ``x`` and ``key`` (splitmix64's finaliser)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+        z = (x + key) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def shuffled_positions(positions: np.ndarray, n: int, key: tuple[int, int]) -> np.ndarray:
+    """Where a keyed random permutation of ``range(n)`` sends each of ``positions`` (int64).
+
+    A balanced Feistel network over the smallest even number of bits that holds ``n`` is a
+    bijection of that power-of-two range; cycle-walking (apply it again while a value is ``≥ n``)
+    restricts it to a bijection of ``range(n)``, at under 4 applications per value on average.
+    Each position costs O(1): no array of ``n`` is built, so a step's indices cost the same on any
+    amount of data (the idea of Grain's ``index_shuffle``)."""
+    if n <= 1:
+        return np.zeros(len(positions), dtype=np.int64)
+    bits = max(2, (n - 1).bit_length())
+    bits += bits % 2
+    half, mask = np.uint64(bits // 2), np.uint64(2 ** (bits // 2) - 1)
+    keys = [np.uint64(k) for k in np.random.default_rng([key[0], 3, key[1]]).integers(0, 2**63, FEISTEL_ROUNDS)]
+
+    def feistel(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right, k) & mask)
+        return (left << half) | right
+
+    out = feistel(positions.astype(np.uint64))
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = feistel(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
 
 
 def rank_slice(step_indices: np.ndarray, rank: int, world: int) -> np.ndarray:
