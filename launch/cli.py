@@ -82,17 +82,26 @@ def _local_gpu_bytes() -> Optional[float]:
     if _local_gpus() == 0:
         return None
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return _nvml(lambda nvml: float(min(nvml.nvmlDeviceGetMemoryInfo(h).total
-                                        for h in visible_nvml_handles(nvml, visible))), None)
+    return _nvml(lambda nvml: float(min(usable_bytes(nvml, h) for h in visible_nvml_handles(nvml, visible))), None)
+
+
+def usable_bytes(nvml, handle) -> int:
+    """A GPU's memory as CUDA (and the ranks' check, through torch) counts it: NVML's total less
+    what the driver reserves (NVML's v2 memory info; about 0.5 GB on an H100), else the total."""
+    try:
+        info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+        return int(info.total - info.reserved)
+    except Exception:  # noqa: BLE001 - an older driver or nvidia-ml-py without v2
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
 
 
 def _load(args, check_model: bool = True) -> Recipe:
     return _load_fitted(args, check_model)[0]
 
 
-def _load_fitted(args, check_model: bool = True) -> tuple[Recipe, Optional[Fit]]:
+def _load_fitted(args, check_model: bool = True, on_fit=None) -> tuple[Recipe, Optional[Fit]]:
     return load_fitted_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model,
-                              gpu_bytes=_local_gpu_bytes)
+                              gpu_bytes=_local_gpu_bytes, on_fit=on_fit)
 
 
 def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path) -> None:
@@ -113,7 +122,13 @@ def cmd_plan(args) -> int:
         nodes = parse_nodes(args.nodes) if args.nodes is not None else None
     except ValueError as err:
         raise RecipeError("--nodes", [str(err)]) from None
-    recipe, fit = _load_fitted(args)
+    from train.engines.autofit import fit_table
+
+    def refused(fit: Fit) -> None:  # nothing fits: the candidates before the one-line refusal
+        if fit.chosen is None:
+            print(fit_table(fit), flush=True)
+
+    recipe, fit = _load_fitted(args, on_fit=refused)
     print("# recipe (resolved)")
     print(recipe_yaml(recipe), end="")
     print(f"# world size {world_size(recipe)}, gradient accumulation {grad_accum_steps(recipe)}")
@@ -135,9 +150,7 @@ def cmd_plan(args) -> int:
     print(f"# does not fit: {problem} (`shardforge run` and `submit` refuse it)" if problem else
           "# fits" if gpu_bytes else "# fit unknown: no GPU here and no parallel.gpu_mem_gb")
     if fit is not None:
-        from train.engines.autofit import fit_table
-
-        print(fit_table(sizes, fit))
+        print(fit_table(fit))
     if nodes:
         from train.engines.scaling import scaling_table
 
@@ -212,7 +225,9 @@ def cmd_submit(args) -> int:
     if recipe.parallel.gpu_mem_gb:  # the login node cannot see the cluster's GPUs: only a stated size
         from train.config.model_checks import memory_problems, plan_gpu_bytes
 
-        problems = memory_problems(recipe, plan_gpu_bytes(recipe))
+        from launch.elastic import shrink_problems
+
+        problems = memory_problems(recipe, plan_gpu_bytes(recipe)) or shrink_problems(recipe, run_dir)
         if problems:
             raise RecipeError(args.recipe, problems)
     if args.prepare:

@@ -48,7 +48,7 @@ def _shape(recipe: Recipe) -> tuple[int, int, int]:
                                                                     world_size(recipe))
 
 
-def resize_recipe(recipe: Recipe, nodes: int, gpu_bytes: Optional[float] = None) -> list[str]:
+def resize_recipe(recipe: Recipe, nodes: int, run_dir: Path, gpu_bytes: Optional[float] = None) -> list[str]:
     """Set ``recipe`` (in place) to run on ``nodes`` nodes; what changed, one phrase each (``world 2 → 1``,
     ``accumulation 4 → 8``, ..., ``global batch 8 kept``). Settings ``auto`` chose (``parallel.fitted``)
     are chosen again for the new world (``gpu_bytes``: this node's GPU, when the recipe does not
@@ -61,10 +61,36 @@ def resize_recipe(recipe: Recipe, nodes: int, gpu_bytes: Optional[float] = None)
         from train.config.autofit import refit
         from train.config.model_checks import plan_gpu_bytes
 
-        refitted = refit(recipe, plan_gpu_bytes(recipe, lambda: gpu_bytes), "this node shows no GPU (NVML)")
+        refitted = refit(recipe, plan_gpu_bytes(recipe, lambda: gpu_bytes), "this node shows no GPU (NVML)", run_dir)
     _, new_world, new_accum = _shape(recipe)
     return [f"world {world} → {new_world}", f"accumulation {accum} → {new_accum}", *refitted,
             f"global batch {recipe.train.global_batch_size} kept"]
+
+
+def shrink_problems(recipe: Recipe, run_dir: Path) -> list[str]:
+    """What would stop an elastic job (``slurm.min_nodes``) on each smaller node count it may get,
+    found at submit: the memory plan at that size (sharded state grows as the nodes shrink), or
+    nothing auto could choose there. The global batch's divisibility is ``launch.slurm``'s check."""
+    import copy
+
+    from train.config.model_checks import memory_problems, plan_gpu_bytes
+
+    low, nodes = recipe.slurm.min_nodes, recipe.parallel.nodes
+    if low is None or not 1 <= low < nodes:
+        return []
+    problems = []
+    for n in range(low, nodes):
+        smaller = copy.deepcopy(recipe)
+        if "train.micro_batch_size" not in recipe.parallel.fitted and \
+                recipe.train.global_batch_size % (micro_batch(recipe) * (recipe.parallel.nproc or 1) * n):
+            continue  # a batch that does not divide there: launch.slurm.node_range says so, with the fix
+        try:
+            resize_recipe(smaller, n, run_dir)
+            found = memory_problems(smaller, plan_gpu_bytes(smaller))
+        except RecipeError as err:
+            found = err.problems
+        problems += [f"slurm.min_nodes={low}: on {_nodes_text(n)}, {p}" for p in found]
+    return problems
 
 
 def _nodes_text(nodes: int) -> str:
@@ -87,7 +113,7 @@ def fit_run_dir(run_dir: Path, nodes: int, max_nodes: int) -> Optional[str]:
     was = _shape(recipe)
     from launch.cli import _local_gpu_bytes
 
-    changes = resize_recipe(recipe, nodes, _local_gpu_bytes() if recipe.parallel.fitted else None)
+    changes = resize_recipe(recipe, nodes, run_dir, _local_gpu_bytes() if recipe.parallel.fitted else None)
     now = _shape(recipe)
     _write_configs(run_dir, recipe)  # the configs first, recipe.yaml last: it says which count they are for
     atomic_write(run_dir / RECIPE_FILE, recipe_yaml(recipe), fsync=True)
@@ -120,8 +146,7 @@ def _write_configs(run_dir: Path, recipe: Recipe, only_if_changed: bool = False)
 def refuse(run_dir: Path, nodes: int, max_nodes: int, err: RecipeError) -> str:
     """The one line of a refused resize, also recorded as this launch's ``failed`` status.json."""
     reason = (f"cannot run on {_nodes_text(nodes)} of {max_nodes}: {'; '.join(err.problems)}; not requeued (the "
-              f"checkpoints stand): resubmit with a global batch that divides on every node count of "
-              f"slurm.min_nodes..parallel.nodes (submit checks it), or a higher slurm.min_nodes")
+              f"checkpoints stand): resubmit with what that asks, or a slurm.min_nodes of more than {nodes}")
     step = read_status(run_dir).get("step", -1)
     write_status(run_dir, "failed", step if isinstance(step, int) else -1, reason, exit_code=EXIT_BAD_INPUT)
     return reason

@@ -96,7 +96,7 @@ def test_engines_a_recipe_excludes_are_listed_not_chosen():
 
 def test_plan_table_is_golden():
     fit = choose(SEVEN_B, BASE, ALL, 80e9, 1024)
-    text = fit_table(SEVEN_B, fit) + "\n"
+    text = fit_table(fit) + "\n"
     golden = GOLDEN / "autofit-7b-80gb.txt"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
@@ -207,3 +207,95 @@ def test_a_run_keeps_its_fit_and_fits_again_on_another_world_size(tmp_path):
     assert "auto-fit chose again for 1 GPUs (the run had 2): train.micro_batch_size 4 → 8" in third.stdout
     assert yaml.safe_load((tmp_path / "auto" / "recipe.yaml").read_text())["train"]["micro_batch_size"] == 8
     assert "at step 6 (2 → 1 ranks)" in third.stdout and "completed at step 8" in third.stdout
+
+
+def test_plan_lists_the_candidates_when_nothing_fits(tmp_path):
+    from tests.helpers import launch_in_process
+
+    proc = launch_in_process("plan", "llama-7b-fsdp", "parallel.engine=auto", "parallel.gpu_mem_gb=4")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "#   chosen: nothing fits" in proc.stdout and "model.compile is not supported under ZeRO-3" in proc.stdout
+    assert "auto found nothing that fits 32 GPUs of 4 GB (the smallest, fsdp, micro-batch 2" in proc.stderr
+
+
+def test_choosing_again_refuses_rather_than_writing_stand_ins(tmp_path):
+    """An elastic job's refit on a node where nothing fits raises: the recipe must not be written
+    with the placeholders a refused launch holds (fsdp, micro-batch 1, nothing in ``fitted``)."""
+    from train.config.autofit import refit
+    from train.config.recipe import recipe_from_dict, resolve_defaults
+    from train.config.typed import RecipeError
+
+    r = mid_recipe(tmp_path)
+    r["parallel"].update(engine="zero1", fitted=["parallel.engine", "train.micro_batch_size"])
+    r["train"].update(micro_batch_size=1, on_nonfinite="stop")  # as resolve_defaults wrote it for zero1
+    recipe = resolve_defaults(recipe_from_dict(r), nproc=8)
+    with pytest.raises(RecipeError) as err:
+        refit(recipe, 0.5e9, "no GPU", tmp_path / "run")
+    assert "auto found nothing that fits 8 GPUs of 0.5 GB" in str(err.value)
+    recipe = resolve_defaults(recipe_from_dict(r), nproc=8)
+    assert refit(recipe, 4e9, "no GPU", tmp_path / "run") == []  # 4 GB on 8 GPUs: zero1 again
+    assert recipe.train.on_nonfinite == "stop" and recipe.parallel.fitted == ["parallel.engine",
+                                                                              "train.micro_batch_size"]
+
+
+def test_a_resume_reads_the_engine_from_the_checkpoint_it_resumes(tmp_path):
+    from train.config.autofit import excluded_engines, reopen_fitted, saved_engine
+    from train.config.recipe import recipe_from_dict, resolve_defaults
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000004" / "manifest.json").write_text('{"engine": "zero3", "world_size": 8}')
+    (run_dir / "recipe.yaml").write_text("parallel: {engine: fsdp}\n")  # not what the checkpoint says
+    r = mid_recipe(tmp_path)
+    recipe = resolve_defaults(recipe_from_dict(r), nproc=8)
+    assert saved_engine(recipe, run_dir) == "zero3"
+    recipe.checkpoint.resume = "never"
+    assert saved_engine(recipe, run_dir) is None
+    # a fitted engine's derived train.on_nonfinite is derived again for the engine chosen next
+    r["parallel"].update(engine="fsdp", fitted=["parallel.engine"])
+    recipe = resolve_defaults(recipe_from_dict(r), nproc=8)
+    assert recipe.train.on_nonfinite == "skip" and "zero2" in excluded_engines(recipe)
+    reopen_fitted(recipe, set())
+    assert recipe.train.on_nonfinite == "auto" and recipe.parallel.engine == "auto"
+    assert "zero2" not in excluded_engines(recipe)
+
+
+def test_nvml_memory_is_what_cuda_reports():
+    """A fake pynvml (no GPU here; the narrowest seam: the module the launcher asks): NVML's v2
+    memory info less the driver's reserve, which torch's total_memory leaves out too; the total
+    where an older driver has no v2."""
+    from types import SimpleNamespace
+
+    from launch.cli import usable_bytes
+
+    v2 = SimpleNamespace(nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=lambda h, version=1: SimpleNamespace(
+        total=85_520_809_984, reserved=531_628_032) if version == 2 else SimpleNamespace(total=85_520_809_984))
+    assert usable_bytes(v2, "gpu0") == 85_520_809_984 - 531_628_032
+
+    def v1_only(handle, version=None):
+        if version is not None:
+            raise RuntimeError("NVML_ERROR_FUNCTION_NOT_FOUND")
+        return SimpleNamespace(total=42)
+
+    assert usable_bytes(SimpleNamespace(nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=v1_only), "gpu0") == 42
+
+
+def test_a_resume_is_offered_only_engines_that_load_its_checkpoint(tmp_path):
+    """Measured on CPU: DeepSpeed 0.19 loads no ZeRO-2 checkpoint under ZeRO-3 (its load finds no
+    ZeRO-3 model-state file, universal conversion or not), so a ZeRO-2 run that auto-fit would
+    move to ZeRO-3 keeps to ZeRO-1/2, and DCP's engines are offered DDP and FSDP only."""
+    from train.engines import resumes_from
+
+    assert resumes_from("zero2", "zero1") is None and resumes_from("ddp", "fsdp") is None
+    assert resumes_from("zero2", "zero3") == "ZeRO-2's layout, which ZeRO-3 cannot load"
+    assert resumes_from("zero3", "fsdp") == "deepspeed format, which 'fsdp' cannot read"
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-000004" / "manifest.json").write_text('{"engine": "zero2", "world_size": 8}')
+    recipe, fit = load(tmp_path, mid_recipe(tmp_path), "parallel.nproc=2", gpu_gb=6)  # ddp when fresh
+    assert fit is not None and recipe.parallel.engine in ("zero1", "zero2")
+    assert [(c.setup.engine, c.verdict) for c in fit.rejected if c.estimate is None] == [
+        ("ddp", "the checkpoint it resumes was written by zero2 (deepspeed format, which 'ddp' cannot read)")]
+    with pytest.raises(Exception) as err:  # 3 GB: only what ZeRO-2's checkpoint rules out is left
+        load(tmp_path, mid_recipe(tmp_path), "parallel.nproc=2", gpu_gb=3)
+    assert "auto found nothing that fits 2 GPUs of 3 GB" in str(err.value)

@@ -184,3 +184,19 @@ def test_settings_auto_chose_are_chosen_again_for_the_nodes_slurm_gave(tmp_path,
     (zero / "deepspeed.json").write_text(stale)  # the rename of recipe.yaml happened, this one did not
     assert elastic([str(zero), "1", "--max-nodes=2"]) == 0
     assert json.loads((zero / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 4
+
+
+def test_submit_checks_the_memory_plan_on_every_node_count_the_job_may_get(tmp_path):
+    """A 7B FSDP job on 4 × 8 GPUs of 50 GB fits; on 1 node each GPU holds 4× the sharded state and
+    it does not: `submit` says so before the job can come back on one node and fail there."""
+    from launch.elastic import shrink_problems
+    from train.config.loading import load_recipe
+
+    def recipe(gpu_gb: int):
+        return load_recipe("llama-7b-fsdp", [f"run.dir={tmp_path / 'job'}", "slurm.min_nodes=1",
+                                             f"parallel.gpu_mem_gb={gpu_gb}"], for_slurm=True)
+
+    (problem,) = shrink_problems(recipe(50), tmp_path / "job")  # 2 nodes fit 50 GB; 3 do not divide the batch
+    assert problem.startswith("slurm.min_nodes=1: on 1 node, memory: fsdp, micro-batch 2, selective checkpointing "
+                              "needs 45.0 GB per GPU") and "more than 90% of the GPU's 50 GB" in problem
+    assert shrink_problems(recipe(60), tmp_path / "job") == []

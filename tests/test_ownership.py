@@ -151,11 +151,13 @@ def test_resuming_with_another_checkpoint_format_or_a_replaced_recipe_is_one_lin
     zero2 = load_recipe(str(recipe_file), ["parallel.engine=zero2"], check_model=False)
     (run_dir / "recipe.yaml").write_text(recipe_yaml(zero2))
     assert check_resumable(zero2, run_dir) == []
-    assert check_resumable(load_recipe(str(recipe_file), ["parallel.engine=zero3"], check_model=False), run_dir) == []
+    assert check_resumable(load_recipe(str(recipe_file), ["parallel.engine=zero1"], check_model=False), run_dir) == []
+    (problem,) = check_resumable(load_recipe(str(recipe_file), ["parallel.engine=zero3"], check_model=False), run_dir)
+    assert "written by 'zero2' (ZeRO-2's layout, which ZeRO-3 cannot load); resume with parallel.engine=zero2" in problem
     ddp = load_recipe(str(recipe_file), ["parallel.engine=ddp"], check_model=False)
     (problem,) = check_resumable(ddp, run_dir)
     assert problem == (f"parallel.engine: 'ddp' here, but the checkpoints in {run_dir} were written by 'zero2' "
-                       f"(deepspeed format), which 'ddp' cannot read; resume with parallel.engine=zero2, or start "
+                       f"(deepspeed format, which 'ddp' cannot read); resume with parallel.engine=zero2, or start "
                        f"over with checkpoint.resume=never or another run.dir")
     (run_dir / "recipe.yaml").write_text("- a\n- list\n")
     (problem,) = check_resumable(ddp, run_dir)
@@ -165,7 +167,7 @@ def test_resuming_with_another_checkpoint_format_or_a_replaced_recipe_is_one_lin
 
     ranks = Checkpointer(run_dir / "checkpoints", None, {}, 0, 1, meta={"engine": "ddp"})
     with pytest.raises(CheckpointError, match=r"^resume: step-000002 was written by parallel.engine=zero2 \(deepspeed "
-                                              r"format\), which parallel.engine=ddp cannot read; resume with"):
+                                              r"format, which 'ddp' cannot read\); resume with"):
         ranks.load(run_dir / "checkpoints" / "step-000002")
 
 

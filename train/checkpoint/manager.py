@@ -260,15 +260,13 @@ class Checkpointer:
 
     def _check_engine(self, ckpt: Path, manifest: dict) -> None:
         """Refuse a checkpoint whose format this engine cannot read (DeepSpeed's vs DCP), naming both."""
-        from train.engines import CAPABILITIES
+        from train.engines import resumes_from
 
         saved, now = manifest.get("engine"), self.meta.get("engine")
-        if saved in CAPABILITIES and now in CAPABILITIES and \
-                CAPABILITIES[saved].checkpoint_format != CAPABILITIES[now].checkpoint_format:
+        if isinstance(saved, str) and isinstance(now, str) and (why := resumes_from(saved, now)) is not None:
             raise CheckpointError(
-                f"resume: {ckpt.name} was written by parallel.engine={saved} ({CAPABILITIES[saved].checkpoint_format} "
-                f"format), which parallel.engine={now} cannot read; resume with parallel.engine={saved}, or start "
-                f"over with checkpoint.resume=never or another run.dir")
+                f"resume: {ckpt.name} was written by parallel.engine={saved} ({why}); resume with "
+                f"parallel.engine={saved}, or start over with checkpoint.resume=never or another run.dir")
 
     def load(self, ckpt: Path) -> dict:
         """Restore everything from ``ckpt``; return its manifest."""

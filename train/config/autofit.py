@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from train.engines import CAPABILITIES, capabilities
+from train.engines import CAPABILITIES, resumes_from
 from train.engines.autofit import Auto, Fit, choose, describe_setup
 from train.engines.memory_plan import GB, ModelSizes, Setup
 from train.config.recipe import AUTO_KEYS, Recipe, auto_keys, micro_batch, offloaded, world_size
@@ -33,10 +33,20 @@ def _set(recipe: Recipe, key: str, value: Any) -> None:
 def reopen_fitted(recipe: Recipe, overridden: set[str]) -> None:
     """Turn the settings an earlier launch chose (``parallel.fitted``) back to ``auto``, so this
     launch chooses them for its own world size and GPU; one the command line sets is the user's."""
+    def given(key: str) -> bool:  # `parallel.engine=...` or the whole `parallel={...}` section
+        return any(key == o or key.startswith(o + ".") for o in overridden)
+
     for key in recipe.parallel.fitted:
-        if key in AUTO_KEYS and key not in overridden:
+        if key in AUTO_KEYS and not given(key):
+            if key == "parallel.engine" and recipe.train.on_nonfinite == _nonfinite_default(recipe.parallel.engine):
+                recipe.train.on_nonfinite = "auto"  # derived from the engine that is chosen again
             _set(recipe, key, "auto")
     recipe.parallel.fitted = []
+
+
+def _nonfinite_default(engine: str) -> Optional[str]:
+    """What ``train.on_nonfinite: auto`` became for ``engine`` (``resolve_defaults``)."""
+    return ("skip" if CAPABILITIES[engine].skip_nonfinite else "stop") if engine in CAPABILITIES else None
 
 
 def excluded_engines(recipe: Recipe) -> dict[str, str]:
@@ -59,26 +69,37 @@ def excluded_engines(recipe: Recipe) -> dict[str, str]:
     return out
 
 
-def saved_engine(run_dir: Path) -> Optional[str]:
-    """The engine whose checkpoints ``run_dir`` holds (``None``: no committed checkpoint)."""
-    import yaml
+def saved_engine(recipe: Recipe, run_dir: Path) -> Optional[str]:
+    """The engine that wrote the checkpoint this launch resumes (its manifest says; ``None`` for
+    ``checkpoint.resume: never`` or no committed checkpoint)."""
+    import json
 
-    from train.checkpoint.files import committed_checkpoints
+    from train.checkpoint.files import MANIFEST, committed_checkpoints
 
-    if not committed_checkpoints(run_dir / "checkpoints"):
+    resume = recipe.checkpoint.resume
+    if resume == "never":
+        return None
+    found = [Path(resume)] if resume != "auto" else committed_checkpoints(run_dir / "checkpoints")
+    if not found:
         return None
     try:
-        engine = (yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}).get("parallel", {}).get("engine")
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+        engine = json.loads((found[-1] / MANIFEST).read_text()).get("engine")
+    except (OSError, ValueError, AttributeError):
+        return None  # the ranks' own checks refuse an unreadable manifest
     return engine if engine in CAPABILITIES else None
 
 
-def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
-               sizes: Optional[Callable[[Recipe], ModelSizes]] = None) -> tuple[Optional[Fit], list[str]]:
+def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str, run_dir: Optional[Path] = None,
+               sizes: Optional[Callable[[Recipe], ModelSizes]] = None,
+               host_bytes: Optional[float] = None) -> tuple[Optional[Fit], list[str]]:
     """Choose every ``auto`` setting of ``recipe`` (in place) and list them in ``parallel.fitted``;
-    returns the fit and the problems (one line each; the settings then hold :data:`STAND_INS`).
-    ``no_gpu_hint`` says why no GPU memory is known here."""
+    returns the fit and the problems (one line each). When nothing was chosen the settings hold
+    :data:`STAND_INS`; the fit is still returned when candidates were weighed (``plan`` prints
+    them), and the problems may be empty: the recipe's own checks say what is wrong
+    (the model, a batch that does not divide, a rule that excludes the only engine).
+    ``no_gpu_hint`` says why no GPU memory is known here; ``run_dir`` (default ``run.dir``) is
+    where a resume's checkpoints are; ``host_bytes`` one node's memory (:func:`node_memory`; unknown:
+    not checked), which offloaded state must fit too."""
     keys = auto_keys(recipe)
     if not keys:
         return None, []
@@ -104,11 +125,10 @@ def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
                 checkpointing="model.activation_checkpointing" in keys, micro_batch="train.micro_batch_size" in keys)
     excluded = excluded_engines(recipe)
     assert recipe.run.dir is not None  # resolve_defaults ran
-    if auto.engine and (saved := saved_engine(Path(recipe.run.dir))) is not None:
-        fmt = capabilities(saved).checkpoint_format
-        for name, caps in CAPABILITIES.items():
-            if caps.checkpoint_format != fmt:
-                excluded.setdefault(name, f"the run's checkpoints are {fmt} ({saved}); {name} cannot resume them")
+    if auto.engine and (saved := saved_engine(recipe, run_dir or Path(recipe.run.dir))) is not None:
+        for name in CAPABILITIES:
+            if (why := resumes_from(saved, name)) is not None:
+                excluded.setdefault(name, f"the checkpoint it resumes was written by {saved} ({why})")
     world, t, p = world_size(recipe), recipe.train, recipe.parallel
     micro = 1 if auto.micro_batch else micro_batch(recipe)
     base = Setup(engine="ddp" if auto.engine else p.engine, precision=p.precision,
@@ -117,14 +137,16 @@ def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
                  micro_batch=micro, seq_len=recipe.data.seq_len, world_size=world, gpus_per_node=p.nproc or 1,
                  reduce_bucket_mb=p.reduce_bucket_mb, reduce_dtype=p.reduce_dtype,
                  accumulation=max(1, t.global_batch_size // (micro * world)))
-    fit = choose((sizes or model_sizes)(recipe), base, auto, gpu_bytes, t.global_batch_size, excluded)
+    fit = choose((sizes or model_sizes)(recipe), base, auto, gpu_bytes, t.global_batch_size, excluded, host_bytes)
     if fit.chosen is None:
-        if not fit.candidates:
-            return stand_in([])  # the global batch does not divide over the ranks: check_recipe says so
-        tried = fit.candidates[-1]
-        return stand_in([f"{', '.join(keys)}: auto found nothing that fits {world} GPUs of {gpu_bytes / GB:.3g} GB "
-                         f"(the last tried, {describe_setup(tried.setup)}, {tried.verdict}); use more GPUs or GPUs "
-                         f"with more memory (`shardforge plan` lists every candidate)"])
+        sized = [c for c in fit.candidates if c.estimate is not None]
+        if not sized:  # the batch does not divide, or a rule excludes every engine: check_recipe says which
+            return stand_in([])
+        least = min(sized, key=lambda c: c.estimate.total if c.estimate else 0.0)
+        stand_in([])
+        return fit, [f"{', '.join(keys)}: auto found nothing that fits {world} GPUs of {gpu_bytes / GB:.3g} GB "
+                     f"(the smallest, {describe_setup(least.setup)}, {least.verdict}); use more GPUs or GPUs with "
+                     f"more memory (`shardforge plan` lists every candidate)"]
     chosen = fit.chosen
     values = {"parallel.engine": chosen.engine, "parallel.offload": chosen.offload,
               "model.activation_checkpointing": chosen.activation_checkpointing,
@@ -133,6 +155,30 @@ def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str,
         _set(recipe, key, values[key])
     p.fitted = keys
     return fit, []
+
+
+SLURM_MEM_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def node_memory(recipe: Recipe, for_slurm: bool) -> Optional[float]:
+    """One node's memory in bytes: for a Slurm job ``slurm.mem`` when it states one (``500G``;
+    Slurm's default unit is MB; ``0`` means all of a node, unknown here); for a local launch this
+    machine's when it is the only node; else unknown (``None``)."""
+    mem = recipe.slurm.mem.strip().upper()
+    if for_slurm:
+        if not mem or mem == "0":
+            return None
+        unit = mem[-1] if mem[-1] in SLURM_MEM_UNITS else "M"
+        number = mem[:-1] if mem[-1] in SLURM_MEM_UNITS else mem
+        try:
+            return float(number) * SLURM_MEM_UNITS[unit]
+        except ValueError:
+            return None  # not a size: sbatch refuses it
+    if recipe.parallel.nodes == 1:
+        import psutil
+
+        return float(psutil.virtual_memory().total)
+    return None
 
 
 def fit_summary(recipe: Recipe, fit: Optional[Fit]) -> Optional[str]:
@@ -178,16 +224,21 @@ def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def refit(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str) -> list[str]:
+def refit(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str, run_dir: Path) -> list[str]:
     """Choose the settings an earlier launch chose (``parallel.fitted``) again, for ``recipe``'s
     world size now (an elastic job that came back on fewer nodes); what changed, one phrase each
-    (``train.micro_batch_size 4 → 2``). :class:`RecipeError` when nothing fits."""
+    (``train.micro_batch_size 4 → 2``). :class:`RecipeError` when nothing can be chosen: the
+    recipe is then not to be written (it holds stand-ins)."""
+    from train.config.checks import check_recipe
+    from train.config.recipe import resolve_defaults
     from train.config.typed import RecipeError
 
     before = {key: _get(recipe, key) for key in recipe.parallel.fitted}
     reopen_fitted(recipe, set())
-    _, problems = fit_recipe(recipe, gpu_bytes, no_gpu_hint)
-    if problems:
-        raise RecipeError(None, problems)
+    fit, problems = fit_recipe(recipe, gpu_bytes, no_gpu_hint, run_dir, host_bytes=node_memory(recipe, True))
+    resolve_defaults(recipe)  # what waited for the engine (train.on_nonfinite)
+    if fit is None or fit.chosen is None or problems:
+        raise RecipeError(None, problems or check_recipe(recipe, None, check_model=True, data_paths=False) or [
+            f"{', '.join(before)}: auto could not choose them again for {world_size(recipe)} GPUs"])
     return [f"{key} {_show(was)} → {_show(_get(recipe, key))}" for key, was in before.items()
             if _get(recipe, key) != was]

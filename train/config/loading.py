@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from train.config.autofit import fit_recipe, reopen_fitted
+from train.config.autofit import fit_recipe, node_memory, reopen_fitted
 from train.engines.autofit import Fit
 from train.config.model_checks import plan_gpu_bytes
 from train.config.recipe import Recipe, auto_keys, recipe_from_dict, resolve_defaults
@@ -157,8 +157,10 @@ def load_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[i
 
 def load_fitted_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Optional[int] = None,
                        for_slurm: bool = False, check_model: bool = True,
-                       gpu_bytes: Optional[Callable[[], Optional[float]]] = None) -> tuple[Recipe, Optional[Fit]]:
-    """:func:`load_recipe`, and what auto-fit chose and rejected (``None`` when nothing was auto)."""
+                       gpu_bytes: Optional[Callable[[], Optional[float]]] = None,
+                       on_fit: Optional[Callable[[Fit], None]] = None) -> tuple[Recipe, Optional[Fit]]:
+    """:func:`load_recipe`, and what auto-fit chose and rejected (``None`` when nothing was auto).
+    ``on_fit`` sees the candidates auto-fit weighed before a refusal is raised (``plan`` prints them)."""
     path = find_recipe(name)
     try:
         text = path.read_text()
@@ -190,7 +192,10 @@ def load_fitted_recipe(name: str, overrides: Sequence[str] = (), local_gpus: Opt
     resolve_defaults(recipe, nproc=nproc)
     fit = None
     if auto_keys(recipe):
-        fit, fit_problems = fit_recipe(recipe, plan_gpu_bytes(recipe, gpu_bytes), NO_GPU_HINT[for_slurm])
+        fit, fit_problems = fit_recipe(recipe, plan_gpu_bytes(recipe, gpu_bytes), NO_GPU_HINT[for_slurm],
+                                       host_bytes=node_memory(recipe, for_slurm))
+        if fit is not None and on_fit is not None:
+            on_fit(fit)
         problems += fit_problems
         resolve_defaults(recipe, nproc=nproc)  # what waited for the engine (train.on_nonfinite)
         check_model = True  # counting the model read it through transformers already

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from train.config.recipe import Recipe
-from train.engines import CAPABILITIES
+from train.engines import resumes_from
 
 
 RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "train.global_batch_size")
@@ -63,10 +63,8 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
                                 f"checkpoints were trained with; restore it to resume, or start over with "
                                 f"checkpoint.resume=never or another run.dir")
     saved = at(old, "parallel.engine")
-    if saved in CAPABILITIES and CAPABILITIES[saved].checkpoint_format != \
-            CAPABILITIES[recipe.parallel.engine].checkpoint_format:
+    if isinstance(saved, str) and (why := resumes_from(saved, recipe.parallel.engine)) is not None:
         problems.append(f"parallel.engine: {recipe.parallel.engine!r} here, but the checkpoints in {run_dir} were "
-                        f"written by {saved!r} ({CAPABILITIES[saved].checkpoint_format} format), which "
-                        f"{recipe.parallel.engine!r} cannot read; resume with parallel.engine={saved}, or start over "
+                        f"written by {saved!r} ({why}); resume with parallel.engine={saved}, or start over "
                         f"with checkpoint.resume=never or another run.dir")
     return problems

@@ -53,6 +53,21 @@ def capabilities(engine: str) -> Capabilities:
     return CAPABILITIES[engine]
 
 
+def resumes_from(saved: str, now: str) -> Optional[str]:
+    """``None`` when engine ``now`` can resume checkpoints written by ``saved``; else why not. DCP
+    checkpoints move between DDP and FSDP; DeepSpeed's between ZeRO-1 and ZeRO-2, and ZeRO-3's
+    only to ZeRO-3 (its files are laid out per parameter partition: DeepSpeed 0.19's load of a
+    ZeRO-2 checkpoint under ZeRO-3 finds no model-state file, universal conversion or not)."""
+    if saved not in CAPABILITIES or now not in CAPABILITIES:
+        return None  # an unknown name: the ranks' own checks say so
+    was, new = CAPABILITIES[saved], CAPABILITIES[now]
+    if was.checkpoint_format != new.checkpoint_format:
+        return f"{was.checkpoint_format} format, which {now!r} cannot read"
+    if was.family == "deepspeed" and (was.zero_stage == 3) != (new.zero_stage == 3):
+        return f"ZeRO-{was.zero_stage}'s layout, which ZeRO-{new.zero_stage} cannot load"
+    return None
+
+
 def engines_that(**wanted: object) -> list[str]:
     """Engine names whose capabilities match, e.g. ``engines_that(async_save=True)`` → ``['ddp', 'fsdp']``."""
     return [name for name, caps in CAPABILITIES.items()

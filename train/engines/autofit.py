@@ -68,6 +68,8 @@ class Fit:
     chosen: Optional[Setup]
     candidates: tuple[Candidate, ...]
     gpu_bytes: float
+    params: int = 0
+    """The model's parameters (for the table's header)."""
 
     @property
     def rejected(self) -> list[Candidate]:
@@ -104,33 +106,39 @@ def _too_big(e: Estimate, gpu_bytes: float) -> str:
 
 
 def choose(m: ModelSizes, base: Setup, auto: Auto, gpu_bytes: float, global_batch: int,
-           excluded: Optional[dict[str, str]] = None) -> Fit:
+           excluded: Optional[dict[str, str]] = None, host_bytes: Optional[float] = None) -> Fit:
     """Walk :func:`ladder` and pick the first setup that fits (see the module docstring).
 
     ``excluded``: engine → why the recipe rules it out (LoRA, ``torch.compile``, a resume from
-    another checkpoint format, DeepSpeed not installed); those are listed, not estimated."""
+    another checkpoint format, DeepSpeed not installed); those are listed, not estimated.
+    ``host_bytes``: one node's memory, when known: a setup whose offloaded state and rank 0's
+    build copy pass :data:`HEADROOM` of it is rejected too (the OOM killer leaves no error)."""
     excluded = excluded or {}
     sizes = micro_batches(global_batch, base.world_size) if auto.micro_batch else [base.micro_batch]
+    if not sizes:  # the global batch does not divide over the ranks: nothing to try
+        return Fit(None, (), gpu_bytes, m.params)
     candidates: list[Candidate] = []
     for setup in ladder(base, auto):
         if setup.engine in excluded:
             candidates.append(Candidate(setup, None, excluded[setup.engine]))
             continue
-        if not sizes:
-            break
         smallest = _with_micro(setup, sizes[-1], base)
         first = estimate(m, smallest)
         if not first.fits(gpu_bytes):
             candidates.append(Candidate(smallest, first, _too_big(first, gpu_bytes)))
+            continue
+        if host_bytes and first.host_per_node > HEADROOM * host_bytes:
+            candidates.append(Candidate(smallest, first, f"needs {first.host_per_node / GB:.1f} GB of host memory per "
+                                                         f"node, more than {HEADROOM:.0%} of {host_bytes / GB:.3g} GB"))
             continue
         for mb in sizes:  # largest first: the first that fits is chosen; the larger ones are listed
             trial = _with_micro(setup, mb, base)
             e = estimate(m, trial)
             if e.fits(gpu_bytes):
                 candidates.append(Candidate(trial, e, "chosen"))
-                return Fit(trial, tuple(candidates), gpu_bytes)
+                return Fit(trial, tuple(candidates), gpu_bytes, m.params)
             candidates.append(Candidate(trial, e, _too_big(e, gpu_bytes)))
-    return Fit(None, tuple(candidates), gpu_bytes)
+    return Fit(None, tuple(candidates), gpu_bytes, m.params)
 
 
 def _with_micro(setup: Setup, micro: int, base: Setup) -> Setup:
@@ -145,11 +153,11 @@ def describe_setup(s: Setup) -> str:
     return f"{s.engine}, micro-batch {s.micro_batch} × accumulation {s.accumulation}{ckpt}{', offload' if s.offload else ''}"
 
 
-def fit_table(m: ModelSizes, fit: Fit) -> str:
+def fit_table(fit: Fit) -> str:
     """What ``shardforge plan`` prints for auto-fit: the choice, then each candidate it rejected
     (memory per GPU, bytes each GPU sends per step, why), in the order tried."""
     world = fit.candidates[0].setup.world_size if fit.candidates else 0
-    head = (f"# auto-fit on {world} GPUs of {fit.gpu_bytes / GB:.3g} GB ({m.params / 1e9:.3g}B parameters; "
+    head = (f"# auto-fit on {world} GPUs of {fit.gpu_bytes / GB:.3g} GB ({fit.params / 1e9:.3g}B parameters; "
             f"fits = total ≤ {HEADROOM:.0%}; order: ddp, zero1, zero2, fsdp, zero3, then + checkpointing, then + offload)")
     lines = [head, "#   chosen: " + (describe_setup(fit.chosen) if fit.chosen else "nothing fits")]
     if fit.rejected:

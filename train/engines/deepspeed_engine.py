@@ -49,11 +49,15 @@ class DeepSpeedEngine(Engine):
     def forward_backward(self, batch, loss_fn, last_micro):
         loss = loss_fn(self.engine, batch)
         self.engine.backward(loss)
-        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        if not last_micro:
+            self.engine.step()  # bookkeeping only: DeepSpeed counts micro-steps to find the boundary
         return loss.detach().float()
 
     def optimizer_step(self, nonfinite_loss):
-        # DeepSpeed already stepped (inside engine.step()); a non-finite step can only be reported.
+        # The boundary's engine.step() runs here, so the step's time is the optimizer's (phase timers),
+        # in the same order as before: the last backward, then the step. DeepSpeed applies it before
+        # the norm is known: a non-finite step can only be reported.
+        self.engine.step()
         value = self.engine.get_global_grad_norm()  # a device tensor under ZeRO: kept there, no host sync
         norm = (value.detach().float().reshape(()).to(self.device) if torch.is_tensor(value)
                 else torch.tensor(0.0 if value is None else float(value), device=self.device))

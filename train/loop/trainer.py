@@ -240,7 +240,9 @@ def check_frozen_base(manifest: dict, frozen_base: Optional[str], ckpt: Path, re
 
 def check_model(recipe: Recipe, d: DistInfo) -> None:
     """The checks of the model and its memory that ``shardforge run`` leaves to the ranks."""
-    problems = model_problems(recipe) or memory_problems(recipe, plan_gpu_bytes(recipe, lambda: device_bytes(d.device)))
+    stated, device = plan_gpu_bytes(recipe), device_bytes(d.device)  # the smaller: a stated size may be wrong
+    gpu = min(b for b in (stated, device) if b) if stated or device else None
+    problems = model_problems(recipe) or memory_problems(recipe, gpu)
     if problems:
         raise RecipeError(None, problems)
 
