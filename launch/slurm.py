@@ -100,6 +100,8 @@ def node_range(recipe: Recipe, problems: list[str]) -> Optional[int]:
     micro, nproc = t.micro_batch_size, _nproc(recipe)
     if not isinstance(micro, int) or micro < 1 or t.global_batch_size < 1:
         return low  # auto-fit resolves the micro-batch first; a bad size is check_recipe's to refuse
+    if "train.micro_batch_size" in recipe.parallel.fitted:
+        micro = 1  # chosen again at job start for the nodes it got: any that divides the batch per rank
     units = {n: micro * nproc * n for n in range(low, nodes + 1)}
     bad = [n for n, unit in units.items() if n < nodes and t.global_batch_size % unit]  # check_recipe: nodes
     every = math.lcm(*units.values())

@@ -158,6 +158,25 @@ def test_an_older_nvml_falls_back_to_the_deprecated_readers(monkeypatch):
     assert got["gpu_temp_c"] == 50 and got["gpu_throttle"] == 1
 
 
+def test_a_driver_that_refuses_the_v2_temperature_call_is_asked_once():
+    """pynvml has nvmlDeviceGetTemperatureV but the driver predates it (it raises): the sampler
+    falls back to the old call and does not try the new one at every sample again."""
+    from train.metrics.telemetry import _gpu_readers
+
+    class OldDriver(FakeNVML):
+        v2_calls = 0
+
+        def nvmlDeviceGetTemperatureV(self, h, sensor):
+            OldDriver.v2_calls += 1
+            raise RuntimeError("NVML_ERROR_FUNCTION_NOT_FOUND")
+
+        def nvmlDeviceGetTemperature(self, h, sensor):
+            return 61
+
+    temperature = _gpu_readers(OldDriver(), 0)["gpu_temp_c"]
+    assert [temperature() for _ in range(3)] == [61.0] * 3 and OldDriver.v2_calls == 1
+
+
 def test_the_launcher_reads_the_gpus_cuda_visible_devices_names():
     """Stands in for ``shardforge plan`` on a node where CUDA_VISIBLE_DEVICES names GPUs by UUID
     (or a unique prefix), by index, or stops at an entry CUDA would stop at: the plan is checked
@@ -246,3 +265,26 @@ def test_deepspeed_probes_only_the_ops_a_run_loads(monkeypatch):
     assert not any(compatible.values()) and len(compatible) > 5  # every other op: not needed, not probed
     assert build_shm_op() is None  # DeepSpeed's own read takes the seeded dict
     assert probe_only(deepspeed.ops, {"ShareMemCommBuilder": Builder()}) is compatible and probed == [Builder.NAME]
+
+
+def test_on_a_cuda_accelerator_only_cpu_adam_is_probed_and_only_with_offload(monkeypatch):
+    """DeepSpeed's CUDA accelerator (its builder table needs no GPU): no shared-memory op there, so a
+    run without offload probes no op at all, and one with offload probes CPU Adam alone."""
+    import types
+
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    from train.engines.deepspeed_engine import ops_to_load, probe_only
+
+    cuda = CUDA_Accelerator()
+    assert ops_to_load(cuda, offload=False) == {"ShareMemCommBuilder": None}
+    builders = ops_to_load(cuda, offload=True)
+    assert builders["ShareMemCommBuilder"] is None and builders["CPUAdamBuilder"].NAME == "cpu_adam"
+    probed = []
+    monkeypatch.setattr(type(builders["CPUAdamBuilder"]), "is_compatible",
+                        lambda self, verbose=False: probed.append(self.NAME) or True)
+    ops = types.SimpleNamespace()  # a fresh deepspeed.ops: nothing probed yet
+    compatible = probe_only(ops, builders)
+    assert probed == ["cpu_adam"] and compatible["cpu_adam"] is True and ops.__compatible_ops__ is compatible
+    assert probe_only(types.SimpleNamespace(), ops_to_load(cuda, offload=False)) == \
+        dict.fromkeys(compatible, False)  # nothing probed, nothing claimed

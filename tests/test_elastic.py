@@ -200,3 +200,23 @@ def test_submit_checks_the_memory_plan_on_every_node_count_the_job_may_get(tmp_p
     assert problem.startswith("slurm.min_nodes=1: on 1 node, memory: fsdp, micro-batch 2, selective checkpointing "
                               "needs 45.0 GB per GPU") and "more than 90% of the GPU's 50 GB" in problem
     assert shrink_problems(recipe(60), tmp_path / "job") == []
+
+
+def test_a_fitted_micro_batch_needs_only_the_ranks_to_divide_the_global_batch(tmp_path):
+    """96 samples on 4 ranks per node, nodes 2..4, micro-batch 6 chosen by auto for 4 nodes: on 3
+    nodes a fixed 6 would not divide (6 × 4 × 3 = 72), but auto chooses again there (8, 4, 2 or 1)."""
+    def problems(fitted: list) -> list:
+        r = tiny_recipe(tmp_path / "corpus", tmp_path / "cache", tmp_path / "run",
+                        parallel={"engine": "ddp", "nproc": 4, "nodes": 4, "fitted": fitted},
+                        train={"micro_batch_size": 6, "global_batch_size": 96}, slurm={"min_nodes": 2})
+        recipe = resolve_defaults(recipe_from_dict(r))
+        try:
+            render_sbatch(recipe, tmp_path / "run", "python", ".")
+        except RecipeError as err:
+            return err.problems
+        return []
+
+    assert problems(["train.micro_batch_size"]) == []
+    (problem,) = problems([])
+    assert "on 3 nodes, train.global_batch_size 96 is not divisible by micro_batch_size × nproc × nodes = " \
+           "6 × 4 × 3 = 72" in problem

@@ -98,9 +98,13 @@ def test_on_gpus_the_flags_travel_through_a_gloo_group_of_their_own(monkeypatch)
 
 @pytest.mark.usefixtures("one_rank_group")
 def test_stopper_stops_after_stop_after_steps_of_this_launch():
-    stopper = Stopper(FakeStopRequest(), CPU, stop_after=3, first_step=10)  # resumed at step 10
+    request = FakeStopRequest()
+    stopper = Stopper(request, CPU, stop_after=3, first_step=10)  # resumed at step 10
     assert [stopper.agree(step, False, False, False).stop for step in (11, 12, 13)] == [False, False, True]
     assert stopper.reason == "train.stop_after=3"
+    assert request.signal_name is None  # the signal request stays the signal handler's
+    request.signal_name = "SIGTERM"
+    assert stopper.reason == "SIGTERM"
 
 
 @pytest.mark.usefixtures("one_rank_group")

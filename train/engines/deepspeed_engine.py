@@ -191,8 +191,8 @@ def load_ops(offload: bool) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    names = ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ()))
-    compatible = probe_only(deepspeed.ops, {name: get_accelerator().create_op_builder(name) for name in names})
+    builders = ops_to_load(get_accelerator(), offload)
+    compatible = probe_only(deepspeed.ops, builders)
     root = extensions_root()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(root)  # where torch's builder puts them (read at each load)
     root.mkdir(parents=True, exist_ok=True)
@@ -202,8 +202,7 @@ def load_ops(offload: bool) -> None:
         # TORCH_EXTENSIONS_DIR, <python and CUDA version>/<op>/lock under torch's default root
         for baton in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
             baton.unlink(missing_ok=True)
-        for name in names:
-            builder = get_accelerator().create_op_builder(name)
+        for name, builder in builders.items():
             if builder is None or not compatible.get(builder.NAME, False):
                 continue
             try:
@@ -215,6 +214,14 @@ def load_ops(offload: bool) -> None:
                 raise RuntimeError(f"DeepSpeed could not build its {builder.NAME} op in {root}: this machine lacks "
                                    f"{' and '.join(missing)}"
                                    + ("; or set parallel.offload=false" if name == "CPUAdamBuilder" else "")) from err
+
+
+def ops_to_load(accelerator: Any, offload: bool) -> dict[str, Any]:
+    """DeepSpeed's op builders a rank loads before training (``None``: the accelerator has no such
+    op): the shared-memory collective op (CPU accelerator only: CUDA's table has none) and, with
+    offload, CPU Adam."""
+    names = ("ShareMemCommBuilder", *(("CPUAdamBuilder",) if offload else ()))
+    return {name: accelerator.create_op_builder(name) for name in names}
 
 
 def probe_only(ops_module: Any, builders: dict[str, Any]) -> dict[str, bool]:

@@ -66,15 +66,19 @@ class Stopper:
     def __init__(self, request: StopRequest, device: torch.device, stop_after: int, first_step: int):
         self.request, self.stop_after, self.first_step = request, stop_after, first_step
         self.agreement = StepAgreement(device)
+        self.counted_out = False
+        """``train.stop_after`` ended this launch (the signal request is the signal handler's alone)."""
 
     def agree(self, step: int, last: bool, save_due: bool, writing: bool) -> Agreed:
         """The ranks' agreement after ``step``; on the last step a stop changes nothing (the run completes)."""
         stop, save, writing = self.agreement.exchange(self.request.requested, save_due, writing, wait_now=last)
         if self.stop_after and step - self.first_step >= self.stop_after and not last:
-            stop = True
-            self.request.signal_name = self.request.signal_name or f"train.stop_after={self.stop_after}"
+            stop = self.counted_out = True
         return Agreed(stop and not last, save, writing)
 
     @property
     def reason(self) -> str:
-        return self.request.signal_name or "stop signal on another rank"
+        """Why the run stopped: the signal (it wins over ``stop_after`` when both came), the count, or a peer."""
+        if self.request.signal_name:
+            return self.request.signal_name
+        return f"train.stop_after={self.stop_after}" if self.counted_out else "stop signal on another rank"

@@ -40,14 +40,14 @@ def _gpu_readers(n, h) -> dict:
     """One reader per GPU field, each called on its own. The temperature and the clock-event
     reasons use the current calls where the library has them (``nvmlDeviceGetTemperatureV``,
     ``nvmlDeviceGetCurrentClocksEventReasons``), the deprecated ones before that."""
-    temp_v = getattr(n, "nvmlDeviceGetTemperatureV", None)
+    use_v = [getattr(n, "nvmlDeviceGetTemperatureV", None) is not None]  # until the driver refuses it once
 
     def temperature() -> float:
-        if temp_v is not None:
+        if use_v[0]:
             try:
-                return float(temp_v(h, n.NVML_TEMPERATURE_GPU))
-            except Exception:  # noqa: BLE001 - a driver older than the v2 call: the old one
-                pass
+                return float(n.nvmlDeviceGetTemperatureV(h, n.NVML_TEMPERATURE_GPU))
+            except Exception:  # noqa: BLE001 - a driver older than the v2 call: the old one from now on
+                use_v[0] = False
         return float(n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU))
 
     reasons = getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
