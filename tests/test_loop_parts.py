@@ -338,3 +338,19 @@ def test_phase_times_are_read_at_log_steps_from_cuda_events():
     assert phase_seconds(spans) == {"data_wait_s": 0.01, "fwd_bwd_s": 0.01, "optim_s": 0.01}
     assert [e.synced for e in FakeEvent.made] == [0, 0, 0, 1]
     assert phase_seconds([("optim_s", 1.0, 1.25)]) == {"data_wait_s": 0.0, "fwd_bwd_s": 0.0, "optim_s": 0.25}
+
+
+def test_a_checkpoint_from_before_the_sample_order_changed_is_refused_naming_it():
+    """A manifest without ``sample_order`` was written when epochs were numpy permutations: its next
+    batch is not this code's, and the refusal says why instead of "unknown"."""
+    from train.checkpoint.manager import CheckpointError
+    from train.config.recipe import recipe_from_dict
+    from train.data.batches import SAMPLE_ORDER
+    from train.loop.trainer import check_fingerprint
+
+    recipe = recipe_from_dict({"run": {"seed": 7}, "train": {"global_batch_size": 8}})
+    batches = SimpleNamespace(fingerprint=lambda: "new")
+    old = {"next_batch_fingerprint": "old", "data_key": "k", "seed": 7, "global_batch_size": 8}
+    with pytest.raises(CheckpointError, match=r"changed: the sample order \(a checkpoint of shardforge before "):
+        check_fingerprint(old, batches, recipe, "k")
+    check_fingerprint({**old, "next_batch_fingerprint": "new", "sample_order": SAMPLE_ORDER}, batches, recipe, "k")

@@ -35,7 +35,8 @@ def make_rig(tmp_path: Path, checkpoint: dict = None, keep_best: bool = False, i
     rig = SimpleNamespace(ckpt=FakeCheckpointer(**checkpointer), counters=Counters(), guard=FakeGuard(),
                           early=EarlyStopping("loss"), logs=[])
     rig.saver = Saver(rig.ckpt, recipe=recipe, counters=rig.counters,
-                      batches=SimpleNamespace(fingerprint=lambda steps_back=0: "fp"), early=rig.early, guard=rig.guard,
+                      batches=SimpleNamespace(fingerprint=lambda steps_back=0: "fp", sample_order="test-order"),
+                      early=rig.early, guard=rig.guard,
                       watchdog=FakeWatchdog(), run_dir=tmp_path, is_main=is_main, log=rig.logs.append)
     return rig
 

@@ -91,7 +91,7 @@ class Saver:
             path = self.checkpointer.save(
                 step, cfg.keep_last, cfg.keep_every,
                 {"tokens": self.counters.tokens, "reason": reason, "next_batch_fingerprint": self.batches.fingerprint(),
-                 "seed": self.recipe.run.seed, "global_batch_size": t.global_batch_size},
+                 "seed": self.recipe.run.seed, "global_batch_size": t.global_batch_size, "sample_order": self.batches.sample_order},
                 protect={s for s in (*protect, self.early.best_step) if s and self.keep_best}, background=background)
         except CheckpointSaveError as err:
             self._failed(err, final=reason in ("end", "signal"))

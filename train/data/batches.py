@@ -58,6 +58,9 @@ class GlobalSampleStream:
         return self.permutation(epoch, offset, offset + global_batch)
 
 
+SAMPLE_ORDER = "feistel-6"
+"""Names how epochs are shuffled, recorded in each checkpoint's manifest: a resume under another
+rule would take other samples (``train.loop.trainer.check_fingerprint`` says which changed)."""
 FEISTEL_ROUNDS = 6
 _MASK64 = np.uint64(2**64 - 1)
 
@@ -211,6 +214,9 @@ class TrainBatches:
     Only batches handed to the caller count: prefetched ones do not, so a checkpoint
     taken at a step boundary resumes at exactly the next unseen step.
     """
+
+    sample_order = SAMPLE_ORDER
+    """How epochs are shuffled (recorded with each checkpoint)."""
 
     def __init__(self, dataset: Samples, seed: int, global_batch: int, micro: int, rank: int, world: int,
                  num_workers: int = 0, pin_memory: bool = False):

@@ -26,7 +26,7 @@ from train import startup_gc
 from train.loop import faults
 from train.checkpoint.manager import Checkpointer, CheckpointError, CheckpointSaveError
 from train.checkpoint.files import step_dir_name
-from train.data.batches import TrainBatches, eval_batches
+from train.data.batches import SAMPLE_ORDER, TrainBatches, eval_batches
 from train.data.cache import PreparedData
 from train.data.prepare import prepare_data
 from train.data.sources import DataError
@@ -333,7 +333,9 @@ def check_fingerprint(manifest: dict, batches: TrainBatches, recipe: Recipe, dat
     changed = [name for name, old, new in (
         ("data (sources, tokenizer or seq_len)", manifest.get("data_key"), data_key),
         ("run.seed", manifest.get("seed"), recipe.run.seed),
-        ("train.global_batch_size", manifest.get("global_batch_size"), recipe.train.global_batch_size))
+        ("train.global_batch_size", manifest.get("global_batch_size"), recipe.train.global_batch_size),
+        ("the sample order (a checkpoint of shardforge before 2026-12-06 shuffled epochs another way)",
+         manifest.get("sample_order", "numpy-permutation"), SAMPLE_ORDER))
         if old != new]
     raise CheckpointError(f"resume: the next batch differs from the one saved with the checkpoint; "
                           f"changed: {', '.join(changed) or 'unknown (data files edited in place?)'}; "
