@@ -38,9 +38,10 @@ def test_the_ladder_is_least_communication_then_checkpointing_then_offload():
     assert [(s.engine, s.offload) for s in fixed] == [("fsdp", False), ("fsdp", True)]
 
 
-@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero1", "zero2", "zero3"])
 def test_gpu_memory_forces_each_engine(engine):
-    """Just enough memory for ``engine`` at micro-batch 1: every engine before it needs more."""
+    """Just enough memory for ``engine`` at micro-batch 1: every engine before it needs more (and
+    with enough for DDP, DDP: it sends the least)."""
     target = dataclasses.replace(BASE, engine=engine)
     fit = choose(SEVEN_B, BASE, Auto(engine=True), just_fits(target), global_batch=1024)
     assert fit.chosen == target
