@@ -34,7 +34,7 @@ from launch.runlock import RunLock, RunLocked
 from train.checkpoint.files import committed_checkpoints
 from train.engines import ENGINE_CONFIG_FILES
 from train.engines.config import engine_configs
-from train.config.recipe import Recipe, accumulation, micro_batch, world_size
+from train.config.recipe import Recipe, grad_accum_steps, micro_batch, world_size
 from train.config.loading import read_recipe
 from train.rundir import (EXIT_BAD_INPUT, RECIPE_FILE, RESIZED_FILE, atomic_write, launch_id, read_status,
                          write_status)
@@ -43,9 +43,7 @@ from train.config.typed import RecipeError
 
 def _shape(recipe: Recipe) -> tuple[int, int, int]:
     """(nodes, world size, micro-batches per rank per step); :class:`RecipeError` when the batch does not divide."""
-    t = recipe.train
-    return recipe.parallel.nodes, world_size(recipe), accumulation(t.global_batch_size, micro_batch(recipe),
-                                                                    world_size(recipe))
+    return recipe.parallel.nodes, world_size(recipe), grad_accum_steps(recipe)
 
 
 def resize_recipe(recipe: Recipe, nodes: int, run_dir: Path, gpu_bytes: Optional[float] = None) -> list[str]:

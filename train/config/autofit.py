@@ -37,16 +37,15 @@ def reopen_fitted(recipe: Recipe, overridden: set[str]) -> None:
         return any(key == o or key.startswith(o + ".") for o in overridden)
 
     for key in recipe.parallel.fitted:
-        if key in AUTO_KEYS and not given(key):
-            if key == "parallel.engine" and recipe.train.on_nonfinite == _nonfinite_default(recipe.parallel.engine):
-                recipe.train.on_nonfinite = "auto"  # derived from the engine that is chosen again
+        if (key in AUTO_KEYS or key == DERIVED_FROM_ENGINE) and not given(key):
             _set(recipe, key, "auto")
     recipe.parallel.fitted = []
 
 
-def _nonfinite_default(engine: str) -> Optional[str]:
-    """What ``train.on_nonfinite: auto`` became for ``engine`` (``resolve_defaults``)."""
-    return ("skip" if CAPABILITIES[engine].skip_nonfinite else "stop") if engine in CAPABILITIES else None
+DERIVED_FROM_ENGINE = "train.on_nonfinite"
+"""Left to ``auto`` beside a fitted engine, it follows the engine (``resolve_defaults``): listed in
+``parallel.fitted`` with it, so a launch that chooses the engine again derives it again (a value
+the user gave stays theirs)."""
 
 
 def excluded_engines(recipe: Recipe) -> dict[str, str]:
@@ -153,7 +152,8 @@ def fit_recipe(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str, run
               "train.micro_batch_size": chosen.micro_batch}
     for key in keys:
         _set(recipe, key, values[key])
-    p.fitted = keys
+    follows = "parallel.engine" in keys and recipe.train.on_nonfinite == "auto"
+    p.fitted = keys + ([DERIVED_FROM_ENGINE] if follows else [])
     return fit, []
 
 
@@ -204,17 +204,11 @@ def fit_changes(recipe: Recipe, run_dir: Path) -> list[str]:
     if not isinstance(old, dict):
         return []
 
-    def at(key: str) -> Any:
-        node: Any = old
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node
+    from train.config.resume import value_at
 
-    par = old.get("parallel")
-    par = par if isinstance(par, dict) else {}
-    was_world = (par.get("nproc") or 1) * (par.get("nodes") or 1)
-    changed = [f"{key} {_show(at(key))} → {_show(_get(recipe, key))}" for key in recipe.parallel.fitted
-               if at(key) != _get(recipe, key)]
+    was_world = (value_at(old, "parallel.nproc") or 1) * (value_at(old, "parallel.nodes") or 1)
+    changed = [f"{key} {_show(value_at(old, key))} → {_show(_get(recipe, key))}" for key in recipe.parallel.fitted
+               if value_at(old, key) != _get(recipe, key)]
     if not changed:
         return []
     return [f"auto-fit chose again for {world_size(recipe)} GPUs (the run had {was_world}): {', '.join(changed)}"]

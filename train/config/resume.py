@@ -5,6 +5,7 @@ data through the next batch's fingerprint)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from train.config.recipe import Recipe
 from train.engines import resumes_from
@@ -18,6 +19,13 @@ RESUME_KEYS = ("task", "run.seed", "model", "data.seq_len", "data.tokenizer", "t
 RESUME_FREE = ("model.activation_checkpointing", "model.compile")
 """Settings under :data:`RESUME_KEYS` that change how a step computes, not what the checkpoints
 hold: a resume may change them (auto-fit may, on another world size)."""
+
+
+def value_at(tree: object, key: str) -> Any:
+    """``tree["a"]["b"]`` for ``key`` "a.b" in plain YAML data, or ``None`` where a step is missing."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
@@ -46,23 +54,18 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> list[str]:
             return {prefix: tree}
         return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
 
-    def at(tree: object, key: str):  # a mapping at first; each step goes down to a node, or None
-        for part in key.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
-
     problems = []
     for key in RESUME_KEYS:
-        if at(old, key) is None:
+        if value_at(old, key) is None:
             continue  # an older run directory without it: the ranks' checks still apply
-        was, now = leaves(at(old, key), key), leaves(at(new, key), key)
+        was, now = leaves(value_at(old, key), key), leaves(value_at(new, key), key)
         # a setting newer than the run directory is skipped; the model's own config is compared whole
         for name in sorted(set(was) | {n for n in now if n.startswith("model.config.")}):
             if was.get(name) != now.get(name) and name not in RESUME_FREE:
                 problems.append(f"{name}: {now.get(name)!r} here but {was.get(name)!r} in {old_file}, which its "
                                 f"checkpoints were trained with; restore it to resume, or start over with "
                                 f"checkpoint.resume=never or another run.dir")
-    saved = at(old, "parallel.engine")
+    saved = value_at(old, "parallel.engine")
     if isinstance(saved, str) and (why := resumes_from(saved, recipe.parallel.engine)) is not None:
         problems.append(f"parallel.engine: {recipe.parallel.engine!r} here, but the checkpoints in {run_dir} were "
                         f"written by {saved!r} ({why}); resume with parallel.engine={saved}, or start over "

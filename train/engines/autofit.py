@@ -122,7 +122,7 @@ def choose(m: ModelSizes, base: Setup, auto: Auto, gpu_bytes: float, global_batc
         if setup.engine in excluded:
             candidates.append(Candidate(setup, None, excluded[setup.engine]))
             continue
-        smallest = _with_micro(setup, sizes[-1], base)
+        smallest = _with_micro(setup, sizes[-1], global_batch)
         first = estimate(m, smallest)
         if not first.fits(gpu_bytes):
             candidates.append(Candidate(smallest, first, _too_big(first, gpu_bytes)))
@@ -132,7 +132,7 @@ def choose(m: ModelSizes, base: Setup, auto: Auto, gpu_bytes: float, global_batc
                                                          f"node, more than {HEADROOM:.0%} of {host_bytes / GB:.3g} GB"))
             continue
         for mb in sizes:  # largest first: the first that fits is chosen; the larger ones are listed
-            trial = _with_micro(setup, mb, base)
+            trial = _with_micro(setup, mb, global_batch)
             e = estimate(m, trial)
             if e.fits(gpu_bytes):
                 candidates.append(Candidate(trial, e, "chosen"))
@@ -141,10 +141,9 @@ def choose(m: ModelSizes, base: Setup, auto: Auto, gpu_bytes: float, global_batc
     return Fit(None, tuple(candidates), gpu_bytes, m.params)
 
 
-def _with_micro(setup: Setup, micro: int, base: Setup) -> Setup:
-    """``setup`` at micro-batch ``micro``, its accumulation keeping the base's global batch."""
-    global_batch = base.micro_batch * base.accumulation * base.world_size
-    return dataclasses.replace(setup, micro_batch=micro, accumulation=max(1, global_batch // (micro * base.world_size)))
+def _with_micro(setup: Setup, micro: int, global_batch: int) -> Setup:
+    """``setup`` at micro-batch ``micro``, its accumulation keeping ``global_batch``."""
+    return dataclasses.replace(setup, micro_batch=micro, accumulation=max(1, global_batch // (micro * setup.world_size)))
 
 
 def describe_setup(s: Setup) -> str:
@@ -158,7 +157,7 @@ def fit_table(fit: Fit) -> str:
     (memory per GPU, bytes each GPU sends per step, why), in the order tried."""
     world = fit.candidates[0].setup.world_size if fit.candidates else 0
     head = (f"# auto-fit on {world} GPUs of {fit.gpu_bytes / GB:.3g} GB ({fit.params / 1e9:.3g}B parameters; "
-            f"fits = total ≤ {HEADROOM:.0%}; order: ddp, zero1, zero2, fsdp, zero3, then + checkpointing, then + offload)")
+            f"fits = total ≤ {HEADROOM:.0%}; order: {', '.join(ENGINE_ORDER)}, then + checkpointing, then + offload)")
     lines = [head, "#   chosen: " + (describe_setup(fit.chosen) if fit.chosen else "nothing fits")]
     if fit.rejected:
         lines.append(f"#   {'rejected':<66} {'GB/GPU':>7} {'comm GB':>8}  why")
