@@ -28,7 +28,7 @@ def main(recipe_path: str, out_path: str) -> None:
 
     recipe = recipe_from_dict(yaml.safe_load(Path(recipe_path).read_text()))
     t, o = recipe.train, recipe.optim
-    data = prepare_data(recipe, log=lambda *_: None)
+    data = prepare_data(recipe)
     blocks = torch.from_numpy(data.train.rows(range(len(data.train)))["input_ids"]).long()
     model = build_model(recipe.model, len(data.tokenizer), recipe.run.seed)
     optimizer = build_adamw(model, o, torch.device("cpu"))

@@ -59,7 +59,7 @@ def rank_program(engine: str, mode: str, config: dict, out: Path) -> None:
     cfg = engine_configs(recipe).get(CAPABILITIES[engine].config_file or "", {})
 
     def build(empty_init):
-        return build_model(recipe.model, config["vocab_size"], 0, log=lambda *_: None, empty_init=empty_init)
+        return build_model(recipe.model, config["vocab_size"], 0, empty_init=empty_init)
 
     def gathered(value: float) -> list:
         every = [None] * d.world_size

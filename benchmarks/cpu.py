@@ -273,8 +273,7 @@ def bench_ckpt(b: Bench, rounds: int) -> list[Row]:
     saves, loads, durable_saves, durable_loads, stalls, commits, hashes = [], [], [], [], [], [], []
     for i in range(rounds):  # alternate ours and the baseline within each round
         root = b.tmp / f"ckpt-{i}"
-        ckpt = Checkpointer(root / "checkpoints", engine, {"counters": Counters()}, 0, 1, {"engine": "ddp"},
-                            log=lambda *_: None)
+        ckpt = Checkpointer(root / "checkpoints", engine, {"counters": Counters()}, 0, 1, {"engine": "ddp"})
         t0 = time.perf_counter()
         path = ckpt.save(1, keep_last=1, keep_every=0, extra_manifest={})
         saves.append(time.perf_counter() - t0)

@@ -152,7 +152,7 @@ from train.data.batches import TrainBatches
 from train.data.prepare import prepare_data
 t1 = time.perf_counter()
 recipe = load_recipe("configs/tiny-cpu.yaml", sys.argv[1:], check_model=False)
-data = prepare_data(recipe, log=lambda *_: None)
+data = prepare_data(recipe)
 assert data.stats["cache_hit"], "the cache was not reused"
 it = TrainBatches(data.train, recipe.run.seed, recipe.train.global_batch_size, recipe.train.micro_batch_size, 0, 1)
 next(it)

@@ -20,7 +20,7 @@ def _prepared(recipe: dict):
     from train.config.recipe import recipe_from_dict
 
     r = recipe_from_dict(recipe)
-    return r, prepare_data(r, log=lambda *_: None)
+    return r, prepare_data(r)
 
 
 def hf_trainer(recipe: dict, compile_: bool, warmup: int, device: str) -> dict:
@@ -78,7 +78,7 @@ def bare_loop(recipe: dict, warmup: int, device_name: str) -> dict:
     device = torch.device(device_name)
     t, o = r.train, r.optim
     blocks = torch.from_numpy(data.train.rows(range(len(data.train)))["input_ids"]).long()
-    model = build_model(r.model, len(data.tokenizer), r.run.seed, log=lambda *_: None).to(device)
+    model = build_model(r.model, len(data.tokenizer), r.run.seed).to(device)
     optimizer = build_adamw(model, o, device)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.parallel.precision)

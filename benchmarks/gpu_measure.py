@@ -81,7 +81,7 @@ def m_peak(c: Ctx) -> dict:
     import torch
 
     from benchmarks.gpu import read_nvml
-    from train.metrics.flops import peak_tflops
+    from train.device_peaks import peak_tflops
 
     n, reps = (8192, 20) if not c.smoke else (256, 2)
     dtype = torch.bfloat16 if not c.smoke else torch.float32
@@ -191,7 +191,7 @@ def m_ckpt(c: Ctx) -> dict:
     import inspect
 
     accum = {"accum": 1} if "accum" in inspect.signature(DDPEngine).parameters else {}  # one micro-batch a step
-    engine = DDPEngine(recipe, build_model(recipe.model, vocab, 0, log=lambda *_: None), device, **accum)
+    engine = DDPEngine(recipe, build_model(recipe.model, vocab, 0), device, **accum)
     ids = torch.randint(0, vocab, (2, 64), device=device)
     for _ in range(2):  # Adam's moments exist: the state is its full size
         engine.forward_backward({"input_ids": ids}, lambda m, b: m(input_ids=b["input_ids"]).logits.float().mean(),
@@ -200,8 +200,7 @@ def m_ckpt(c: Ctx) -> dict:
     rows: dict[str, list] = {k: [] for k in ("save", "stall", "commit", "load", "torch_save", "torch_load")}
     for i in range(2 if not c.smoke else 1):
         root = c.work / f"ckpt-{i}"
-        ckpt = Checkpointer(root / "checkpoints", engine, {"counters": Counters()}, 0, 1, {"engine": "ddp"},
-                            log=lambda *_: None)
+        ckpt = Checkpointer(root / "checkpoints", engine, {"counters": Counters()}, 0, 1, {"engine": "ddp"})
         t0 = time.perf_counter()
         ckpt.save(1, keep_last=2, keep_every=0, extra_manifest={})
         rows["save"].append(time.perf_counter() - t0)

@@ -110,7 +110,7 @@ def final_weights(run_dir: Path, out: Path) -> dict:
 
     from launch.export import export
 
-    export(run_dir, out, log=lambda *_: None)
+    export(run_dir, out)
     return load_file(str(out / "model.safetensors"))
 
 
@@ -128,7 +128,7 @@ def chaos_run(tmp: Path, engine: str, name: str, kills_left: int, steps: int, st
     run_dir = tmp / name
     done, events = 0, []
     while True:
-        latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
+        latest = latest_valid(run_dir / "checkpoints")
         start_step = int(latest.name.split("-")[1]) if latest else 0
         kill_at, delay, job_at = None, None, None
         if plan and done < len(plan):

@@ -13,6 +13,7 @@ from train.engines.autofit import Fit
 from launch.runlock import RunLock, RunLocked
 
 from train.config.recipe import Recipe
+from train.console import show_on_console
 from train.rundir import EXIT_BAD_INPUT
 
 
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_on_console(True)  # data preparation, checkpoint searches: what the parts log, as plain lines
     try:
         return args.func(args)
     except RecipeError as err:

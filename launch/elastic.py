@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 from train.config.loading import recipe_yaml
 from launch.runlock import RunLock, RunLocked
+from launch.slurm import batch_unit
 from train.checkpoint.files import committed_checkpoints
 from train.engines import ENGINE_CONFIG_FILES
 from train.engines.config import engine_configs
@@ -80,7 +81,7 @@ def shrink_problems(recipe: Recipe, run_dir: Path) -> list[str]:
     for n in range(low, nodes):
         smaller = copy.deepcopy(recipe)
         if "train.micro_batch_size" not in recipe.parallel.fitted and \
-                recipe.train.global_batch_size % (micro_batch(recipe) * (recipe.parallel.nproc or 1) * n):
+                recipe.train.global_batch_size % batch_unit(recipe, micro_batch(recipe), n):
             continue  # a batch that does not divide there: launch.slurm.node_range says so, with the fix
         try:
             resize_recipe(smaller, n, run_dir)

@@ -43,7 +43,7 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
         if best in committed_checkpoints(root) and verify(best) is None:
             return best
     if step is None:
-        ckpt, problems = newest_valid(committed_checkpoints(root), verify, lambda msg: print(f"shardforge: {msg}"))
+        ckpt, problems = newest_valid(committed_checkpoints(root), verify)
         if ckpt is None and problems:
             raise ExportError(f"none of the {len(problems)} committed checkpoints in {root} verifies (newest: "
                               f"{problems[0]}); restore them from a copy")
@@ -113,7 +113,7 @@ def build_export_model(recipe, run_dir: Path, tokenizer, frozen_base: Optional[s
         as_trained = dataclasses.replace(recipe.model, activation_checkpointing=False, compile=False)
         # A transformers model (peft's wrapper with LoRA), used through their API.
         model: Any = build_model(as_trained, len(tokenizer), recipe.run.seed, recipe.task, labels,
-                                 log=lambda *_: None, special_ids=token_ids(tokenizer))
+                                 special_ids=token_ids(tokenizer))
         if frozen_digest(model) != frozen_base:
             raise ExportError(f"{run_dir}: its checkpoint holds only the trainable parameters, and the frozen ones "
                               f"built from model.pretrained {recipe.model.pretrained!r} differ from those it was "
@@ -150,7 +150,7 @@ def label_config(labels: Optional[list[str]]) -> Optional[dict]:
             "label2id": {name: i for i, name in enumerate(labels)}}
 
 
-def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
+def export(run_dir: Path, out_dir: Path, step: Optional[int] = None,
            lora_export: Optional[str] = None) -> Path:
     """Write ``out_dir`` as a ``from_pretrained``-loadable model with the run's tokenizer.
 
@@ -211,5 +211,5 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None, log=print,
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"shardforge: exported {ckpt} → {out_dir}")
+    print(f"shardforge: exported {ckpt} → {out_dir}")
     return out_dir

@@ -85,6 +85,13 @@ ELASTIC_STEP = """
 """The job-start step of an elastic job (``{{elastic}}`` in the template; empty without ``slurm.min_nodes``)."""
 
 
+def batch_unit(recipe: Recipe, micro: int, nodes: int) -> int:
+    """micro-batch × nproc × nodes: what ``train.global_batch_size`` must be a multiple of on ``nodes``
+    nodes (each rank takes whole micro-batches). The one divisibility rule of a node range: both
+    :func:`node_range` and ``launch.elastic.shrink_problems`` test with it."""
+    return micro * _nproc(recipe) * nodes
+
+
 def node_range(recipe: Recipe, problems: list[str]) -> Optional[int]:
     """``slurm.min_nodes`` when the job may run on fewer nodes than ``parallel.nodes`` (``None``: exactly
     ``parallel.nodes``). Refuses a minimum outside 1..nodes and a global batch that does not divide on
@@ -102,7 +109,7 @@ def node_range(recipe: Recipe, problems: list[str]) -> Optional[int]:
         return low  # auto-fit resolves the micro-batch first; a bad size is check_recipe's to refuse
     if "train.micro_batch_size" in recipe.parallel.fitted:
         micro = 1  # chosen again at job start for the nodes it got: any that divides the batch per rank
-    units = {n: micro * nproc * n for n in range(low, nodes + 1)}
+    units = {n: batch_unit(recipe, micro, n) for n in range(low, nodes + 1)}
     bad = [n for n, unit in units.items() if n < nodes and t.global_batch_size % unit]  # check_recipe: nodes
     every = math.lcm(*units.values())
     fits = -(-t.global_batch_size // every) * every  # the smallest multiple of every unit, at least the batch

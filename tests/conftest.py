@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import textwrap
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -95,3 +97,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             launches[_group(item.nodeid)] = launches.get(_group(item.nodeid), 0) + 1
     # A stable sort: each file's tests keep their order (and each module fixture its life).
     items.sort(key=lambda item: (_group(item.nodeid) != "slurm", -launches.get(_group(item.nodeid), 0)))
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """The messages the ``shardforge`` logger gets during the test, INFO and above, in order
+    (whatever an earlier in-process launch set its console to)."""
+    logger, lines = logging.getLogger("shardforge"), []
+    handler, level = _Lines(lines), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -83,7 +83,7 @@ def data_error(corpus: Path, tmp: Path, **data) -> str:
     from train.data.sources import DataError
 
     with pytest.raises(DataError) as err:
-        prepare_data(data_recipe(corpus, tmp, **data), log=lambda *_: None)
+        prepare_data(data_recipe(corpus, tmp, **data))
     msg = str(err.value)
     assert "\n" not in msg
     return msg

@@ -59,7 +59,7 @@ def main() -> int:
 
             def build(empty_init, recipe=recipe, task_labels=task_labels):
                 return build_model(recipe.model, 256, recipe.run.seed, recipe.task, task_labels,
-                                   log=lambda *_: None, empty_init=empty_init)
+                                   empty_init=empty_init)
 
             expected = build(None)  # what one process builds
             cfg = engine_configs(recipe).get(CAPABILITIES[engine].config_file or "", {})

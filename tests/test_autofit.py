@@ -307,3 +307,25 @@ def test_a_resume_is_offered_only_engines_that_load_its_checkpoint(tmp_path):
     with pytest.raises(Exception) as err:  # 3 GB: only what ZeRO-2's checkpoint rules out is left
         load(tmp_path, mid_recipe(tmp_path), "parallel.nproc=2", gpu_gb=3)
     assert "auto found nothing that fits 2 GPUs of 3 GB" in str(err.value)
+
+
+def test_one_rule_set_refuses_an_explicit_engine_and_excludes_it_from_auto_fit(tmp_path):
+    """``engine_problems`` states each rule once: ``check_recipe`` prints its lines for the recipe's
+    engine, auto-fit lists its first reason beside every engine it rules out."""
+    from train.config.autofit import excluded_engines
+    from train.config.checks import check_recipe, engine_problems
+    from train.config.recipe import recipe_from_dict, resolve_defaults
+
+    r = mid_recipe(tmp_path, engine="zero3", reduce_dtype="bf16")
+    r["train"].update(micro_batch_size=1, on_nonfinite="skip")
+    r["model"].update(compile=True)
+    recipe = resolve_defaults(recipe_from_dict(r), nproc=8)
+    assert engine_problems(recipe, "fsdp") == []
+    found = engine_problems(recipe, "zero3")
+    assert [e.key for e in found] == ["model.compile", "train.on_nonfinite"]
+    lines = check_recipe(recipe, None, check_model=False, data_paths=False)
+    assert all(e.line in lines for e in found)
+    assert excluded_engines(recipe)["zero3"] == found[0].why == "model.compile is not supported under ZeRO-3"
+    assert excluded_engines(recipe)["zero2"] == "train.on_nonfinite=skip needs ddp or fsdp"
+    assert excluded_engines(recipe)["ddp"] == "parallel.reduce_dtype is a setting of fsdp and ZeRO"
+    assert "fsdp" not in excluded_engines(recipe)

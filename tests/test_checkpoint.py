@@ -41,7 +41,7 @@ def test_kill_during_save_keeps_previous_checkpoint(world, straight, point, rank
     path = write_recipe(world.tmp / f"kill-{point}.yaml", r)
     killed = launch_in_process("run", str(path), env={"SHARDFORGE_KILL_AT": f"{point}:{step}:{rank}"})
     assert killed.returncode != 0
-    latest = latest_valid(run_dir / "checkpoints", warn=lambda *_: None)
+    latest = latest_valid(run_dir / "checkpoints")
     assert latest is not None and latest.name == f"step-{expected:06d}"
     resumed = launch_in_process("run", str(path))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -126,7 +126,7 @@ def test_manifest_is_the_commit_marker(tmp_path):
     assert latest_valid(tmp_path / "checkpoints") == ckpt
     (ckpt / "a.bin").write_bytes(b"y")  # altered, same size: the digest, not the length, finds it
     assert "a.bin does not match its xxh3_128 digest" in verify(ckpt)
-    assert latest_valid(tmp_path / "checkpoints", warn=lambda *_: None) is None
+    assert latest_valid(tmp_path / "checkpoints") is None
     # a manifest from before the "digest" field holds sha256 digests, and is still verified with them
     manifest = {"step": 10, "world_size": 1, "files": {"a.bin": hashlib.sha256(b"y").hexdigest(),
                                                        "rank-00000.pt": hashlib.sha256(b"r").hexdigest()}}
@@ -279,8 +279,7 @@ def test_prune_uncommits_at_once_and_deletes_in_the_background(tmp_path):
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         root = tmp_path / "checkpoints"
-        ckpt = Checkpointer(root, OneFileEngine(), {"counters": Counters()}, 0, 1, {"engine": "test"},
-                            log=lambda *_: None)
+        ckpt = Checkpointer(root, OneFileEngine(), {"counters": Counters()}, 0, 1, {"engine": "test"})
         for step in (1, 2):
             ckpt.save(step, keep_last=1, keep_every=0, extra_manifest={})
         (root / ".tmp-step-000007").mkdir()  # a crashed save

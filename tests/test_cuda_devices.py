@@ -108,15 +108,15 @@ def test_telemetry_finds_the_ranks_gpu_by_uuid_not_by_index(monkeypatch):
     cuda_device_props(monkeypatch, FakeNVML.UUIDS[2], bus=0x38)
     assert nvml_ids(torch.device("cuda", 0)) == [FakeNVML.UUIDS[2], "MIG-" + FakeNVML.UUIDS[2][4:],
                                                  "00000000:38:00.0"]
-    with Telemetry(torch.device("cuda", 0), 0.01, warn=lambda m: None) as t:
+    with Telemetry(torch.device("cuda", 0), 0.01) as t:
         got = sample(t)
     assert got["gpu_util"] == 20 and got["gpu_temp_c"] == 42 and t.source == "nvml"
     cuda_device_props(monkeypatch, "", bus=0x48)  # a torch without the UUID: the PCI bus id
-    with Telemetry(torch.device("cuda", 0), 0.01, warn=lambda m: None) as t:
+    with Telemetry(torch.device("cuda", 0), 0.01) as t:
         assert sample(t)["gpu_util"] == 30
 
 
-def test_each_nvml_field_is_read_on_its_own_and_a_lost_gpu_is_said_once(monkeypatch):
+def test_each_nvml_field_is_read_on_its_own_and_a_lost_gpu_is_said_once(monkeypatch, logged):
     """Stands in for a board without power readings (NVMLError_NotSupported): the other five
     fields are still logged and the missing one is named once; then the GPU falls off the bus
     (every call fails): one line, and host metrics from then on."""
@@ -125,13 +125,13 @@ def test_each_nvml_field_is_read_on_its_own_and_a_lost_gpu_is_said_once(monkeypa
     nvml = FakeNVML(broken=("power",))
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     cuda_device_props(monkeypatch, FakeNVML.UUIDS[1], bus=0x28)
-    warnings: list[str] = []
-    with Telemetry(torch.device("cuda", 0), 0.01, warn=warnings.append) as t:
+    with Telemetry(torch.device("cuda", 0), 0.01) as t:
         got = sample(t)
         assert set(Telemetry.GPU_FIELDS) - set(got) == {"gpu_power_w"} and got["gpu_throttle"] == 4
         nvml.lost = True
         after = sample(t)
         sample(t)
+    warnings = [line for line in logged if line.startswith("telemetry:")]
     assert [w for w in warnings if "gpu_power_w" in w] == [warnings[0]] and len(warnings) == 2
     assert "NVML read failed" in warnings[1] and t.source == "host" and "host_rss_gb" in after
 
@@ -153,7 +153,7 @@ def test_an_older_nvml_falls_back_to_the_deprecated_readers(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "pynvml", OldNVML())
     cuda_device_props(monkeypatch, FakeNVML.UUIDS[0], bus=0x18)
-    with Telemetry(torch.device("cuda", 0), 0.01, warn=lambda m: None) as t:
+    with Telemetry(torch.device("cuda", 0), 0.01) as t:
         got = sample(t)
     assert got["gpu_temp_c"] == 50 and got["gpu_throttle"] == 1
 

@@ -260,7 +260,7 @@ def test_shipped_multi_node_recipes_end_a_job_whose_peer_is_gone_within_minutes(
 def test_every_h100_and_h200_variant_resolves_to_its_dense_peak():
     """Stands in for the device names CUDA reports on each card (MFU is omitted when a name is
     unknown: a GH200 was). Dense peaks, half the sparse figures NVIDIA's datasheets print."""
-    from train.metrics.flops import PEAK_TFLOPS, peak_tflops
+    from train.device_peaks import PEAK_TFLOPS, peak_tflops
 
     names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA H100 NVL": 835.5,
              "NVIDIA H200": 989.4, "NVIDIA H200 NVL": 835.5, "NVIDIA GH200 480GB": 989.4,

@@ -209,13 +209,13 @@ def test_second_prepare_reuses_the_cache(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretraining, "pack_documents", counting)
     recipe = data_recipe(corpus, tmp_path)
-    first = prepare_data(recipe, log=lambda *_: None)
+    first = prepare_data(recipe)
     assert calls["n"] > 0 and not first.stats["cache_hit"]
     calls["n"] = 0
-    second = prepare_data(recipe, log=lambda *_: None)
+    second = prepare_data(recipe)
     assert calls["n"] == 0 and second.stats["cache_hit"] and second.key == first.key
     assert second.train.table.column("input_ids").to_pylist() == first.train.table.column("input_ids").to_pylist()
-    changed = prepare_data(data_recipe(corpus, tmp_path, seq_len=16), log=lambda *_: None)
+    changed = prepare_data(data_recipe(corpus, tmp_path, seq_len=16))
     assert changed.key != first.key and not changed.stats["cache_hit"]
     assert len(changed.train) + len(changed.val) > len(first.train) + len(first.val)
 
@@ -227,7 +227,7 @@ def test_jsonl_template_and_mixing(tmp_path, corpus):
         {"path": str(corpus), "weight": 3.0},
         {"path": str(tmp_path / "qa.jsonl"), "template": "Q: {q}\nA: {a}", "weight": 1.0}],
         val_fraction=0.0)
-    mixed = prepare_data(recipe, log=lambda *_: None)
+    mixed = prepare_data(recipe)
     total = mixed.stats["tokens_kept"] // 32  # packed samples of both sources before mixing
     assert len(mixed.train) == round(total * 3 / 4) + round(total / 4)
     assert mixed.stats["val_samples"] == 0

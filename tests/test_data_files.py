@@ -56,7 +56,7 @@ def _prepared(tmp: Path, task: str, source: dict, **data):
                      val_fraction=0.2, **data)
     if task != "causal_lm":
         r["eval"] = {"metric": "accuracy"}
-    prepared = prepare_data(recipe_from_dict(r), log=lambda *_: None)
+    prepared = prepare_data(recipe_from_dict(r))
     splits = {"train": prepared.train, "val": prepared.val, "test": prepared.test}
     return prepared, {name: {c: s.table.column(c).to_pylist() for c in s.table.column_names}
                       for name, s in splits.items() if s is not None}

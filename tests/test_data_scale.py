@@ -88,12 +88,12 @@ def test_big_files_in_pieces_on_worker_processes_give_the_same_samples(corpus, t
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "all.txt").write_text(awkward_text(400_000))
     src = [{"path": str(tmp_path / "big")}, {"path": str(corpus), "weight": 0.5}]
-    whole = prepare_data(data_recipe(corpus, tmp_path / "a", sources=src, num_proc=1), log=lambda *_: None)
+    whole = prepare_data(data_recipe(corpus, tmp_path / "a", sources=src, num_proc=1))
     monkeypatch.setattr(encode_module, "PIECE_CHARS", 4096)
     started = []
     real = encode_module.Workers.__init__
     monkeypatch.setattr(encode_module.Workers, "__init__", lambda self, *a: (started.append(a[1]), real(self, *a))[1])
-    pieces = prepare_data(data_recipe(corpus, tmp_path / "b", sources=src, num_proc=2), log=lambda *_: None)
+    pieces = prepare_data(data_recipe(corpus, tmp_path / "b", sources=src, num_proc=2))
     assert started == [2, 2], "each source (over 2 pieces) goes to 2 worker processes"
     assert whole.key == pieces.key and whole.stats["tokens_total"] == pieces.stats["tokens_total"]
     assert _splits(whole) == _splits(pieces)
@@ -109,7 +109,7 @@ def test_an_unreadable_file_mid_stream_is_one_line_and_leaves_no_process_or_scra
     (tmp_path / "c" / "b.txt").write_bytes(b"ok " * 500_000 + b"\xff\xfe")
     recipe = data_recipe(tmp_path / "c", tmp_path, num_proc=2, tokenizer={"train": {"vocab_size": 300, "max_chars": 10_000}})
     with pytest.raises(DataError, match=r"b\.txt' is not UTF-8 \(invalid start byte\); convert it to UTF-8"):
-        prepare_data(recipe, log=lambda *_: None)
+        prepare_data(recipe)
     assert not psutil.Process().children() and not list((tmp_path / "cache").glob(".scratch-*"))
 
 
@@ -169,7 +169,7 @@ def test_samples_and_their_order_are_those_of_the_datasets_pipeline(corpus, tmp_
                           {"path": str(tmp_path / "qa.jsonl"), "template": "Q: {q}\nA: {a}"}], "val_fraction": 0.0},
              {"val_source": {"path": str(corpus / "doc00.txt")}, "max_samples": 50}]
     for i, case in enumerate(cases):
-        data = prepare_data(data_recipe(corpus, tmp_path / f"case{i}", **case), log=lambda *_: None)
+        data = prepare_data(data_recipe(corpus, tmp_path / f"case{i}", **case))
         with scratch_in(tmp_path / f"ref{i}"):
             expected = reference_prepare(data_recipe(corpus, tmp_path / f"case{i}", **case), data.tokenizer)
         assert _splits(data) == expected, f"case {i}: {case}"
@@ -193,8 +193,8 @@ def test_nothing_is_written_outside_the_data_cache_and_no_scratch_is_left(corpus
     import pickle
 
     blob = pickle.dumps(recipes).hex()
-    code = (f"import pickle\nfrom train.data.prepare import prepare_data\n"
-            f"for r in pickle.loads(bytes.fromhex({blob!r})):\n    print(prepare_data(r, log=print).stats)\n")
+    code = (f"import pickle\nfrom train.console import show_on_console\nfrom train.data.prepare import prepare_data\n"
+            f"show_on_console(True)\nfor r in pickle.loads(bytes.fromhex({blob!r})):\n    print(prepare_data(r).stats)\n")
     proc = _run_python(code, {"HOME": str(home), "HF_HOME": str(home / "hf"), "XDG_CACHE_HOME": str(home / "cache"),
                               "TMPDIR": str(home)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -230,7 +230,7 @@ def test_memory_stays_bounded_for_one_file_far_over_the_piece_bound(tmp_path):
             f"tmp = Path({str(tmp_path)!r})\n"
             "r = data_recipe(tmp / 'big', tmp, num_proc=2, seq_len=128, tokenizer={'train': {'vocab_size': 400, "
             "'max_chars': 2_000_000}})\n"
-            "print(json.dumps(prepare_data(r, log=lambda *_: None).stats['tokens_total']))\n")
+            "print(json.dumps(prepare_data(r).stats['tokens_total']))\n")
     proc = _run_python(PEAK, {"TOKENIZERS_PARALLELISM": "false"}, args=[sys.executable, "-c", code])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     tokens, peak_kb = map(int, proc.stdout.strip().splitlines()[-2:])

@@ -51,12 +51,12 @@ def _mixed_recipe(tmp: Path, corpus: Path, rows: Path, table: Path, cache: str):
     return recipe_from_dict(recipe), write_recipe(tmp / f"{cache}.yaml", recipe)
 
 
-def test_two_shards_join_into_the_cache_one_process_writes(tmp_path, capsys):
+def test_two_shards_join_into_the_cache_one_process_writes(tmp_path, capsys, logged):
     from launch.cli import main
 
     data = _mixed_data(tmp_path)
     one, _ = _mixed_recipe(tmp_path, *data, "one")
-    whole = prepare_data(one, log=lambda *_: None)
+    whole = prepare_data(one)
     many, path = _mixed_recipe(tmp_path, *data, "many")
     (tmp_path / "many").mkdir()
     shutil.copytree(tmp_path / "one" / "tokenizers", tmp_path / "many" / "tokenizers")  # a shared cache's
@@ -64,11 +64,10 @@ def test_two_shards_join_into_the_cache_one_process_writes(tmp_path, capsys):
         "doc00.txt", "doc01.txt", "doc02.txt", "doc03.txt", "doc04.txt", "doc05.txt", "part0.jsonl",
         "part1.jsonl", "part2.jsonl", "a.csv", "b.csv"]  # empty and blank files add nothing and are left out
 
-    said = []
-    assert prepare_share(many, 1, 2, log=said.append) is None  # task 0 has not run
-    assert any("task(s) 0 of 2 have not finished" in line for line in said), said
+    assert prepare_share(many, 1, 2) is None  # task 0 has not run
+    assert any("task(s) 0 of 2 have not finished" in line for line in logged), logged
     with pytest.raises(DataError) as err:  # a training start, or `shardforge prepare`, refuses
-        prepare_data(many, log=lambda *_: None)
+        prepare_data(many)
     msg = str(err.value)
     assert "\n" not in msg and "task(s) 0 have not finished" in msg and "--tasks 2" in msg, msg
     capsys.readouterr()
@@ -76,9 +75,9 @@ def test_two_shards_join_into_the_cache_one_process_writes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "task(s) 0 have not finished" in err, err
     with pytest.raises(DataError, match="holds the shards of 2 tasks, not 3"):
-        prepare_share(many, 0, 3, log=lambda *_: None)
+        prepare_share(many, 0, 3)
 
-    joined = prepare_share(many, 0, 2, log=said.append)
+    joined = prepare_share(many, 0, 2)
     assert joined is not None and joined.key == whole.key and not joined.stats["cache_hit"]
     for a, b in zip(_tokens(joined), _tokens(whole)):
         assert a.shape == b.shape and (a == b).all()
@@ -87,7 +86,7 @@ def test_two_shards_join_into_the_cache_one_process_writes(tmp_path, capsys):
         {k: v for k, v in whole.stats.items() if k not in drop}
     out = Path(many.data.cache_dir) / joined.key
     assert not shards_dir(out).exists(), "the shards go once the entry is written"
-    again = prepare_data(many, log=lambda *_: None)
+    again = prepare_data(many)
     assert again.stats["cache_hit"] and again.key == whole.key
 
 

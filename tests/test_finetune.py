@@ -35,7 +35,7 @@ def _prepare(task: str, path: Path, tmp: Path, **data):
 
     raw = finetune_recipe(task, path, tmp / "cache", tmp / "run")
     raw["data"].update(data)
-    return prepare_data(recipe_from_dict(raw), log=lambda *_: None)
+    return prepare_data(recipe_from_dict(raw))
 
 
 @pytest.mark.parametrize("task_name", ["sft", "token_classification"])
@@ -230,7 +230,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     from train.data.batches import TrainBatches
 
     resolved = read_recipe(run_dir)
-    t, data = resolved.train, prepare_data(resolved, log=lambda *_: None)
+    t, data = resolved.train, prepare_data(resolved)
     expected = 0
     for rank in range(2):
         replay = TrainBatches(data.train, resolved.run.seed, t.global_batch_size, t.micro_batch_size,
@@ -257,7 +257,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
 
     trained = read_recipe(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
-    initial = build_model(trained.model, len(tokenizer), trained.run.seed, trained.task, labels, log=lambda *_: None,
+    initial = build_model(trained.model, len(tokenizer), trained.run.seed, trained.task, labels,
                           special_ids=token_ids(tokenizer)).state_dict()
     final = exported.state_dict()
     frozen = [k for k in initial if k.startswith(("bert.embeddings.word_embeddings", "bert.embeddings.position",
@@ -267,7 +267,7 @@ def test_sequence_classification_ddp_freezing_early_stopping_best_checkpoint(ft_
     assert all(not torch.equal(initial[k], final[k]) for k in learned if k.endswith("weight"))
 
     # the exported best model reproduces the run's test accuracy, computed by the distributed evaluation
-    data = prepare_data(trained, log=lambda *_: None)
+    data = prepare_data(trained)
     right = total = 0
     with torch.no_grad():
         for batch in eval_batches(data.test, 8, 0, 1, 0):
@@ -347,7 +347,7 @@ def test_minilm_demo_beats_the_majority_baseline(tmp_path):
                              "train.eval_every=0", "eval.patience=0", "logging.console=false")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((run_dir / "test_results.json").read_text())
-    test = prepare_data(read_recipe(run_dir), log=lambda *_: None).test
+    test = prepare_data(read_recipe(run_dir)).test
     majority = np.bincount(test.rows(range(len(test)))["labels"]).max() / len(test)
     assert results["samples"] == len(test) > 200
     assert results["metrics"]["accuracy"] >= majority + 0.05, (results["metrics"]["accuracy"], majority)

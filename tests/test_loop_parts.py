@@ -2,8 +2,8 @@
 Stopper and the ranks' StepAgreement, StepMetrics and the Evaluator (the Saver: tests/test_loop_saver.py).
 
 ``train.loop.trainer.train`` calls them after every step in this order: ``StepMetrics.record`` →
-``Evaluator.maybe_eval`` → ``Saver.save_best`` → ``Stopper.agree(*Saver.flags())`` → on a stop
-``Saver.save("signal")``, else ``Saver.after_step``. The end-to-end tests launch real runs; these
+``Evaluator.maybe_eval`` → ``Saver.save_best`` → ``Stopper.agree(*Saver.flags())`` →
+``Saver.after_step`` (which saves an agreed stop); then the loop ends on a stop. The end-to-end tests launch real runs; these
 pin what each part promises, in seconds, without launching anything. Collectives run in a one-rank
 gloo group in this process; where a second rank matters, it is a scripted fake of ``torch.distributed``.
 """
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tests.loop_fakes import CPU, FakeGuard, FakeStopRequest, FakeWatchdog, FakeWriter
 from tests.loop_fakes import one_rank_group  # noqa: F401 - a fixture, found by its name here
 from train.checkpoint.files import MANIFEST, step_dir_name
-from train.config.recipe import TrainConfig
+from train.config.recipe import EvalConfig, TrainConfig
 from train.checkpoint.state import Counters
 from train.loop import agreement
 from train.loop.agreement import Agreed, StepAgreement, Stopper
@@ -256,9 +256,9 @@ class FakeTask:
         return {"loss": loss, "accuracy": accuracy}
 
 
-def make_evaluator(scores, early: EarlyStopping, eval_every: int, keep_best: bool = False, writer=None, logs=None):
-    return Evaluator(FakeEvalEngine(scores), FakeTask(), VAL, early, eval_every, keep_best, CPU, writer,
-                     FakeWatchdog(), (logs if logs is not None else []).append)
+def make_evaluator(scores, early: EarlyStopping, eval_every: int, keep_best: bool = False, writer=None):
+    return Evaluator(FakeEvalEngine(scores), FakeTask(), val=VAL, early=early, eval_cfg=EvalConfig(keep_best=keep_best),
+                     eval_every=eval_every, device=CPU, writer=writer, watchdog=FakeWatchdog())
 
 
 @pytest.mark.usefixtures("one_rank_group")
@@ -278,10 +278,10 @@ def test_evaluator_evaluates_every_eval_every_steps_and_at_the_end(eval_every, e
 @pytest.mark.parametrize("metric, improved, best_step, stopped", [
     ("loss", [True, True, False, False], 4, True),  # lower is better: two evaluations without a gain
     ("accuracy", [True, True, True, True], 8, False)])  # higher is better
-def test_evaluations_feed_early_stopping_the_metric_it_watches(metric, improved, best_step, stopped):
-    early, logs = EarlyStopping(metric, patience=2), []
+def test_evaluations_feed_early_stopping_the_metric_it_watches(logged, metric, improved, best_step, stopped):
+    early, logs = EarlyStopping(metric, patience=2), logged
     scores = [(3.0, 0.25), (2.0, 0.5), (2.5, 0.625), (2.25, 0.75)]
-    evaluator = make_evaluator(scores, early, eval_every=2, logs=logs)
+    evaluator = make_evaluator(scores, early, eval_every=2)
     assert [evaluator.maybe_eval(step, last=False) for step in (2, 4, 6, 8)] == improved
     assert (early.best_step, early.stopped) == (best_step, stopped)
     assert ("early stopping" in logs[-1]) == stopped

@@ -2,8 +2,8 @@
 in the background and kept, with a fake checkpointer that records what it is asked (issue 34 item 4).
 
 ``train.loop.trainer.train`` asks it after every step: ``save_best`` on a new best evaluation,
-``flags()`` for the ranks' agreement, then ``save("signal")`` on an agreed stop, else
-``after_step``; ``finish`` after the loop. No test here launches training.
+``flags()`` for the ranks' agreement, then ``after_step`` with what was agreed (an agreed stop
+is saved as ``signal``); ``finish`` after the loop. No test here launches training.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from train.rundir import BEST_FILE
 def make_rig(tmp_path: Path, checkpoint: dict = None, keep_best: bool = False, is_main: bool = True,
              **checkpointer) -> SimpleNamespace:
     """A Saver with this ``checkpoint:`` section over a fake checkpointer (``checkpointer``: its
-    arguments), real counters and early stopping on the loss; its log lines go to ``rig.logs``."""
+    arguments), real counters and early stopping on the loss."""
     (tmp_path / "checkpoints").mkdir(exist_ok=True)
     recipe = recipe_from_dict({"checkpoint": checkpoint or {}, "eval": {"keep_best": keep_best}})
     rig = SimpleNamespace(ckpt=FakeCheckpointer(**checkpointer), counters=Counters(), guard=FakeGuard(),
-                          early=EarlyStopping("loss"), logs=[])
+                          early=EarlyStopping("loss"))
     rig.saver = Saver(rig.ckpt, recipe=recipe, counters=rig.counters,
                       batches=SimpleNamespace(fingerprint=lambda steps_back=0: "fp", sample_order="test-order"),
                       early=rig.early, guard=rig.guard,
-                      watchdog=FakeWatchdog(), run_dir=tmp_path, is_main=is_main, log=rig.logs.append)
+                      watchdog=FakeWatchdog(), run_dir=tmp_path, is_main=is_main)
     return rig
 
 
@@ -109,7 +109,7 @@ def test_without_keep_best_no_best_is_saved_or_protected(tmp_path):
     assert not (tmp_path / "checkpoints" / BEST_FILE).exists()
 
 
-def test_a_background_save_commits_once_no_rank_is_writing_it(tmp_path):
+def test_a_background_save_commits_once_no_rank_is_writing_it(tmp_path, logged):
     rig = make_rig(tmp_path, {"every_steps": 5, "async_save": True})
     after_step(rig, 5)
     assert rig.ckpt.saves == [(5, "periodic", True, set())] and rig.ckpt.committed == []
@@ -118,7 +118,7 @@ def test_a_background_save_commits_once_no_rank_is_writing_it(tmp_path):
     after_step(rig, 7, agreed=WRITING)  # some rank is still writing it
     assert rig.ckpt.committed == []
     after_step(rig, 8)
-    assert rig.ckpt.committed == [5] and "committed step-000005" in rig.logs[-1]
+    assert rig.ckpt.committed == [5] and "committed step-000005" in logged[-1]
 
 
 def test_the_last_step_and_finish_commit_a_background_save_without_waiting_for_agreement(tmp_path):
@@ -161,7 +161,7 @@ def test_a_stop_save_is_synchronous_named_signal_and_commits_what_is_in_flight(t
     ("continue", "end", True), ("continue", "signal", True),  # nothing else would hold the run's end
     ("stop", "periodic", True)])
 def test_a_failed_save_ends_the_run_unless_on_error_continue_and_a_later_save_can_follow(
-        tmp_path, on_error, reason, fails_the_run):
+        tmp_path, logged, on_error, reason, fails_the_run):
     rig = make_rig(tmp_path, {"on_error": on_error}, fail=True)
     rig.counters.step = 4
     if fails_the_run:
@@ -169,7 +169,7 @@ def test_a_failed_save_ends_the_run_unless_on_error_continue_and_a_later_save_ca
             rig.saver.save(reason)
     else:
         assert rig.saver.save(reason) is False
-        assert "training goes on" in rig.logs[-1]
+        assert "training goes on" in logged[-1]
 
 
 def test_nothing_is_saved_after_a_non_finite_step_or_of_non_finite_weights(tmp_path):
@@ -198,10 +198,9 @@ def save_and_stop_loop(rig, stopper: Stopper, max_steps: int, request: FakeStopR
             request.signal_name = "SIGUSR1"
         last = step == max_steps
         agreed = stopper.agree(step, last, *rig.saver.flags())
-        if agreed.stop:
-            rig.saver.save("signal")
-            return step, committed_after
         rig.saver.after_step(step, last, agreed)
+        if agreed.stop:
+            return step, committed_after
         committed_after.update({s: step for s in rig.ckpt.committed if s not in committed_after})
     rig.saver.finish()
     return None, committed_after
@@ -212,11 +211,17 @@ def save_and_stop_loop(rig, stopper: Stopper, max_steps: int, request: FakeStopR
     (5, 0, 6, [(4, "periodic"), (6, "signal")]),  # acted on one step late, by every rank alike
     (None, 6, 6, [(4, "periodic"), (6, "signal")]),
     (10, 0, None, [(4, "periodic"), (8, "periodic"), (10, "end")])])  # on the last step: the run completes
-def test_an_agreed_stop_saves_and_ends_the_loop(tmp_path, signal_at, stop_after, stopped_at, saved):
+def test_an_agreed_stop_saves_and_ends_the_loop(tmp_path, logged, signal_at, stop_after, stopped_at, saved):
     rig, request = make_rig(tmp_path, {"every_steps": 4}), FakeStopRequest()
     stopper = Stopper(request, CPU, stop_after, first_step=0)
     assert save_and_stop_loop(rig, stopper, 10, request, signal_at)[0] == stopped_at
     assert [s[:2] for s in rig.ckpt.saves] == saved
+    said = [line for line in logged if line.startswith("stop requested")]
+    reason = "SIGUSR1" if signal_at else f"train.stop_after={stop_after}"
+    assert said == ([f"stop requested ({reason}) at step {stopped_at}: saving and exiting with code 75"]
+                    if stopped_at else [])
+    if stopped_at:  # said before the stop's save, as a job log should read
+        assert logged.index(said[0]) < next(i for i, line in enumerate(logged) if "(signal" in line)
 
 
 @pytest.mark.usefixtures("one_rank_group")

@@ -95,7 +95,7 @@ def test_model_sizes_count_what_the_ranks_build():
 
     r = recipe_for({**SHAPES["llama"], "tie_word_embeddings": True}, "bf16")
     r.model.freeze_layers = 1
-    built = build_model(r.model, 3072, 0, log=lambda *_: None)
+    built = build_model(r.model, 3072, 0)
     m = model_sizes(r)
     assert m.params == sum(p.numel() for p in built.parameters())  # the tied head counted once
     assert m.trainable == sum(p.numel() for p in built.parameters() if p.requires_grad) < m.params

@@ -12,7 +12,8 @@ import torch
 
 from launch.report import read_scalars
 from tests.helpers import make_corpus, read_metrics, run_recipe, shardforge, tiny_recipe, train_losses
-from train.metrics.flops import flops_per_token, mfu, peak_tflops
+from train.device_peaks import peak_tflops
+from train.metrics.flops import flops_per_token, mfu
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import TB_TAGS, MetricsWriter, aggregate_ranks
 
@@ -203,7 +204,7 @@ class FakeNVML(types.ModuleType):
         return 0
 
 
-def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
+def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path, logged):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     import torch
@@ -211,8 +212,7 @@ def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
     fake = FakeNVML()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid=str(d.index)))
-    warnings: list[str] = []
-    ranks = [Telemetry(torch.device("cuda", i), 0.01, warn=warnings.append) for i in range(2)]
+    ranks = [Telemetry(torch.device("cuda", i), 0.01) for i in range(2)]
     try:
         import time
 
@@ -235,7 +235,7 @@ def test_nvml_per_rank_and_aggregated_tags(monkeypatch, tmp_path):
         time.sleep(0.1)
         after = ranks[0].drain()
         assert "host_rss_gb" in after
-        lost = [w for w in warnings if "NVML read failed" in w]
+        lost = [w for w in logged if "NVML read failed" in w]
         assert len(lost) == 2 and ranks[0].source == "host"  # one line per rank, not per sample
     finally:
         for t in ranks:
@@ -260,14 +260,14 @@ def test_tf32_is_on_by_default_and_switches_torchs_matmul_flags():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_resuming_drops_torn_lines_and_never_writes_through_a_linked_metrics_file(tmp_path):
+def test_resuming_drops_torn_lines_and_never_writes_through_a_linked_metrics_file(tmp_path, logged):
     """A metrics.jsonl that is a link to someone's file (or holds a line torn by a crash) made the
     resume die with a JSONDecodeError; a link was also appended through."""
     from train.metrics.writer import MetricsWriter
 
-    seen: list[str] = []
+    seen = logged
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2, log=seen.append)
+    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2)
     writer.write(3, {"loss": 1.0})
     writer.close()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3] and "dropped 1 line(s)" in seen[0], seen
@@ -275,7 +275,7 @@ def test_resuming_drops_torn_lines_and_never_writes_through_a_linked_metrics_fil
     theirs.write_text("not json\n")
     (tmp_path / "metrics.jsonl").unlink()
     (tmp_path / "metrics.jsonl").symlink_to(theirs)
-    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2, log=seen.append)
+    writer = MetricsWriter(tmp_path, tensorboard=False, console=False, max_steps=5, resume_step=2)
     writer.write(3, {"loss": 1.0})
     writer.close()
     assert theirs.read_text() == "not json\n" and not (tmp_path / "metrics.jsonl").is_symlink()

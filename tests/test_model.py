@@ -29,7 +29,7 @@ class OpCounter(TorchDispatchMode):
 
 def backward_ops(mode) -> tuple[Counter, float, list[torch.Tensor]]:
     recipe = recipe_from_dict({"model": {"config": LLAMA, "activation_checkpointing": mode}})
-    model = build_model(recipe.model, 256, seed=0, log=lambda *_: None)
+    model = build_model(recipe.model, 256, seed=0)
     model.train()
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
@@ -71,7 +71,7 @@ def test_compiled_blocks_with_selective_checkpointing_train_like_eager_on_cpu():
     def loss_and_grads(compile_: bool) -> tuple[float, list[torch.Tensor]]:
         recipe = recipe_from_dict({"model": {"config": LLAMA, "activation_checkpointing": "selective",
                                              "compile": compile_}})
-        model = build_model(recipe.model, 256, seed=0, log=lambda *_: None)
+        model = build_model(recipe.model, 256, seed=0)
         blocks = transformer_blocks(model)
         assert len(blocks) == 2 and all((b._compiled_call_impl is not None) == compile_ for b in blocks)
         model.train()

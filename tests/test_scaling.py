@@ -134,10 +134,20 @@ def test_weak_scaling_keeps_the_work_per_gpu():
     assert predict(SMALL, at_nodes(s, 16)).compute_s == predict(SMALL, at_nodes(s, 1)).compute_s
 
 
+def test_the_table_lists_every_engine_auto_fit_orders():
+    """The table's row order (pinned by its golden files) differs from auto-fit's preference; the
+    engines are the same."""
+    from train.engines import CAPABILITIES
+    from train.engines.autofit import ENGINE_ORDER
+    from train.engines.scaling import TABLE_ORDER
+
+    assert sorted(TABLE_ORDER) == sorted(ENGINE_ORDER) == sorted(CAPABILITIES)
+
+
 def test_flops_and_peak_are_the_metrics_modules():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.metrics.flops import PEAK_TFLOPS
+    from train.device_peaks import PEAK_TFLOPS
     from train.metrics.flops import flops_per_token as measured_flops
 
     assert H100_PEAK_TFLOPS == {"bf16": PEAK_TFLOPS["H100"]["bf16"], "fp16": PEAK_TFLOPS["H100"]["fp16"],

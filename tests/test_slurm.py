@@ -100,18 +100,17 @@ def test_unsafe_values_are_refused_with_the_key(section, key, value, fragment):
     assert fragment in str(err.value)
 
 
-def test_a_save_slower_than_the_slurm_lead_warns(monkeypatch):
+def test_a_save_slower_than_the_slurm_lead_warns(monkeypatch, logged):
     """Under Slurm, a save plus a step longer than ``signal_lead_s`` less the 30 s Slurm may be
     late with its USR1 prints a warning naming the setting; not outside Slurm, not when it fits."""
     from types import SimpleNamespace
 
     from train.checkpoint.schedule import Saver
 
-    said = []
+    said = logged
     saver = object.__new__(Saver)  # only the check: no checkpointer or run behind it
     saver.recipe = SimpleNamespace(slurm=SimpleNamespace(signal_lead_s=60))
     saver.counters = SimpleNamespace(elapsed_s=100.0, step=10)  # 10 s a step
-    saver.log = said.append
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     saver._warn_if_slower_than_lead(25.0)
     assert said == []
@@ -198,7 +197,7 @@ def _final_weights(run_dir: Path, out: Path) -> dict:
 
     from launch.export import export
 
-    export(run_dir, out, log=lambda *_: None)
+    export(run_dir, out)
     return load_file(str(out / "model.safetensors"))
 
 

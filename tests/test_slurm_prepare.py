@@ -89,12 +89,12 @@ def test_two_array_tasks_prepare_the_cache_one_process_prepares(tmp_path):
     assert not list((tmp_path / "cache").glob("*.shards")), "the shards go once the cache is written"
 
     recipe_obj = recipe_from_dict(recipe)
-    arrayed = prepare_data(recipe_obj, log=lambda *_: None)
+    arrayed = prepare_data(recipe_obj)
     assert arrayed.stats["cache_hit"]
     (tmp_path / "one").mkdir()
     shutil.copytree(tmp_path / "cache" / "tokenizers", tmp_path / "one" / "tokenizers")
     recipe_obj.data.cache_dir = str(tmp_path / "one")
-    one = prepare_data(recipe_obj, log=lambda *_: None)
+    one = prepare_data(recipe_obj)
     assert one.key == arrayed.key and not one.stats["cache_hit"]
     for a, b in ((one.train, arrayed.train), (one.val, arrayed.val)):
         assert np.array_equal(np.asarray(a.table.column("input_ids").to_pylist()),

@@ -107,7 +107,7 @@ def test_a_manifest_names_only_files_inside_its_checkpoint_and_a_real_world_size
     from launch.export import ExportError, export
 
     with pytest.raises(ExportError) as err:
-        export(Path(r["run"]["dir"]), tmp_path / "out", step=2, log=lambda *_: None)
+        export(Path(r["run"]["dir"]), tmp_path / "out", step=2)
     assert fragment in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 

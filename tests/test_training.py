@@ -156,7 +156,7 @@ def test_export_gives_the_trained_model(world, straight, engine, tmp_path):
     assert eos is not None and model.config.eos_token_id == model.generation_config.eos_token_id == eos
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     recipe = read_recipe(straight[engine])
-    data = prepare_data(recipe, log=lambda *_: None)
+    data = prepare_data(recipe)
     assert len(tokenizer) == len(data.tokenizer)
     n = recipe.train.eval_batches * recipe.train.global_batch_size
     ids = torch.from_numpy(data.val.rows(range(min(n, len(data.val))))["input_ids"]).long()

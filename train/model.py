@@ -63,7 +63,7 @@ def auto_model_class(task: str):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causal_lm",
-                labels: Optional[list[str]] = None, log=print,
+                labels: Optional[list[str]] = None,
                 special_ids: Optional[dict[str, Optional[int]]] = None,
                 empty_init: Optional[contextlib.AbstractContextManager] = None) -> torch.nn.Module:
     """Build on CPU in fp32 from the seed: the weights every rank starts from.
@@ -89,10 +89,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
     freeze(model, cfg.freeze_embeddings, cfg.freeze_layers)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora, task)
-    trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(param_numel(p) for p in model.parameters())
-    if trainable < total and empty_init is None:
-        log(f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)")
     if cfg.activation_checkpointing:
         kwargs: dict[str, Any] = {"use_reentrant": False}
         if cfg.activation_checkpointing == "selective":
@@ -104,6 +100,14 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, task: str = "causa
         for block in transformer_blocks(model):
             block.compile()
     return model
+
+
+def trainable_summary(model: torch.nn.Module) -> Optional[str]:
+    """``model: T of N parameters trainable (P%)`` when some are frozen (LoRA, model.freeze_*)."""
+    trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(param_numel(p) for p in model.parameters())
+    return f"model: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)" \
+        if trainable < total else None
 
 
 def param_numel(p: torch.Tensor) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import xxhash
+
+logger = logging.getLogger("shardforge")
 
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -284,20 +287,20 @@ def links_note(root: Path) -> Optional[str]:
 
 
 def newest_valid(candidates: list[Path], check: Callable[[Path], Optional[str]] = verify,
-                 warn: Callable[[str], object] = print) -> tuple[Optional[Path], list[str]]:
+                 ) -> tuple[Optional[Path], list[str]]:
     """The newest of ``candidates`` (oldest first) that ``check`` passes, and the problem of each
-    newer one (newest first), each also passed to ``warn``. The one search for a checkpoint to
+    newer one (newest first), each also logged as a warning. The one search for a checkpoint to
     resume from or export: offline with :func:`verify`, in a run with the ranks sharing the work."""
     problems: list[str] = []
     for ckpt in reversed(candidates):
         problem = check(ckpt)
         if problem is None:
             return ckpt, problems
-        warn(f"checkpoint: skipping {problem}; trying the previous one")
+        logger.warning(f"checkpoint: skipping {problem}; trying the previous one")
         problems.append(problem)
     return None, problems
 
 
-def latest_valid(root: Path, warn: Callable[[str], object] = print) -> Optional[Path]:
+def latest_valid(root: Path) -> Optional[Path]:
     """The newest committed checkpoint under ``root`` whose files pass their checksums."""
-    return newest_valid(committed_checkpoints(root), verify, warn)[0]
+    return newest_valid(committed_checkpoints(root), verify)[0]

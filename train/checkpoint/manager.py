@@ -18,6 +18,7 @@ manifest first, then rank 0 deletes its files in a thread while training goes on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -35,6 +36,8 @@ from train.loop.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
 from train.checkpoint.safe_load import rank_errors, refusing_code
 from train.checkpoint.state import Stateful
+
+logger = logging.getLogger("shardforge")
 
 
 
@@ -66,9 +69,9 @@ class Checkpointer:
     """Collects the engine and every stateful part; saves and restores them atomically."""
 
     def __init__(self, root: Path, engine, parts: dict[str, Stateful], rank: int, world: int,
-                 meta: dict, log=print):
+                 meta: dict):
         self.root, self.engine, self.parts = root, engine, parts
-        self.rank, self.world, self.meta, self.log = rank, world, meta, log
+        self.rank, self.world, self.meta = rank, world, meta
         self.last_save_s: Optional[float] = None
         self.last_commit_s: Optional[float] = None
         self.pending: Optional[PendingSave] = None
@@ -144,8 +147,8 @@ class Checkpointer:
             fault_point("rename", step, self.rank)
             try:
                 if final.is_symlink():  # the link goes, never what it points at
-                    self.log(f"checkpoint: {final} was a symbolic link to {os.readlink(final)}; replaced the "
-                             f"link with this save (its target is untouched)")
+                    logger.warning(f"checkpoint: {final} was a symbolic link to {os.readlink(final)}; replaced the "
+                                   f"link with this save (its target is untouched)")
                     final.unlink()
                 elif final.exists():  # an uncommitted or older copy of the same step
                     shutil.rmtree(final)
@@ -244,14 +247,14 @@ class Checkpointer:
         if resume == "never":
             return None
         if self.rank == 0 and (note := links_note(self.root)):
-            self.log(note)
+            logger.warning(note)
         candidates: list = [[str(p) for p in committed_checkpoints(self.root)] if resume == "auto" else [resume]]
         dist.broadcast_object_list(candidates, src=0)  # rank 0's listing is the one everyone checks
         if resume != "auto":
             if (problem := self.verify_all(Path(candidates[0][0]))) is not None:
                 raise CheckpointError(f"checkpoint.resume: {problem}")
             return Path(candidates[0][0])
-        found, problems = newest_valid([Path(p) for p in candidates[0]], self.verify_all, self.log)
+        found, problems = newest_valid([Path(p) for p in candidates[0]], self.verify_all)
         if found is None and problems:  # starting over would overwrite the run's step directories
             raise CheckpointError(
                 f"resume: none of the {len(problems)} committed checkpoints in {self.root} verifies (newest: "
@@ -282,7 +285,7 @@ class Checkpointer:
             if name in PER_RANK_PARTS and not same_world:
                 continue  # per-rank streams and sums cannot map onto another world size; they start afresh
             if name not in state:  # saved by an older version that did not track this part
-                self.log(f"checkpoint: {ckpt.name} has no {name!r} state; {name} starts afresh")
+                logger.warning(f"checkpoint: {ckpt.name} has no {name!r} state; {name} starts afresh")
                 continue
             part.load_state_dict(state[name])
         return manifest

@@ -5,10 +5,10 @@ every rank's write is done. The checkpointer does the writing; this decides the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 from train.checkpoint.manager import Checkpointer, CheckpointSaveError
 from train.checkpoint.files import step_dir_name
@@ -19,20 +19,22 @@ from train.rundir import BEST_FILE, atomic_write
 from train.loop.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters
 
+logger = logging.getLogger("shardforge")
+
 
 class Saver:
     """Decides when the trainer saves (every N steps or minutes, at the end, on a stop, a new best
     evaluation) and commits background saves once every rank has written them; the
-    :class:`~train.checkpoint.manager.Checkpointer` does the writing. The trainer calls
-    :meth:`save_best` after an evaluation and :meth:`after_step` after the agreement of each step;
-    :meth:`flags` is this rank's part of that agreement (a query, no state)."""
+    :class:`~train.checkpoint.manager.Checkpointer` does the writing. The trainer calls, per step:
+    :meth:`save_best` after an evaluation, :meth:`flags` for this rank's part of the ranks'
+    agreement (a query, no state), then :meth:`after_step` with what was agreed (a stop included);
+    :meth:`finish` after the loop."""
 
     def __init__(self, checkpointer: Checkpointer, *, recipe: Recipe, counters: Counters, batches,
-                 early: EarlyStopping, guard: NonFiniteGuard, watchdog, run_dir: Path, is_main: bool,
-                 log: Callable[[str], None]):
+                 early: EarlyStopping, guard: NonFiniteGuard, watchdog, run_dir: Path, is_main: bool):
         self.checkpointer, self.recipe, self.counters, self.batches = checkpointer, recipe, counters, batches
         self.early, self.guard, self.watchdog, self.run_dir = early, guard, watchdog, run_dir
-        self.is_main, self.log = is_main, log
+        self.is_main = is_main
         self.cfg: CheckpointConfig = recipe.checkpoint
         self.keep_best = bool(recipe.eval.keep_best)
         self.last_save_time, self.last_save_step = time.time(), -1
@@ -52,10 +54,14 @@ class Saver:
         return due, self.checkpointer.write_in_flight()
 
     def after_step(self, step: int, last: bool, agreed: Agreed, protect: tuple = ()) -> None:
-        """Commit a finished background save; then save when a period, the clock or the end says so.
+        """On an agreed stop, the stop's save (the trainer then ends the loop). Else commit a finished
+        background save; then save when a period, the clock or the end says so.
 
         A background save started at step s is first in the flags sent after step s + 1, and the
         agreement is one step late: from s + 2, ``agreed.writing`` false means every rank has written it."""
+        if agreed.stop:
+            self.save("signal")
+            return
         pending = self.checkpointer.pending
         if pending is not None and (last or (not agreed.writing and step >= pending.step + 2)):
             self.commit_background()
@@ -100,11 +106,11 @@ class Saver:
         self.last_save_time = time.time()
         took = self.checkpointer.last_save_s or 0.0  # set by the save just made
         if background:
-            self.log(f"checkpoint: writing {path.name} in the background ({reason}; training stalled {took:.2f}s)")
+            logger.info(f"checkpoint: writing {path.name} in the background ({reason}; training stalled {took:.2f}s)")
             return True
         if self.keep_best and self.early.best_step == step and self.is_main:
             self.write_best(step)
-        self.log(f"checkpoint: saved {path.name} ({reason}, {took:.1f}s)")
+        logger.info(f"checkpoint: saved {path.name} ({reason}, {took:.1f}s)")
         self._warn_if_slower_than_lead(took)
         return True
 
@@ -117,8 +123,8 @@ class Saver:
             return
         if path is None:  # nothing was in flight
             return
-        self.log(f"checkpoint: committed {path.name} (written in the background, "
-                 f"{self.checkpointer.last_commit_s:.1f}s)")
+        logger.info(f"checkpoint: committed {path.name} (written in the background, "
+                    f"{self.checkpointer.last_commit_s:.1f}s)")
 
     def write_best(self, step: int) -> None:
         """Point ``checkpoints/best.json`` at the best evaluation's checkpoint (once it is committed)."""
@@ -131,13 +137,13 @@ class Saver:
         should hold the run's end or its stop: then nothing would hold it, and the run fails."""
         if self.cfg.on_error == "stop" or final:
             raise err
-        self.log(f"warning: {err} (checkpoint.on_error=continue: training goes on)")
+        logger.warning(f"{err} (checkpoint.on_error=continue: training goes on)")
 
     def _warn_if_slower_than_lead(self, save_s: float) -> None:
         lead = self.recipe.slurm.signal_lead_s
         step_s = self.counters.elapsed_s / max(1, self.counters.step)
         if "SLURM_JOB_ID" in os.environ and save_s + step_s > lead - SLURM_SIGNAL_SLACK_S:
-            self.log(f"warning: a save takes {save_s:.0f} s and a step {step_s:.0f} s, more than "
-                     f"slurm.signal_lead_s={lead} less the {SLURM_SIGNAL_SLACK_S} s Slurm may be late with "
-                     f"its signal: a job stopped at its time limit would lose its last steps; raise "
-                     f"slurm.signal_lead_s")
+            logger.warning(f"a save takes {save_s:.0f} s and a step {step_s:.0f} s, more than "
+                           f"slurm.signal_lead_s={lead} less the {SLURM_SIGNAL_SLACK_S} s Slurm may be late with "
+                           f"its signal: a job stopped at its time limit would lose its last steps; raise "
+                           f"slurm.signal_lead_s")

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from train.engines import CAPABILITIES, resumes_from
 from train.engines.autofit import Auto, Fit, choose, describe_setup
 from train.engines.memory_plan import GB, ModelSizes, Setup
+from train.config.checks import check_recipe, engine_problems
 from train.config.recipe import AUTO_KEYS, Recipe, auto_keys, micro_batch, offloaded, world_size
 
 STAND_INS: dict[str, Any] = {"parallel.engine": "fsdp", "parallel.offload": False,
@@ -49,20 +50,14 @@ the user gave stays theirs)."""
 
 
 def excluded_engines(recipe: Recipe) -> dict[str, str]:
-    """Engine → why this recipe cannot use it (the same rules ``check_recipe`` applies)."""
+    """Engine → why this recipe cannot use it: the rules ``check_recipe`` applies to an explicit
+    engine (:func:`~train.config.checks.engine_problems`), and DeepSpeed missing here (an explicit
+    ZeRO engine then fails on its import instead)."""
     out: dict[str, str] = {}
     deepspeed = importlib.util.find_spec("deepspeed") is not None
     for name, caps in CAPABILITIES.items():
-        if recipe.model.lora is not None and not caps.lora:
-            out[name] = "model.lora runs on ddp or fsdp"
-        elif recipe.model.compile and caps.zero_stage == 3:
-            out[name] = "model.compile is not supported under ZeRO-3"
-        elif recipe.checkpoint.async_save and not caps.async_save:
-            out[name] = "checkpoint.async_save needs ddp or fsdp"
-        elif recipe.train.on_nonfinite == "skip" and not caps.skip_nonfinite:
-            out[name] = "train.on_nonfinite=skip needs ddp or fsdp"
-        elif recipe.parallel.reduce_dtype is not None and caps.config_file is None:
-            out[name] = "parallel.reduce_dtype is a setting of fsdp and ZeRO"
+        if problems := engine_problems(recipe, name):
+            out[name] = problems[0].why
         elif caps.family == "deepspeed" and not deepspeed:
             out[name] = "deepspeed is not installed here"
     return out
@@ -223,7 +218,6 @@ def refit(recipe: Recipe, gpu_bytes: Optional[float], no_gpu_hint: str, run_dir:
     world size now (an elastic job that came back on fewer nodes); what changed, one phrase each
     (``train.micro_batch_size 4 → 2``). :class:`RecipeError` when nothing can be chosen: the
     recipe is then not to be written (it holds stand-ins)."""
-    from train.config.checks import check_recipe
     from train.config.recipe import resolve_defaults
     from train.config.typed import RecipeError
 

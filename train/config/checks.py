@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,56 @@ from train.config.recipe import TASK_METRICS, Recipe, auto_keys, micro_batch
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 """A run name: it names a folder and a Slurm job."""
+
+
+@dataclass(frozen=True)
+class EngineProblem:
+    """A setting of the recipe that rules an engine out."""
+
+    key: str
+    """The setting (``model.lora``): ``check_recipe`` prints each where it checks that section."""
+    why: str
+    """Auto-fit's reason, one phrase (``shardforge plan`` lists it beside the engine)."""
+    line: str
+    """``check_recipe``'s line for an explicit ``parallel.engine``: what is wrong and the fix."""
+
+
+def engine_problems(r: Recipe, engine: str) -> list[EngineProblem]:
+    """Why ``r`` cannot run on ``engine`` (empty: it can). Each rule is stated here once: for an
+    explicit engine ``check_recipe`` prints the lines, auto-fit skips the engine (its first
+    problem, in this order, is the reason it lists)."""
+    caps, m, par = capabilities(engine), r.model, r.parallel
+    lora, async_save, skip = (" or ".join(engines_that(**{key: True}))  # the engines that can: "ddp or fsdp"
+                              for key in ("lora", "async_save", "skip_nonfinite"))
+    out = []
+    if m.lora is not None and not caps.lora:
+        out.append(EngineProblem("model.lora", f"model.lora runs on {lora}",
+                                 f"model.lora: supported (and tested) with parallel.engine {lora}, not {engine}; "
+                                 f"set parallel.engine=fsdp"))
+    if m.compile and caps.zero_stage == 3:  # DeepSpeed compiles ZeRO-3 only through its own engine.compile()
+        out.append(EngineProblem("model.compile", "model.compile is not supported under ZeRO-3",
+                                 "model.compile: torch.compile of each block is not supported under ZeRO-3, whose "
+                                 "hooks gather each parameter as it is used (DeepSpeed compiles through "
+                                 "engine.compile()); set model.compile=false, or parallel.engine=fsdp to compile"))
+    if r.checkpoint.async_save and not caps.async_save:
+        out.append(EngineProblem("checkpoint.async_save", f"checkpoint.async_save needs {async_save}",
+                                 f"checkpoint.async_save: needs parallel.engine {async_save} (DeepSpeed saves "
+                                 f"synchronously); set checkpoint.async_save=false"))
+    if r.train.on_nonfinite == "skip" and not caps.skip_nonfinite:
+        out.append(EngineProblem("train.on_nonfinite", f"train.on_nonfinite=skip needs {skip}",
+                                 f"train.on_nonfinite: skip needs parallel.engine {skip} (DeepSpeed applies its step "
+                                 f"before the gradient norm is known); set train.on_nonfinite=stop"))
+    if par.reduce_dtype is not None and caps.config_file is None:
+        out.append(EngineProblem("parallel.reduce_dtype", "parallel.reduce_dtype is a setting of fsdp and ZeRO",
+                                 f"parallel.reduce_dtype: {engine} reduces gradients in their own dtype; it is a "
+                                 f"setting of fsdp and the ZeRO engines: set parallel.engine=fsdp, or leave "
+                                 f"parallel.reduce_dtype unset"))
+    return out
+
+
+def _engine_lines(r: Recipe, key: str) -> list[str]:
+    """``check_recipe``'s lines about ``key`` for the recipe's own engine (see :func:`engine_problems`)."""
+    return [e.line for e in engine_problems(r, r.parallel.engine) if e.key == key]
 
 
 def _divisors_near(n: int, unit: int) -> str:
@@ -64,26 +115,19 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True,
         p.append(f"parallel.nproc: {par.nproc} processes but this node has {local_gpus} GPUs; "
                  f"set parallel.nproc={local_gpus}")
     caps = capabilities(par.engine)
-    if t.on_nonfinite == "skip" and not caps.skip_nonfinite:
-        p.append(f"train.on_nonfinite: skip needs parallel.engine {' or '.join(engines_that(skip_nonfinite=True))} "
-                 f"(DeepSpeed applies its step before the gradient norm is known); set train.on_nonfinite=stop")
+    p += _engine_lines(r, "train.on_nonfinite")
     if r.run.seed < 0:
         p.append(f"run.seed: must be 0 or more (numpy takes unsigned seeds), got {r.run.seed}")
     if t.step_timeout_s < 0:
         p.append(f"train.step_timeout_s: must be 0 (off) or more, got {t.step_timeout_s}")
     if par.gpu_mem_gb is not None and par.gpu_mem_gb <= 0:
         p.append(f"parallel.gpu_mem_gb: must be more than 0 (one GPU's memory in GB, e.g. 80), got {par.gpu_mem_gb}")
-    if par.reduce_dtype is not None and caps.config_file is None:
-        p.append(f"parallel.reduce_dtype: {par.engine} reduces gradients in their own dtype; it is a setting of "
-                 f"fsdp and the ZeRO engines: set parallel.engine=fsdp, or leave parallel.reduce_dtype unset")
+    p += _engine_lines(r, "parallel.reduce_dtype")
     if par.offload and not caps.offload:
         p.append("parallel.offload: DDP keeps every replica on the device; use parallel.engine=zero2, "
                  "zero3 or fsdp to offload, or set parallel.offload=false")
     m = r.model
-    if m.compile and caps.zero_stage == 3:  # DeepSpeed compiles ZeRO-3 only through its own engine.compile()
-        p.append("model.compile: torch.compile of each block is not supported under ZeRO-3, whose hooks gather "
-                 "each parameter as it is used (DeepSpeed compiles through engine.compile()); set "
-                 "model.compile=false, or parallel.engine=fsdp to compile")
+    p += _engine_lines(r, "model.compile")
     if (m.pretrained is None) == (m.config is None):
         p.append("model: give exactly one of model.pretrained (weights to load) or model.config "
                  "(inline config for random init)")
@@ -153,9 +197,7 @@ def check_recipe(r: Recipe, local_gpus: Optional[int], check_model: bool = True,
     if c.resume not in ("auto", "never") and not (Path(c.resume) / "manifest.json").is_file():
         p.append(f"checkpoint.resume: {c.resume!r} is not auto, never or a committed checkpoint "
                  f"directory (one with a manifest.json, e.g. runs/NAME/checkpoints/step-000100); fix the path")
-    if c.async_save and not capabilities(r.parallel.engine).async_save:
-        p.append(f"checkpoint.async_save: needs parallel.engine {' or '.join(engines_that(async_save=True))} "
-                 f"(DeepSpeed saves synchronously); set checkpoint.async_save=false")
+    p += _engine_lines(r, "checkpoint.async_save")
     for key in ("every_steps", "every_minutes", "keep_every"):
         if getattr(c, key) < 0 or not math.isfinite(getattr(c, key)):
             p.append(f"checkpoint.{key}: must be 0 (off) or more, got {getattr(c, key)}")
@@ -198,9 +240,7 @@ def _check_task(r: Recipe) -> list[str]:
         p.append(f"model.freeze_layers: must be 0 or more, got {m.freeze_layers}")
     if m.lora is not None:
         lora = m.lora
-        if not capabilities(r.parallel.engine).lora:
-            p.append(f"model.lora: supported (and tested) with parallel.engine "
-                     f"{' or '.join(engines_that(lora=True))}, not {r.parallel.engine}; set parallel.engine=fsdp")
+        p += _engine_lines(r, "model.lora")
         if lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
             p.append(f"model.lora: need r >= 1, alpha > 0 and dropout in [0, 1) (got r={lora.r}, "
                      f"alpha={lora.alpha}, dropout={lora.dropout})")

@@ -156,7 +156,7 @@ def model_sizes(recipe: Recipe) -> ModelSizes:
     vocab = (m.config or {}).get("vocab_size") or (tok.vocab_size if tok else 32000)
     labels = ["A", "B"] if recipe.task in ("sequence_classification", "token_classification") else None
     # A transformers model (peft's wrapper with LoRA): its config and embeddings are read through their API.
-    model: Any = build_model(m, vocab, 0, recipe.task, labels, log=lambda *_: None, empty_init=torch.device("meta"))
+    model: Any = build_model(m, vocab, 0, recipe.task, labels, empty_init=torch.device("meta"))
     unique = {id(p): p for p in model.parameters()}.values()
     total = sum(param_numel(p) for p in unique)
     blocks = shard_units(model)

@@ -10,6 +10,7 @@ table one record at a time; a record is one document.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from typing import Callable, Iterator, Optional, cast
@@ -17,6 +18,8 @@ from typing import Callable, Iterator, Optional, cast
 from train.data.files import file_format, local_files, saved_dataset
 from train.data.sources import DataError, check_local, record_texts, text_records
 from train.config.recipe import SourceConfig
+
+logger = logging.getLogger("shardforge")
 
 READ_CHARS = 1 << 20
 """Characters of a text file read at a time."""
@@ -27,8 +30,8 @@ RECORD_BLOCK = 1000
 class Progress:
     """Bytes (or records) read and tokens made, with a rate and an ETA, logged every ``every_s``."""
 
-    def __init__(self, where: str, log: Callable, every_s: float = 10.0):
-        self.where, self.log, self.every_s = where, log, every_s
+    def __init__(self, where: str, every_s: float = 10.0):
+        self.where, self.every_s = where, every_s
         self.total, self.unit, self.done, self.tokens = 0, "bytes", 0, 0
         self.start = self.last = time.monotonic()
 
@@ -36,7 +39,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
-            self.log(self.line(now))
+            logger.info(self.line(now))
 
     def line(self, now: Optional[float] = None) -> str:
         spent = max((now or time.monotonic()) - self.start, 1e-9)

@@ -16,6 +16,7 @@ of the records (a seeded shuffle). The cache key covers everything that shapes t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +29,8 @@ from train.data.sources import DataError, check_template, load_records
 from train.data.tokenizer import tokenizer_fingerprint
 from train.config.recipe import Recipe, SourceConfig
 from train.tasks import IGNORE
+
+logger = logging.getLogger("shardforge")
 
 FORMAT_VERSION = 3  # 2: chat assistant headers are no longer learned; 3: CHAT_TEMPLATE's newlines render
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '\\n' if not loop.first else '' }}<|{{ m['role'] }}|>\n{{ m['content'] }}"
@@ -159,7 +162,7 @@ class Featurizer:
         return out
 
 
-def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, log=print):
+def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str):
     records = load_records(src, where, recipe.data.max_record_mb)
     check_template(src, records, where)
     f = Featurizer(recipe, tokenizer, where, src)
@@ -167,8 +170,8 @@ def _featurize(recipe: Recipe, tokenizer, src: SourceConfig, where: str, log=pri
     out = records.map(f.batch, batched=True, remove_columns=records.column_names,
                       desc=f"{where}: tokenize for {recipe.task}")
     if len(out) < len(records) and recipe.task == "sft":
-        log(f"data: {where}: dropped {len(records) - len(out)} of {len(records)} records whose prompt "
-            f"fills data.seq_len={recipe.data.seq_len}")
+        logger.warning(f"data: {where}: dropped {len(records) - len(out)} of {len(records)} records whose prompt "
+                       f"fills data.seq_len={recipe.data.seq_len}")
     return out
 
 
@@ -228,7 +231,7 @@ def task_cache_key(recipe: Recipe, tokenizer) -> str:
                   "seed": recipe.run.seed, "v": FORMAT_VERSION})
 
 
-def prepare_task_data(recipe: Recipe, tokenizer, log=print):
+def prepare_task_data(recipe: Recipe, tokenizer):
     """Tokenize, label, split and cache the data of a fine-tuning task; a :class:`PreparedData`."""
     d = recipe.data
     key = task_cache_key(recipe, tokenizer)
@@ -238,12 +241,12 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
 
         start = time.time()
         had_template = bool(getattr(tokenizer, "chat_template", None))
-        parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]", log) for i, s in enumerate(d.sources)]
+        parts = [_featurize(recipe, tokenizer, s, f"data.sources[{i}]") for i, s in enumerate(d.sources)]
         train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-        test = _featurize(recipe, tokenizer, d.test_source, "data.test_source", log) if d.test_source else None
+        test = _featurize(recipe, tokenizer, d.test_source, "data.test_source") if d.test_source else None
         if test is None:
             test, train = _split(train, d.test_fraction, recipe.run.seed, 13)
-        val = _featurize(recipe, tokenizer, d.val_source, "data.val_source", log) if d.val_source else None
+        val = _featurize(recipe, tokenizer, d.val_source, "data.val_source") if d.val_source else None
         if val is None:
             val, train = _split(train, d.val_fraction, recipe.run.seed, 7)
         if d.max_samples is not None:
@@ -263,9 +266,9 @@ def prepare_task_data(recipe: Recipe, tokenizer, log=print):
                  "seconds": round(time.time() - start, 2),
                  "chat_template": None if had_template else getattr(tokenizer, "chat_template", None)}
         write_cache(out, splits, stats)
-        log(f"data: {recipe.task}: {stats['train_samples']:,} train, {stats['val_samples']:,} val, "
-            f"{stats['test_samples']:,} test records of at most {d.seq_len} tokens"
-            + (f"; {len(names)} labels: {', '.join(stats['labels'][:10])}" if names else "")
+        logger.info(f"data: {recipe.task}: {stats['train_samples']:,} train, {stats['val_samples']:,} val, "
+                    f"{stats['test_samples']:,} test records of at most {d.seq_len} tokens"
+                    + (f"; {len(names)} labels: {', '.join(stats['labels'][:10])}" if names else "")
             + f" (cache {out})")
         cache_hit = False
     else:

@@ -15,7 +15,7 @@ from train.data.tokenizer import load_or_train_tokenizer
 from train.config.recipe import Recipe
 
 
-def prepare_data(recipe: Recipe, log=print) -> PreparedData:
+def prepare_data(recipe: Recipe) -> PreparedData:
     """The recipe's prepared splits: tokenized and cached on the first call, loaded afterwards.
     ``datasets``' own cache and every temporary file stay in a scratch folder of ``data.cache_dir``,
     removed before this returns."""
@@ -23,13 +23,13 @@ def prepare_data(recipe: Recipe, log=print) -> PreparedData:
     with scratch_in(root):
         tokenizer = load_or_train_tokenizer(recipe, root)
         if recipe.task == "causal_lm":
-            data = prepare_packed(recipe, tokenizer, log=log)
+            data = prepare_packed(recipe, tokenizer)
             assert data is not None  # only a task's share (prepare_share) is left unjoined
             return data
-        return prepare_task_data(recipe, tokenizer, log=log)
+        return prepare_task_data(recipe, tokenizer)
 
 
-def prepare_share(recipe: Recipe, task: int, tasks: int, log=print) -> Optional[PreparedData]:
+def prepare_share(recipe: Recipe, task: int, tasks: int) -> Optional[PreparedData]:
     """Task ``task`` of ``tasks`` (a Slurm array's): tokenize this task's share of the pre-training
     files into the cache entry's shards, and join them when it is the last to finish (see
     :mod:`train.data.shards`); the prepared data once joined, else ``None``."""
@@ -39,4 +39,4 @@ def prepare_share(recipe: Recipe, task: int, tasks: int, log=print) -> Optional[
     root = Path(recipe.data.cache_dir).expanduser()
     with scratch_in(root):
         tokenizer = load_or_train_tokenizer(recipe, root)
-        return prepare_packed(recipe, tokenizer, log=log, share=(task, tasks))
+        return prepare_packed(recipe, tokenizer, share=(task, tasks))

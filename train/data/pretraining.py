@@ -9,6 +9,7 @@ samples, their order and the cache key are what the ``datasets.map`` pipeline be
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -30,6 +31,8 @@ from train.data.sources import DataError
 from train.data.tokenizer import tokenizer_fingerprint
 from train.config.recipe import Recipe, SourceConfig
 
+logger = logging.getLogger("shardforge")
+
 _BACKENDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -43,7 +46,7 @@ def _backend(tokenizer):
 
 
 def pack_documents(docs: Iterable[Iterable[str]], tokenizer, seq_len: int, num_proc: int, path: Path,
-                   size: Optional[int] = None, progress: Optional[Progress] = None, log=print,
+                   size: Optional[int] = None, progress: Optional[Progress] = None,
                    where: str = "data", sink=None) -> dict:
     """Tokenize documents (each an iterable of text blocks) and pack them into ``path`` (see
     :class:`Packer`); the token counts. ``size`` (bytes, if known) decides whether worker processes pay.
@@ -73,9 +76,9 @@ def pack_documents(docs: Iterable[Iterable[str]], tokenizer, seq_len: int, num_p
     workers.close()
     stats = packer.finish()
     if splitter.unverified:
-        log(f"{where}: {splitter.unverified} of {splitter.cuts} cuts of documents longer than {PIECE_CHARS:,} "
-            f"characters are not where this tokenizer treats text as split; tokens there may differ from "
-            f"tokenizing those documents whole")
+        logger.warning(f"{where}: {splitter.unverified} of {splitter.cuts} cuts of documents longer than {PIECE_CHARS:,} "
+                       f"characters are not where this tokenizer treats text as split; tokens there may differ from "
+                       f"tokenizing those documents whole")
     return stats
 
 
@@ -103,7 +106,7 @@ def data_cache_key(recipe: Recipe, tokenizer) -> str:
                   "seed": recipe.run.seed, "v": DATA_FORMAT_VERSION})
 
 
-def prepare_packed(recipe: Recipe, tokenizer, log=print,
+def prepare_packed(recipe: Recipe, tokenizer,
                    share: Optional[tuple[int, int]] = None) -> Optional[PreparedData]:
     """Tokenize and pack the recipe's data once; later calls load the cached Arrow files. ``share``
     (task, tasks): tokenize that task's share into the entry's shards (:mod:`train.data.shards`) and
@@ -116,28 +119,28 @@ def prepare_packed(recipe: Recipe, tokenizer, log=print,
     if (out / "stats.json").exists():
         return _cached(out, tokenizer, key, cache_hit=True)
     if share is not None:
-        missing = tokenize_share(recipe, tokenizer, out, *share, pack_documents, log=log)
+        missing = tokenize_share(recipe, tokenizer, out, *share, pack_documents)
         if missing:
-            log(f"data: task(s) {', '.join(map(str, missing))} of {share[1]} have not finished; the last to finish joins")
+            logger.info(f"data: task(s) {', '.join(map(str, missing))} of {share[1]} have not finished; the last to finish joins")
             return None
     try:
         with joined(recipe, tokenizer, out) as join:
             if join is None and (out / "stats.json").exists():  # another process joined it meanwhile
                 return _cached(out, tokenizer, key, cache_hit=True)
             if join is None:
-                pack = lambda k, src, where, path: _pack_source(recipe, src, where, tokenizer, path, log)  # noqa: E731
+                pack = lambda k, src, where, path: _pack_source(recipe, src, where, tokenizer, path)  # noqa: E731
             else:
-                log(f"data: joining the shards of {out}")
+                logger.info(f"data: joining the shards of {out}")
                 pack = lambda k, src, where, path: join(k, path)  # noqa: E731
             stats = _write_packed(recipe, out, pack)
     except ShardsBusy as err:
         if share is None:
             raise
-        log(str(err))
+        logger.info(str(err))
         return None
-    log(f"data: {stats['tokens_kept']:,} tokens kept in {stats['train_samples']:,} train + "
-        f"{stats['val_samples']:,} val samples of {d.seq_len}; {stats['tokens_dropped']:,} dropped "
-        f"(cache {out})")
+    logger.info(f"data: {stats['tokens_kept']:,} tokens kept in {stats['train_samples']:,} train + "
+                f"{stats['val_samples']:,} val samples of {d.seq_len}; {stats['tokens_dropped']:,} dropped "
+                f"(cache {out})")
     return _cached(out, tokenizer, key, cache_hit=False)
 
 
@@ -188,16 +191,16 @@ def _write_packed(recipe: Recipe, out: Path, pack) -> dict:
     return stats
 
 
-def _pack_source(recipe: Recipe, src: SourceConfig, where: str, tokenizer, path: Path, log) -> tuple:
+def _pack_source(recipe: Recipe, src: SourceConfig, where: str, tokenizer, path: Path) -> tuple:
     """(packed blocks of one source, memory-mapped; its token counts)."""
     d = recipe.data
     files = local_files(src.path)
     size = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) if files is not None else None
-    progress = Progress(where, log)
+    progress = Progress(where)
     stats = pack_documents(documents(src, where, d.max_record_mb, progress), tokenizer, d.seq_len,
-                           d.num_proc or available_cpus(), path, size, progress, log, where)
+                           d.num_proc or available_cpus(), path, size, progress, where)
     if time.monotonic() - progress.start >= progress.every_s:
-        log(progress.line())
+        logger.info(progress.line())
     return blocks(path, d.seq_len), stats
 
 

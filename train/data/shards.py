@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -35,6 +36,8 @@ from train.data.packing import Packer, blocks
 from train.data.sources import DataError
 from train.config.recipe import Recipe, SourceConfig
 from train.rundir import process_alive
+
+logger = logging.getLogger("shardforge")
 
 SHARDS_SUFFIX = ".shards"
 LOCK = "join.lock"
@@ -205,7 +208,7 @@ def _documents(unit: Unit, max_record_mb: int, progress: Progress) -> Iterator[I
 
 
 def tokenize_share(recipe: Recipe, tokenizer, out: Path, task: int, tasks: int, pack_documents: Callable,
-                   log: Callable = print) -> list[int]:
+                   ) -> list[int]:
     """Tokenize task ``task`` of ``tasks``' units into the shards of ``out`` with
     :func:`train.data.pretraining.pack_documents` (passed in: that module calls this one); the tasks
     still missing."""
@@ -216,14 +219,14 @@ def tokenize_share(recipe: Recipe, tokenizer, out: Path, task: int, tasks: int, 
     _plan(folder, tasks, [f"{u.source}:{u.src.path}" for u in every])
     done = _task_dir(folder, task)
     if (done / "done.json").exists():
-        log(f"data: task {task} of {tasks} was tokenized before ({done})")
+        logger.info(f"data: task {task} of {tasks} was tokenized before ({done})")
         return missing_tasks(folder, tasks)
     tmp = folder / f".task-{task:04d}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     mine = [(j, u) for j, u in enumerate(every) if j % tasks == task]
     try:
-        counts = _tokenize_units(recipe, tokenizer, mine, tmp, f"task {task} of {tasks}", pack_documents, log)
+        counts = _tokenize_units(recipe, tokenizer, mine, tmp, f"task {task} of {tasks}", pack_documents)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,13 +236,13 @@ def tokenize_share(recipe: Recipe, tokenizer, out: Path, task: int, tasks: int, 
         os.replace(tmp, done)
     except OSError:  # the same task ran twice and the other copy finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"data: task {task} of {tasks} tokenized {len(mine)} of {len(every)} units "
-        f"({sum(c['tokens'] for c in counts.values()):,} tokens) into {done}")
+    logger.info(f"data: task {task} of {tasks} tokenized {len(mine)} of {len(every)} units "
+                f"({sum(c['tokens'] for c in counts.values()):,} tokens) into {done}")
     return missing_tasks(folder, tasks)
 
 
 def _tokenize_units(recipe: Recipe, tokenizer, mine: list[tuple[int, Unit]], tmp: Path, name: str,
-                    pack_documents: Callable, log: Callable) -> dict:
+                    pack_documents: Callable) -> dict:
     """Tokenize the numbered units into ``tmp``, a stream per source; each source's counts."""
     from train.data.encode import available_cpus
 
@@ -248,7 +251,7 @@ def _tokenize_units(recipe: Recipe, tokenizer, mine: list[tuple[int, Unit]], tmp
         group = [(j, u) for j, u in mine if u.source == key]
         where = group[0][1].where
         pending: deque = deque()
-        progress = Progress(f"{where} ({name})", log)
+        progress = Progress(f"{where} ({name})")
         files = [f for _, u in group for f in (local_files(u.src.path) or [])]
         size = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) if files else None
         if files and streams_text(group[0][1].src, file_format(files[0])):
@@ -256,7 +259,7 @@ def _tokenize_units(recipe: Recipe, tokenizer, mine: list[tuple[int, Unit]], tmp
         docs = (_noted(b, j, pending) for j, u in group
                 for b in _documents(u, d.max_record_mb, _PartProgress(progress)))
         counts[key] = pack_documents(docs, tokenizer, d.seq_len, d.num_proc or available_cpus(), tmp / key, size,
-                                     progress, log, where, sink=_DocWriter(tmp, key, pending))
+                                     progress, where, sink=_DocWriter(tmp, key, pending))
     return counts
 
 

@@ -5,6 +5,7 @@ scale) itself; the checkpointer adds the rest."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,6 +13,8 @@ from typing import Callable, Optional
 import torch
 
 from train.engines.config import DTYPE_NAMES
+
+logger = logging.getLogger("shardforge")
 
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 DTYPES = {**{precision: getattr(torch, name) for precision, name in DTYPE_NAMES.items()},
@@ -41,7 +44,7 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def report_compute_dtype(model: torch.nn.Module, log) -> None:
+def report_compute_dtype(model: torch.nn.Module) -> None:
     """Say once, at the first forward, which dtype the model's output layer (its last linear layer,
     outside any compiled block) computed in: the precision that actually ran under autocast, FSDP's
     mixed-precision policy or DeepSpeed's casts, not only the one the recipe asked for."""
@@ -51,7 +54,7 @@ def report_compute_dtype(model: torch.nn.Module, log) -> None:
 
     def once(module, args, output) -> None:
         handle.remove()
-        log(f"precision: the first forward computed in {output.dtype} (the output layer's result)")
+        logger.info(f"precision: the first forward computed in {output.dtype} (the output layer's result)")
 
     handle = last.register_forward_hook(once)
 

@@ -54,13 +54,18 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from train.device_peaks import PEAK_TFLOPS
 from train.engines.memory_plan import GB, Collective, ModelSizes, Setup, collectives, estimate
 
-ENGINE_ORDER = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+TABLE_ORDER = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+"""The rows' order: DDP, the ZeRO stages, FSDP. Not :data:`train.engines.autofit.ENGINE_ORDER`,
+auto-fit's preference (FSDP before ZeRO-3): the table's order is pinned by its golden files
+(``tests/golden/scaling-*.txt``); tests/test_scaling.py checks both list every engine."""
 
-H100_PEAK_TFLOPS = {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}
-"""H100 SXM dense tensor-core peak per precision, ``train.metrics.flops.PEAK_TFLOPS["H100"]`` (that
-module imports torch); fp32 as TF32 (``parallel.tf32``, on by default)."""
+H100_PEAK_TFLOPS = {precision: PEAK_TFLOPS["H100"][dtype]
+                    for precision, dtype in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "tf32"))}
+"""H100 SXM dense tensor-core peak per ``parallel.precision``; fp32 as TF32 (``parallel.tf32``, on
+by default), as its matmuls run."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,7 @@ def scaling_table(m: ModelSizes, setup: Setup, nodes: Sequence[int], gpu_bytes: 
              f"# links: {link.describe()}",
              f"#   {'engine':<6} {'nodes':>5} {'GPUs':>5} {'compute s':>10} {'comm s':>9} {'exposed s':>10} "
              f"{'step s':>8} {'sent GB':>8} {'MFU':>6} {'efficiency':>10} {'no overlap':>10}  fits"]
-    for engine in ENGINE_ORDER:
+    for engine in TABLE_ORDER:
         base = dataclasses.replace(setup, engine=engine, offload=False)
         one, one_serial = (predict(m, at_nodes(base, 1), link, c) for c in (compute, serial))
         for count in nodes:

@@ -4,12 +4,16 @@ the step (the non-finite guard is in :mod:`train.loop.nonfinite`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from train.loop.stop_signals import StopRequest
+from train.rundir import EXIT_REQUEUE
+
+logger = logging.getLogger("shardforge")
 
 
 class Agreed(NamedTuple):
@@ -74,7 +78,10 @@ class Stopper:
         stop, save, writing = self.agreement.exchange(self.request.requested, save_due, writing, wait_now=last)
         if self.stop_after and step - self.first_step >= self.stop_after and not last:
             stop = self.counted_out = True
-        return Agreed(stop and not last, save, writing)
+        agreed = Agreed(stop and not last, save, writing)
+        if agreed.stop:
+            logger.info(f"stop requested ({self.reason}) at step {step}: saving and exiting with code {EXIT_REQUEUE}")
+        return agreed
 
     @property
     def reason(self) -> str:

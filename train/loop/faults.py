@@ -90,45 +90,41 @@ def fault_step(variable: str, rank: int) -> int:
     return int(at_step) if int(at_rank[0] if at_rank else 0) == rank else 0
 
 
-def nan_fault(loss_fn):
-    """``loss_fn`` times NaN: the non-finite tests' divergence."""
-    return lambda model, batch: loss_fn(model, batch) * float("nan")
-
-
-def with_backward_point(loss_fn, step: int, rank: int):
-    """``loss_fn`` followed by the ``backward`` point (the engine runs backward right after)."""
-    def wrapped(model, batch):
-        loss = loss_fn(model, batch)
-        fault_point("backward", step, rank)
-        return loss
-    return wrapped
-
-
 def install(train_step, rank: int) -> None:
     """Arm the faults the environment asks for on a :class:`train.loop.step.TrainStep`, by wrapping its
-    ``loss_for``, ``next_batch`` and ``optimizer_step`` (nothing changes when none is set)."""
+    ``run``, ``loss_fn``, ``next_batch`` and ``optimizer_step`` (nothing changes when none is set).
+    The wrapped ``run`` notes the step, which the other wrappers read."""
     nan_at, hang_at = fault_step("SHARDFORGE_NAN_AT", rank), fault_step("SHARDFORGE_HANG_AT", rank)
     armed = points_armed()
     if not (nan_at or hang_at or armed):
         return
-    loss_for, next_batch, optimizer_step = train_step.loss_for, train_step.next_batch, train_step.optimizer_step
+    run, loss_fn = train_step.run, train_step.loss_fn
+    next_batch, optimizer_step = train_step.next_batch, train_step.optimizer_step
+    current = {"step": 0}
 
-    def faulty_loss_for(step: int):
-        fn = nan_fault(loss_for(step)) if step == nan_at else loss_for(step)
-        if armed:  # forward now, backward right after the loss
+    def faulty_run(step: int):
+        current["step"] = step
+        if armed:  # before the step's first batch
             fault_point("forward", step, rank)
-            fn = with_backward_point(fn, step, rank)
-        return fn
+        return run(step)
 
-    def faulty_next_batch(step: int):
-        if step == hang_at:
+    def faulty_loss(model, batch):
+        loss = loss_fn(model, batch)
+        if current["step"] == nan_at:  # the non-finite tests' divergence
+            loss = loss * float("nan")
+        if armed:  # the engine runs backward right after the loss
+            fault_point("backward", current["step"], rank)
+        return loss
+
+    def faulty_next_batch():
+        if current["step"] == hang_at:
             time.sleep(10**6)  # a rank stuck in its data phase, for the watchdog
-        return next_batch(step)
+        return next_batch()
 
-    def faulty_optimizer_step(step: int, nonfinite):
+    def faulty_optimizer_step(nonfinite):
         if armed:
-            fault_point("optimizer", step, rank)
-        return optimizer_step(step, nonfinite)
+            fault_point("optimizer", current["step"], rank)
+        return optimizer_step(nonfinite)
 
-    train_step.loss_for, train_step.next_batch = faulty_loss_for, faulty_next_batch
-    train_step.optimizer_step = faulty_optimizer_step
+    train_step.run, train_step.loss_fn = faulty_run, faulty_loss
+    train_step.next_batch, train_step.optimizer_step = faulty_next_batch, faulty_optimizer_step

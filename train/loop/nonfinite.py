@@ -4,10 +4,13 @@ step's batch."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+logger = logging.getLogger("shardforge")
 
 
 class NonFiniteStop(RuntimeError):
@@ -22,9 +25,8 @@ class NonFiniteGuard:
     steps, before every save and at the end.
     """
 
-    def __init__(self, policy: str, device: torch.device, batches, run_dir: Path,
-                 log: Callable[[str], object] = print):
-        self.policy, self.batches, self.run_dir, self.log = policy, batches, run_dir, log
+    def __init__(self, policy: str, device: torch.device, batches, run_dir: Path):
+        self.policy, self.batches, self.run_dir = policy, batches, run_dir
         self.count = torch.zeros((), device=device)
         self.first_step = torch.zeros((), device=device)
         self._since_check: list[tuple[int, torch.Tensor]] = []  # (step, flag) not yet reported
@@ -46,8 +48,8 @@ class NonFiniteGuard:
             flags = torch.stack([flag for _, flag in self._since_check]).tolist()
             for (bad, _), flag in zip(self._since_check, flags):
                 if flag > 0:
-                    self.log(f"step {bad}: non-finite loss or gradient norm on some rank; its update was skipped "
-                             f"on every rank (train.on_nonfinite=skip)")
+                    logger.warning(f"step {bad}: non-finite loss or gradient norm on some rank; its update was skipped "
+                                   f"on every rank (train.on_nonfinite=skip)")
             self._since_check.clear()
         if self.policy != "stop" or self.count.item() == 0:
             return

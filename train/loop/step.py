@@ -46,45 +46,41 @@ class TrainStep:
     task's loss, then the optimizer step; reports phases to the watchdog and non-finite steps to
     the guard. Fault injection (``train.loop.faults.install``) wraps its parts from the outside."""
 
-    def __init__(self, engine, loss_fn, batches, accum: int, world_size: int, device: torch.device,
+    def __init__(self, engine, loss_fn, batches, *, accum: int, world_size: int, device: torch.device,
                  guard, watchdog, loss_tokens: Optional[np.ndarray] = None):
         self.engine, self.loss_fn, self.batches, self.accum = engine, loss_fn, batches, accum
         self.world_size, self.device, self.guard, self.watchdog = world_size, device, guard, watchdog
         self.loss_tokens = loss_tokens  # None: every micro-batch weighs the same
         self.clock = PhaseClock(device)
 
-    def next_batch(self, step: int) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in next(self.batches).items()}
-
-    def loss_for(self, step: int):
-        return self.loss_fn
 
     def run(self, step: int) -> StepResult:
         start = time.time()
         clock, phases = self.clock, []
         losses, bad, tokens = [], torch.zeros((), device=self.device), 0
-        loss_fn = self.loss_for(step)
         denominator = None if self.loss_tokens is None else step_loss_denominator(
             self.loss_tokens, self.batches.next_step_indices(), self.world_size * self.accum)
         for micro in range(self.accum):
             t0 = clock.mark()
             self.watchdog.beat(step, "data")
-            batch: dict[str, Any] = self.next_batch(step)  # and the loss denominator, a float
+            batch: dict[str, Any] = self.next_batch()  # and the loss denominator, a float
             tokens += batch["input_ids"].numel()
             if denominator is not None:
                 batch["loss_denominator"] = denominator
             t1 = clock.mark()
             self.watchdog.beat(step, "forward-backward")
-            loss = self.engine.forward_backward(batch, loss_fn, micro == self.accum - 1)
+            loss = self.engine.forward_backward(batch, self.loss_fn, micro == self.accum - 1)
             losses.append(loss)
             bad += (~torch.isfinite(loss)).float()
             phases += [("data_wait_s", t0, t1), ("fwd_bwd_s", t1, clock.mark())]
         t2 = clock.mark()
         self.watchdog.beat(step, "optimizer")
-        grad_norm, skipped = self.optimizer_step(step, bad)
+        grad_norm, skipped = self.optimizer_step(bad)
         self.guard.record(skipped, step)
         phases.append(("optim_s", t2, clock.mark()))
         return StepResult(losses, bad, grad_norm, tokens, time.time() - start, phases)
 
-    def optimizer_step(self, step: int, nonfinite: torch.Tensor):
+    def optimizer_step(self, nonfinite: torch.Tensor):
         return self.engine.optimizer_step(nonfinite)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import sys
@@ -37,10 +38,11 @@ from train.engines.build import build_engine
 from train.engines.config import checked_engine_config
 from train.engines.placement import place_model
 from train.metrics.evaluation import Evaluator
-from train.metrics.flops import flops_per_token, peak_tflops
+from train.device_peaks import peak_tflops
+from train.metrics.flops import flops_per_token
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import MetricsWriter
-from train.model import build_model, frozen_digest, token_ids
+from train.model import build_model, frozen_digest, token_ids, trainable_summary
 from train.config.model_checks import memory_problems, model_problems, plan_gpu_bytes
 from train.loop.agreement import Stopper
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
@@ -58,6 +60,9 @@ from train.metrics.step_metrics import LogWindow, StepMetrics
 from train.loop.stop_signals import StopRequest
 from train.tasks import Task, build_task
 from train.loop.watchdog import start_watchdog
+from train.console import show_on_console
+
+logger = logging.getLogger("shardforge")
 
 CURRENT = Counters()
 """This process's progress counters (replaced by the run's own): error reports name the step."""
@@ -68,45 +73,46 @@ def train(run_dir: Path) -> int:
     global CURRENT
     recipe = read_recipe(run_dir, check=True)  # the launcher's checks, again on what this rank reads
     d = join_process_group(recipe)
+    show_on_console(d.is_main)  # one copy of each line: rank 0's
     set_fp32_matmul_precision(recipe.parallel.tf32)
     set_deterministic(recipe.train.deterministic)
     check_model(recipe, d)  # imports transformers' model stack
     startup_gc.resume()  # the heavy imports are done; nothing is built yet
-    log = print if d.is_main else (lambda *a, **k: None)
     stop = StopRequest.install()
     if d.is_main:
         write_status(run_dir, "running", -1)
     quiet_other_ranks(d)
-    data = prepare_on_rank0(recipe, d, run_dir, log)
-    if stopped_before_training(stop, run_dir, d, -1, "during data preparation", log):
+    data = prepare_on_rank0(recipe, d, run_dir)
+    if stopped_before_training(stop, run_dir, d, -1, "during data preparation"):
         return EXIT_REQUEUE
     t, ev, closing = recipe.train, recipe.eval, contextlib.ExitStack()
     with closing:
         counters = CURRENT = Counters()
-        parts = build_parts(recipe, data, d, run_dir, counters, log, closing)
+        parts = build_parts(recipe, data, d, run_dir, counters, closing)
         engine, task, batches, early = parts.engine, parts.task, parts.batches, parts.early
-        report_compute_dtype(engine.model, log)
-        guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir, log)
+        report_compute_dtype(engine.model)
+        guard = NonFiniteGuard(t.on_nonfinite, d.device, batches, run_dir)
         writer = closing.enter_context(MetricsWriter(run_dir, recipe.logging.tensorboard, recipe.logging.console,
-                                                     t.max_steps, counters.step, log)) if d.is_main else None
+                                                     t.max_steps, counters.step)) if d.is_main else None
         telemetry = closing.enter_context(Telemetry(d.device if d.device.type == "cuda" else None,
-                                                    recipe.logging.telemetry_interval_s, warn=log))
-        if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", log, closing):
+                                                    recipe.logging.telemetry_interval_s))
+        if stopped_before_training(stop, run_dir, d, counters.step, "before the first step", closing):
             return EXIT_REQUEUE
         watchdog = closing.enter_context(start_watchdog(run_dir, d.rank, d.world_size, t.step_timeout_s, on_fire=(
             lambda msg: write_status(run_dir, "hung", counters.step, msg, d.rank))))  # any rank may be first
-        step = TrainStep(engine, task.loss, batches, parts.accum, d.world_size, d.device, guard, watchdog,
-                         task.sample_loss_tokens(data.train))
+        step = TrainStep(engine, task.loss, batches, accum=parts.accum, world_size=d.world_size, device=d.device,
+                         guard=guard, watchdog=watchdog, loss_tokens=task.sample_loss_tokens(data.train))
         faults.install(step, d.rank)
         saver = Saver(parts.checkpointer, recipe=recipe, counters=counters, batches=batches, early=early, guard=guard,
-                      watchdog=watchdog, run_dir=run_dir, is_main=d.is_main, log=log)
-        evaluator = Evaluator(engine, task, eval_batches(data.val, micro_batch(recipe), d.rank, d.world_size,
-                                                         t.eval_batches * t.global_batch_size),
-                              early, t.eval_every, ev.keep_best, d.device, writer, watchdog, log)
+                      watchdog=watchdog, run_dir=run_dir, is_main=d.is_main)
+        evaluator = Evaluator(engine, task, val=eval_batches(data.val, micro_batch(recipe), d.rank, d.world_size,
+                                                             t.eval_batches * t.global_batch_size),
+                              early=early, eval_cfg=ev, eval_every=t.eval_every, device=d.device, writer=writer,
+                              watchdog=watchdog)
         stopper = Stopper(stop, d.device, t.stop_after, first_step=counters.step)
         metrics = StepMetrics(engine=engine, guard=guard, telemetry=telemetry, writer=writer, device=d.device, train=t,
                               world_size=d.world_size, accum=parts.accum, flops_token=parts.flops_token, peak_tflops=(
-                                  peak_flops(recipe, d, log)), window=parts.log_window, train_samples=len(data.train))
+                                  peak_flops(recipe, d)), window=parts.log_window, train_samples=len(data.train))
         if d.is_main:
             write_status(run_dir, "running", counters.step, started=time.time())
 
@@ -125,13 +131,10 @@ def train(run_dir: Path) -> int:
             if improved:
                 saver.save_best(counters.step, last, previous_best)
             agreed = stopper.agree(counters.step, last, *saver.flags())
+            saver.after_step(counters.step, last, agreed, protect=(previous_best,) if improved else ())
             if agreed.stop:
-                log(f"stop requested ({stopper.reason}) at step {counters.step}: saving and exiting with code "
-                    f"{EXIT_REQUEUE}")
-                saver.save("signal")
                 stopped = True
                 break
-            saver.after_step(counters.step, last, agreed, protect=(previous_best,) if improved else ())
         saver.finish()
 
         if not stopped and data.test is not None and len(data.test) and ev.test_at_end:
@@ -167,13 +170,13 @@ class Parts:
     """Micro-batches per rank per optimizer step, computed once (:func:`train.config.recipe.grad_accum_steps`)."""
 
 
-def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters, log,
+def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, counters: Counters,
                 closing: contextlib.ExitStack) -> Parts:
     """Model, engine, data position, early stopping and checkpointer; then resume into them."""
     t, ev = recipe.train, recipe.eval
     line = resolve_epochs(recipe, len(data.train))
     if line:
-        log(line)
+        logger.info(line)
     task = build_task(recipe.task, data.labels)
     if d.world_size != world_size(recipe):
         raise RecipeError(None, [f"parallel: recipe.yaml plans {world_size(recipe)} ranks ({recipe.parallel.nproc} per node × "
@@ -182,12 +185,14 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
     accum = grad_accum_steps(recipe, d.world_size)  # computed once here; refuses a batch that does not divide
     engine_cfg = checked_engine_config(recipe, run_dir)
     model, weights = place_model(recipe.parallel.engine, lambda empty_init: build_model(
-        recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels, log=log,
+        recipe.model, len(data.tokenizer), recipe.run.seed, recipe.task, data.labels,
         special_ids=token_ids(data.tokenizer), empty_init=empty_init), d.rank, d.world_size, engine_cfg)
+    if d.is_main and (trainable := trainable_summary(model)):
+        logger.info(trainable)
     if weights.from_rank0:
         how = "inside zero.Init" if capabilities(recipe.parallel.engine).zero_stage == 3 else "on the meta device"
-        log(f"model: rank 0 built the weights; the other {d.world_size - 1} rank(s) built the structure {how} "
-            f"and receive rank 0's values")
+        logger.info(f"model: rank 0 built the weights; the other {d.world_size - 1} rank(s) built the structure {how} "
+                    f"and receive rank 0's values")
     flops_token = flops_per_token(model, recipe.data.seq_len)
     frozen_base = frozen_base_digest(model, recipe, d)
     engine = build_engine(recipe, model, d.device, accum=accum, cfg=engine_cfg, weights=weights)
@@ -202,8 +207,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
                                 {"data": batches, "counters": counters, "rng": RNGState(), "early_stopping": early,
                                  "log_window": log_window},
                                 d.rank, d.world_size, meta={"engine": recipe.parallel.engine, "data_key": data.key,
-                                                            **({"frozen_base": frozen_base} if frozen_base else {})},
-                                log=log)
+                                                            **({"frozen_base": frozen_base} if frozen_base else {})})
     closing.callback(checkpointer.close)  # pruned checkpoints are gone before status.json says how the run ended
     seed_rank(recipe.run.seed, d.rank)
     forbid_code_in_checkpoints(deepspeed=capabilities(recipe.parallel.engine).family == "deepspeed")
@@ -214,7 +218,7 @@ def build_parts(recipe: Recipe, data: PreparedData, d: DistInfo, run_dir: Path, 
         if manifest["world_size"] != d.world_size:
             seed_rank(recipe.run.seed + counters.step, d.rank)
         check_fingerprint(manifest, batches, recipe, data.key)
-        log(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
+        logger.info(f"resumed from {resume_from} at step {counters.step} ({manifest['world_size']} → {d.world_size} ranks)")
     return Parts(engine, task, batches, early, checkpointer, flops_token, log_window, accum)
 
 
@@ -276,10 +280,10 @@ def quiet_other_ranks(d: DistInfo) -> None:
         transformers.logging.set_verbosity_error()
 
 
-def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log) -> PreparedData:
+def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path) -> PreparedData:
     """Rank 0 tokenizes (when the cache is cold); the others wait, then read the cache."""
     faults.fault_point("prepare", 0, d.rank)
-    data = prepare_data(recipe, log=log) if d.is_main else None
+    data = prepare_data(recipe) if d.is_main else None
     started = time.monotonic()
     try:
         dist.barrier()
@@ -289,7 +293,7 @@ def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log) -> Prepare
         raise RuntimeError(f"rank {d.rank}: timed out waiting for rank 0 to prepare the data "
                            f"({err}); run `shardforge prepare` before launching") from None
     if data is None:
-        data = prepare_data(recipe, log=lambda *_: None)
+        data = prepare_data(recipe)
     if d.is_main:
         data.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
         if data.labels:  # the label map, for export and for reading the metrics
@@ -297,7 +301,7 @@ def prepare_on_rank0(recipe: Recipe, d: DistInfo, run_dir: Path, log) -> Prepare
     return data
 
 
-def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step: int, phase: str, log,
+def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step: int, phase: str,
                             closing: Optional[contextlib.ExitStack] = None) -> bool:
     """A stop that arrived before the first step of this launch ends it here: nothing new to save."""
     if not all_ranks_agree(stop.requested):
@@ -305,14 +309,14 @@ def stopped_before_training(stop: StopRequest, run_dir: Path, d: DistInfo, step:
     if closing is not None:
         closing.close()
     reason = f"{stop.signal_name or 'stop signal on another rank'} {phase}; nothing new to save"
-    log(f"stop requested ({reason}): exiting with code {EXIT_REQUEUE}")
+    logger.info(f"stop requested ({reason}): exiting with code {EXIT_REQUEUE}")
     if d.is_main:
         write_status(run_dir, "stopped", step, reason, d.rank)
     dist.barrier()  # status.json is written before any rank exits
     return True
 
 
-def peak_flops(recipe: Recipe, d: DistInfo, log) -> Optional[float]:
+def peak_flops(recipe: Recipe, d: DistInfo) -> Optional[float]:
     """Per-device peak TFLOP/s for MFU: the recipe's, or the device's from the table."""
     device_name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     precision: str = recipe.parallel.precision
@@ -320,8 +324,8 @@ def peak_flops(recipe: Recipe, d: DistInfo, log) -> Optional[float]:
         precision = "tf32"
     peak = recipe.logging.peak_tflops or peak_tflops(device_name, precision)
     if peak is None:
-        log(f"metrics: no peak TFLOP/s known for {device_name!r} in {precision}; "
-            f"MFU is omitted (set logging.peak_tflops to report it)")
+        logger.info(f"metrics: no peak TFLOP/s known for {device_name!r} in {precision}; "
+                    f"MFU is omitted (set logging.peak_tflops to report it)")
     return peak
 
 

@@ -4,18 +4,22 @@ evaluate and early stopping (:class:`Evaluator`); the final test report as JSON 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from train.checkpoint.files import MANIFEST, step_dir_name
+from train.config.recipe import EvalConfig
 from train.rundir import atomic_write
 from train.loop.early_stopping import EarlyStopping
 from train.tasks import Task
 
 TEST_JSON, TEST_TABLE = "test_results.json", "test_results.md"
+
+logger = logging.getLogger("shardforge")
 
 
 def evaluate(engine, task: Task, batches: list[dict], device: torch.device) -> dict[str, float]:
@@ -68,10 +72,10 @@ class Evaluator:
     """Evaluates the validation split every ``train.eval_every`` steps and at the end, keeps the
     early-stopping score, and evaluates the test split once at the end with the best weights."""
 
-    def __init__(self, engine, task: Task, val: list[dict], early: EarlyStopping, eval_every: int,
-                 keep_best: bool, device: torch.device, writer, watchdog, log: Callable[[str], None]):
+    def __init__(self, engine, task: Task, *, val: list[dict], early: EarlyStopping, eval_cfg: EvalConfig,
+                 eval_every: int, device: torch.device, writer, watchdog):
         self.engine, self.task, self.val, self.early, self.eval_every = engine, task, val, early, eval_every
-        self.keep_best, self.device, self.writer, self.watchdog, self.log = keep_best, device, writer, watchdog, log
+        self.keep_best, self.device, self.writer, self.watchdog = bool(eval_cfg.keep_best), device, writer, watchdog
 
     def maybe_eval(self, step: int, last: bool) -> bool:
         """Evaluate when due; return whether this is the best evaluation yet."""
@@ -84,11 +88,11 @@ class Evaluator:
         if self.writer:
             self.writer.write(step, {"eval_loss": metrics["loss"], "eval_ppl": metrics.get("perplexity"),
                                      **{f"eval_{k}": v for k, v in metrics.items() if k not in ("loss", "perplexity")}})
-        self.log(f"step {step}: eval {headline(metrics, self.task)}"
-                 + (f" (best {name})" if improved and name != "loss" else ""))
+        logger.info(f"step {step}: eval {headline(metrics, self.task)}"
+                    + (f" (best {name})" if improved and name != "loss" else ""))
         if early.stopped:
-            self.log(f"early stopping: {name} did not improve for {early.bad_evals} evaluations "
-                     f"(eval.patience={early.patience}); best {early.best:.4f} at step {early.best_step}")
+            logger.info(f"early stopping: {name} did not improve for {early.bad_evals} evaluations "
+                        f"(eval.patience={early.patience}); best {early.best:.4f} at step {early.best_step}")
         return improved
 
     def test(self, test_set, batches: list[dict], labels, run_dir: Path, step: int, is_main: bool) -> None:
@@ -105,5 +109,5 @@ class Evaluator:
             self.writer.write(step, {f"test_{k}": v for k, v in metrics.items()})
         if is_main:
             write_test_results(run_dir, metrics, labels, len(test_set), source, step)
-        self.log(f"test ({len(test_set)} samples, {source}): {headline(metrics, self.task)}; "
-                 f"wrote {run_dir / 'test_results.md'}")
+        logger.info(f"test ({len(test_set)} samples, {source}): {headline(metrics, self.task)}; "
+                    f"wrote {run_dir / 'test_results.md'}")

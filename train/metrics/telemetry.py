@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+
+logger = logging.getLogger("shardforge")
 
 
 def nvml_ids(device) -> list[str]:
@@ -66,10 +69,10 @@ class Telemetry:
     GPU_FIELDS = ("gpu_util", "gpu_mem_used_gb", "gpu_power_w", "gpu_temp_c", "gpu_sm_clock_mhz",
                   "gpu_throttle")
 
-    def __init__(self, device, interval_s: float, warn=print):
+    def __init__(self, device, interval_s: float):
         """``device``: this rank's CUDA ``torch.device``, found in NVML by UUID or PCI bus id
         (:func:`nvml_ids`); ``None`` without a GPU."""
-        self.interval_s, self.warn = interval_s, warn
+        self.interval_s = interval_s
         self.samples: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -84,9 +87,9 @@ class Telemetry:
                 self._readers = _gpu_readers(pynvml, nvml_handle(pynvml, ids))
                 self.source = "nvml"
             except Exception as err:  # no driver, no library, no device
-                self.warn(f"telemetry: GPU metrics off ({type(err).__name__}: {err}); logging host CPU and RSS")
+                logger.warning(f"telemetry: GPU metrics off ({type(err).__name__}: {err}); logging host CPU and RSS")
         else:
-            self.warn("telemetry: no GPU; logging host CPU utilisation and RSS instead of GPU metrics")
+            logger.info("telemetry: no GPU; logging host CPU utilisation and RSS instead of GPU metrics")
         import psutil
 
         self._proc = psutil.Process(os.getpid())
@@ -107,7 +110,7 @@ class Telemetry:
             key, err = next(iter(failed.items()))
             raise RuntimeError(f"{type(err).__name__}: {err}")
         for key, err in failed.items():
-            self.warn(f"telemetry: NVML cannot read {key} ({type(err).__name__}: {err}); left out")
+            logger.warning(f"telemetry: NVML cannot read {key} ({type(err).__name__}: {err}); left out")
             del self._readers[key]
         return out
 
@@ -122,7 +125,7 @@ class Telemetry:
                 try:
                     sample.update(self._read_gpu())
                 except Exception as err:  # device lost mid-run: say so once, keep training
-                    self.warn(f"telemetry: NVML read failed ({err}); GPU metrics off")
+                    logger.warning(f"telemetry: NVML read failed ({err}); GPU metrics off")
                     self._readers, self.source = {}, "host"
             with self._lock:
                 self.samples.append(sample)

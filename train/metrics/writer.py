@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
 import time
 from pathlib import Path
+
+logger = logging.getLogger("shardforge")
 
 
 def aggregate_ranks(per_rank: list[dict]) -> dict:
@@ -52,9 +55,8 @@ class MetricsWriter:
 
     FLUSH_EVERY_S = 10.0
 
-    def __init__(self, run_dir: Path, tensorboard: bool, console: bool, max_steps: int, resume_step: int,
-                 log=print):
-        self.path, self.log = run_dir / "metrics.jsonl", log
+    def __init__(self, run_dir: Path, tensorboard: bool, console: bool, max_steps: int, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
         self._flushed = time.monotonic()
         self._drop_after(resume_step)
         self.jsonl = open(self.path, "a")
@@ -84,8 +86,8 @@ class MetricsWriter:
         are no record (torn by a crash mid-write). A ``metrics.jsonl`` that is a symbolic link is
         replaced by a file of its own: the run never reads or appends through a link."""
         if self.path.is_symlink():
-            self.log(f"metrics: {self.path} was a symbolic link to {os.readlink(self.path)}; this run writes a "
-                     f"metrics.jsonl of its own (the link's target is untouched)")
+            logger.warning(f"metrics: {self.path} was a symbolic link to {os.readlink(self.path)}; this run writes a "
+                           f"metrics.jsonl of its own (the link's target is untouched)")
             self.path.unlink()
             return
         if not self.path.exists():
@@ -101,7 +103,7 @@ class MetricsWriter:
                 if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
                     kept.append(line.rstrip("\n"))
         if torn:
-            self.log(f"metrics: dropped {torn} line(s) of {self.path} that are no JSON record (torn by a crash?)")
+            logger.warning(f"metrics: dropped {torn} line(s) of {self.path} that are no JSON record (torn by a crash?)")
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
