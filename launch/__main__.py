@@ -2,13 +2,13 @@
 
 For ``run`` the stop signals are blocked before anything heavy is imported, so a signal during
 the seconds of imports and validation waits for the handlers ``run`` installs
-(``train.loop.stop_signals.StopRequest``) instead of killing the launcher.
+(``train.stop_signals.StopRequest``) instead of killing the launcher.
 """
 
 import signal
 import sys
 
-from train.loop.stop_signals import STOP_SIGNALS  # a light module: signal and contextlib only
+from train.stop_signals import STOP_SIGNALS  # a light module: signal and contextlib only
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ torch: torchrun's agent imports it before it starts a trainer, which cost each l
 (c10d rendezvous). Either way the stop signals (USR1, TERM, INT, HUP) are blocked from the
 first line, so a signal can neither kill the agent during its imports nor tear the trainers
 down: a thread takes each signal with ``sigwait`` and hands it to the trainers, which stop at a
-step boundary with a checkpoint (see ``train.loop.stop_signals``). Under Slurm the trainers are signalled
+step boundary with a checkpoint (see ``train.stop_signals``). Under Slurm the trainers are signalled
 directly as well; they act once.
 
 When torchrun returns, the agent settles ``status.json`` (a rank may have died before it could
@@ -22,7 +22,7 @@ A second SIGINT kills the trainers at once (the latest committed checkpoint stan
 
 import signal
 
-from train.loop.stop_signals import STOP_SIGNALS  # a light module: signal and contextlib only
+from train.stop_signals import STOP_SIGNALS  # a light module: signal and contextlib only
 
 signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # first: before any import can take seconds
 

@@ -160,7 +160,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from train.loop.stop_signals import StopRequest
+    from train.stop_signals import StopRequest
 
     early = StopRequest.install()  # first: a stop signal during the seconds of validation must not kill us
     from train.engines.config import engine_configs

@@ -20,7 +20,7 @@ from train.engines import ENGINE_CONFIG_FILES
 from train.config.recipe import Recipe
 from train.rundir import (EXIT_REQUEUE, LAUNCH_ID_ENV, NODE_RANK_ENV, atomic_write, describe, exit_code,
                           final_status, read_status, write_status)
-from train.loop.stop_signals import STOP_SIGNALS, StopRequest, stop_signals_blocked
+from train.stop_signals import STOP_SIGNALS, StopRequest, stop_signals_blocked
 
 
 class RunDirBackup:

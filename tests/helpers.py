@@ -117,7 +117,7 @@ def launch_in_process(*args: str, env: dict | None = None) -> subprocess.Complet
     extra = {"PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
              "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **(env or {})}
     saved_env = {k: os.environ.get(k) for k in extra}
-    from train.loop.stop_signals import STOP_SIGNALS
+    from train.stop_signals import STOP_SIGNALS
 
     saved_signals = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])

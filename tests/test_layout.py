@@ -96,7 +96,7 @@ def test_only_the_engines_package_knows_engine_names():
 
 def test_launch_builds_no_trainer_part():
     """The launcher starts ``python -m train``; the step, its parts and the engine classes stay out of it."""
-    forbidden = {"train.loop.trainer", "train.loop.step", "train.checkpoint.schedule", "train.metrics.step_metrics",
+    forbidden = {"train.loop.trainer", "train.loop.step", "train.loop.save_schedule", "train.metrics.step_metrics",
                  "train.loop.agreement", "train.loop.nonfinite",
                  "train.engines.base", "train.engines.torch_engines", "train.engines.deepspeed_engine"}
     offenders = {str(p.relative_to(REPO)): sorted(forbidden & imported_modules(p)) for p in _py_files("launch")}
@@ -108,16 +108,16 @@ ROOMS = ("checkpoint", "config", "data", "engines", "loop", "metrics")
 MAY_IMPORT = {
     "core": {"checkpoint", "config", "data", "engines", "metrics"},  # run files, model building, task scores
     "config": {"core", "checkpoint", "data", "engines"},  # model checks, data paths, the memory plan, saved engines
-    "data": {"core", "config", "loop"},           # loop: stop_signals, for the read-ahead thread
+    "data": {"core", "config"},
     "engines": {"core", "config", "checkpoint"},  # checkpoint: the file format and safe loading
-    "checkpoint": {"core", "config", "engines", "loop"},  # loop: the agreement, stop and fault hooks of saving
-    "metrics": {"core", "config", "checkpoint", "loop"},  # loop: the step's result, early stopping
+    "checkpoint": {"core", "config", "engines"},  # how a checkpoint is written and read; when: loop.save_schedule
+    "metrics": {"core", "config", "checkpoint"},  # checkpoint: the test split's best weights
     "loop": {"core", "config", "checkpoint", "data", "engines", "metrics"},  # the trainer puts the parts together
 }
 """Which room of train/ may import which (``train/__main__.py``, the entry point, may import any).
-Nothing imports ``launch``; checkpoint ↔ loop and metrics ↔ loop still go both ways (the save
-schedule and the log window use the loop's agreement and step types): moving those types to
-core would make the loop the only room that imports the others' parts."""
+Nothing imports ``launch``, and no room imports ``loop``: the loop puts the parts together and
+decides when each acts (the save schedule, the agreement, the stop); stop signals and fault hooks,
+which parts below it need, are core (``train/stop_signals.py``, ``train/faults.py``)."""
 
 
 def _room(module: str) -> str:
@@ -135,3 +135,10 @@ def test_each_room_of_train_imports_only_the_rooms_it_may():
         if extra := rooms - MAY_IMPORT[_room(name)]:
             offenders[name] = sorted(extra)
     assert not offenders, offenders
+
+
+def test_only_the_entry_point_imports_the_loop():
+    """The loop is the top of train/: a part that needs it (a type, a hook) has it in its own room."""
+    offenders = {_module_name(p): sorted(m for m in imported_modules(p) if m.startswith("train.loop"))
+                 for p in _py_files("train") if _room(_module_name(p)) != "loop" and p.name != "__main__.py"}
+    assert not {k: v for k, v in offenders.items() if v}

@@ -25,10 +25,9 @@ from train.config.recipe import EvalConfig, TrainConfig
 from train.checkpoint.state import Counters
 from train.loop import agreement
 from train.loop.agreement import Agreed, StepAgreement, Stopper
-from train.loop.early_stopping import EarlyStopping
-from train.loop.step import StepResult
+from train.metrics.early_stopping import EarlyStopping
 from train.metrics.evaluation import TEST_JSON, Evaluator
-from train.metrics.step_metrics import LogWindow, StepMetrics
+from train.metrics.step_metrics import LogWindow, StepMetrics, StepResult
 
 # ---- StepAgreement and Stopper: every rank stops, saves and commits at the same step
 
@@ -308,7 +307,7 @@ def test_phase_times_are_read_at_log_steps_from_cuda_events():
     """A fake ``torch.cuda.Event`` (no GPU here; the narrowest seam: the class the clock makes): the
     clock records one event per mark, and a log step waits once, on the last event, then sums
     the GPU's own milliseconds per phase."""
-    from train.loop.phase_clock import PhaseClock, phase_seconds
+    from train.metrics.phase_clock import PhaseClock, phase_seconds
 
     class FakeEvent:
         made: list["FakeEvent"] = []

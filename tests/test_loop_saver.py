@@ -1,4 +1,4 @@
-"""The Saver (train/checkpoint/schedule.py) on its own: when checkpoints are written, committed
+"""The Saver (train/loop/save_schedule.py) on its own: when checkpoints are written, committed
 in the background and kept, with a fake checkpointer that records what it is asked (issue 34 item 4).
 
 ``train.loop.trainer.train`` asks it after every step: ``save_best`` on a new best evaluation,
@@ -18,10 +18,10 @@ from tests.loop_fakes import CPU, QUIET, WRITING, FakeCheckpointer, FakeGuard, F
 from tests.loop_fakes import one_rank_group  # noqa: F401 - a fixture, found by its name here
 from train.checkpoint.files import step_dir_name
 from train.checkpoint.manager import CheckpointSaveError
-from train.checkpoint.schedule import Saver
+from train.loop.save_schedule import Saver
 from train.checkpoint.state import Counters
 from train.loop.agreement import Agreed, Stopper
-from train.loop.early_stopping import EarlyStopping
+from train.metrics.early_stopping import EarlyStopping
 from train.loop.nonfinite import NonFiniteStop
 from train.config.recipe import recipe_from_dict
 from train.rundir import BEST_FILE

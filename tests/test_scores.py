@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.loop.early_stopping import EarlyStopping
+from train.metrics.early_stopping import EarlyStopping
 from train.metrics.scores import (bio_entities, classification_scores, entity_counts, entity_counts_by_type, entity_scores)
 
 

@@ -105,7 +105,7 @@ def test_a_save_slower_than_the_slurm_lead_warns(monkeypatch, logged):
     late with its USR1 prints a warning naming the setting; not outside Slurm, not when it fits."""
     from types import SimpleNamespace
 
-    from train.checkpoint.schedule import Saver
+    from train.loop.save_schedule import Saver
 
     said = logged
     saver = object.__new__(Saver)  # only the check: no checkpointer or run behind it

@@ -15,7 +15,7 @@ from tests.helpers import REPO, make_corpus, tiny_recipe, write_recipe
 # torch's import and the freeze.
 PROBE = """
 import gc, json, os, runpy, sys
-from train.loop import faults
+from train import faults
 
 early = []
 gc.callbacks.append(lambda phase, info: phase == "start" and gc.get_freeze_count() == 0 and "torch" in sys.modules

@@ -4,7 +4,7 @@
 
 Signals are real (sent to the launcher, or to every process of the job as slurmstepd does).
 To land them at an exact point, the rank program pauses there (``SHARDFORGE_PAUSE_AT``, see
-``train/loop/faults.py``) until the signal has arrived: without that seam a test could not know it
+``train/faults.py``) until the signal has arrived: without that seam a test could not know it
 hit "during a save" rather than just before or after it. Both DataLoader settings run: the
 shipped default (one worker process per rank) and 0.
 """

@@ -1,7 +1,7 @@
 import os
 import sys
 
-from train.loop.stop_signals import StopRequest
+from train.stop_signals import StopRequest
 
 StopRequest.install()  # first: a USR1 during the imports below must not kill the trainer
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from train.checkpoint.files import (DIGEST, CheckpointError, MANIFEST, STEP_DIR, committed_checkpoints, file_digests, links_note,
                                     newest_valid, sealed_manifest, share_of, step_dir_name, verify)
 from train.distributed import all_ranks_agree
-from train.loop.faults import fault_point
+from train.faults import fault_point
 from train.rundir import atomic_write, first_line, fsync_path
 from train.checkpoint.safe_load import rank_errors, refusing_code
 from train.checkpoint.state import Stateful

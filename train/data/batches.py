@@ -21,7 +21,7 @@ import torch
 
 from train.data.samples import Samples
 from train.data.sources import DataError
-from train.loop.stop_signals import ignore_stop_signals, stop_signals_blocked
+from train.stop_signals import ignore_stop_signals, stop_signals_blocked
 from train.config.recipe import accumulation
 
 
@@ -251,7 +251,7 @@ class TrainBatches:
             # draw from the global one would shift dropout after every resume (the straight run
             # draws once at step 1, a resumed run once more after the RNG state was restored)
             generator=torch.Generator().manual_seed(self.seed * 100_003 + self.rank))
-        with stop_signals_blocked():  # the workers start with them blocked; see train.loop.stop_signals
+        with stop_signals_blocked():  # the workers start with them blocked; see train.stop_signals
             return iter(loader)
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -288,7 +288,7 @@ class TrainBatches:
     def close(self) -> None:
         """Shut this rank's DataLoader workers down; the trainer calls it on every ending.
 
-        The workers ignore the stop signals (see ``train.loop.stop_signals``), so one that does not leave
+        The workers ignore the stop signals (see ``train.stop_signals``), so one that does not leave
         through its queue is killed: multiprocessing's exit handler, which ends children with
         SIGTERM and joins them, would otherwise wait for it forever.
         """

@@ -1,3 +1,3 @@
-"""The training loop: the trainer (``trainer``), one optimizer step (``step``), the ranks'
-agreement on stopping and saving (``agreement``), stop signals (``stop_signals``), the non-finite
-guard (``nonfinite``), early stopping, the hang watchdog and the test-only fault hooks."""
+"""The training loop, the top of train/ (no other room imports it): the trainer (``trainer``),
+one optimizer step (``step``), the ranks' agreement on stopping and saving (``agreement``), when
+to save (``save_schedule``), the non-finite guard (``nonfinite``) and the hang watchdog."""

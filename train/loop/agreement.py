@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from train.loop.stop_signals import StopRequest
+from train.stop_signals import StopRequest
 from train.rundir import EXIT_REQUEUE
 
 logger = logging.getLogger("shardforge")

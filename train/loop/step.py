@@ -4,30 +4,13 @@ only, by the engine) → optimizer step. Device-side sums only: nothing here wai
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from train.loop.phase_clock import Mark, PhaseClock
-
-
-@dataclass
-class StepResult:
-    losses: list[torch.Tensor]
-    """Each micro-batch's (detached) loss, in order; non-finite ones are left out of the logged mean."""
-    nonfinite: torch.Tensor
-    """How many of those were non-finite on this rank."""
-    grad_norm: torch.Tensor
-    """The clipped-before gradient norm (on the device)."""
-    tokens: int
-    """Positions this rank trained on (padding trimmed)."""
-    seconds: float
-    """Wall time of the step."""
-    phases: list[tuple[str, Mark, Mark]] = field(default_factory=list)
-    """(phase, start, end) marks of this step's ``data_wait_s``, ``fwd_bwd_s`` and ``optim_s``
-    (:class:`~train.loop.phase_clock.PhaseClock`: CUDA events on a GPU, read at log steps)."""
+from train.metrics.phase_clock import PhaseClock
+from train.metrics.step_metrics import StepResult
 
 
 def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, micro_batches: int) -> float:
@@ -44,7 +27,7 @@ def step_loss_denominator(loss_tokens: np.ndarray, step_indices: np.ndarray, mic
 class TrainStep:
     """Runs step N on this rank: ``accum`` micro-batches of ``batches`` through ``engine`` with the
     task's loss, then the optimizer step; reports phases to the watchdog and non-finite steps to
-    the guard. Fault injection (``train.loop.faults.install``) wraps its parts from the outside."""
+    the guard. Fault injection (``train.faults.install``) wraps its parts from the outside."""
 
     def __init__(self, engine, loss_fn, batches, *, accum: int, world_size: int, device: torch.device,
                  guard, watchdog, loss_tokens: Optional[np.ndarray] = None):

@@ -1,7 +1,7 @@
 """The per-rank program: ``python -m train RUN_DIR`` (started by launch.agent, directly or through torchrun).
 
 :func:`train` builds the parts, then runs the loop: step → metrics → evaluation → save → stop.
-Each part decides its own timing (``train.checkpoint.schedule``, ``train.metrics.evaluation``, ``train.loop.agreement``,
+Each part decides its own timing (``train.loop.save_schedule``, ``train.metrics.evaluation``, ``train.loop.agreement``,
 ``train.metrics.step_metrics``); the engine hides every data-parallel detail (``train.engines``).
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from train import startup_gc
-from train.loop import faults
+from train import faults
 from train.checkpoint.manager import Checkpointer, CheckpointError, CheckpointSaveError
 from train.checkpoint.files import step_dir_name
 from train.data.batches import SAMPLE_ORDER, TrainBatches, eval_batches
@@ -51,13 +51,13 @@ from train.config.loading import read_recipe
 from train.rundir import (AGENT_ENV, EXIT_BAD_INPUT, EXIT_REQUEUE, KIND_EXIT, LABELS_FILE, write_error_report,
                          write_status)
 from train.checkpoint.safe_load import forbid_code_in_checkpoints
-from train.checkpoint.schedule import Saver
+from train.loop.save_schedule import Saver
 from train.config.typed import RecipeError
-from train.loop.early_stopping import EarlyStopping
+from train.metrics.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters, RNGState
 from train.loop.step import TrainStep
 from train.metrics.step_metrics import LogWindow, StepMetrics
-from train.loop.stop_signals import StopRequest
+from train.stop_signals import StopRequest
 from train.tasks import Task, build_task
 from train.loop.watchdog import start_watchdog
 from train.console import show_on_console

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from train.checkpoint.files import MANIFEST, step_dir_name
 from train.config.recipe import EvalConfig
 from train.rundir import atomic_write
-from train.loop.early_stopping import EarlyStopping
+from train.metrics.early_stopping import EarlyStopping
 from train.tasks import Task
 
 TEST_JSON, TEST_TABLE = "test_results.json", "test_results.md"

@@ -1,4 +1,4 @@
-"""Task metrics from summed counts (early stopping on one of them: :mod:`train.loop.early_stopping`).
+"""Task metrics from summed counts (early stopping on one of them: :mod:`train.metrics.early_stopping`).
 
 Everything here is plain arithmetic on counts that ranks can add up with one all-reduce:
 a confusion matrix for classification, (true positive, predicted, gold) entity counts for

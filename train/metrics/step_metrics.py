@@ -4,6 +4,7 @@ once per ``train.log_every`` steps (the step loop's only host sync), then writte
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -13,9 +14,28 @@ from train.metrics.flops import mfu
 from train.metrics.telemetry import Telemetry
 from train.metrics.writer import MetricsWriter, aggregate_ranks
 from train.checkpoint.state import Counters
-from train.loop.phase_clock import Mark, phase_seconds
-from train.loop.step import StepResult
+from train.metrics.phase_clock import Mark, phase_seconds
 from train.config.recipe import TrainConfig
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step (:class:`train.loop.step.TrainStep`) hands to the metrics: device
+    tensors, read only at log steps."""
+
+    losses: list[torch.Tensor]
+    """Each micro-batch's (detached) loss, in order; non-finite ones are left out of the logged mean."""
+    nonfinite: torch.Tensor
+    """How many of those were non-finite on this rank."""
+    grad_norm: torch.Tensor
+    """The clipped-before gradient norm (on the device)."""
+    tokens: int
+    """Positions this rank trained on (padding trimmed)."""
+    seconds: float
+    """Wall time of the step."""
+    phases: list[tuple[str, Mark, Mark]] = field(default_factory=list)
+    """(phase, start, end) marks of this step's ``data_wait_s``, ``fwd_bwd_s`` and ``optim_s``
+    (:class:`~train.metrics.phase_clock.PhaseClock`: CUDA events on a GPU, read at log steps)."""
 
 
 class LogWindow:

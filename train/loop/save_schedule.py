@@ -16,7 +16,7 @@ from train.loop.agreement import Agreed
 from train.loop.nonfinite import NonFiniteGuard, NonFiniteStop
 from train.config.recipe import SLURM_SIGNAL_SLACK_S, CheckpointConfig, Recipe
 from train.rundir import BEST_FILE, atomic_write
-from train.loop.early_stopping import EarlyStopping
+from train.metrics.early_stopping import EarlyStopping
 from train.checkpoint.state import Counters
 
 logger = logging.getLogger("shardforge")

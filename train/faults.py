@@ -66,7 +66,7 @@ def fault_point(name: str, step: int, rank: int) -> None:
 
 
 def _pause_until_stop_requested(where: str) -> None:
-    from train.loop.stop_signals import StopRequest
+    from train.stop_signals import StopRequest
 
     cue = os.environ.get("SHARDFORGE_PAUSE_FILE")
     if cue:
