@@ -49,7 +49,7 @@ def test_nan_skip_skips_the_step_on_every_rank_and_training_goes_on(world, engin
     assert [m["nonfinite_steps"] for m in records] == [0, 0, 1, 1, 1, 1]
     assert [m["skipped_steps"] for m in records] == [0, 0, 1, 1, 1, 1], "a skipped update is counted"
     skipped_lines = [line for line in proc.stdout.splitlines() if "its update was skipped" in line]
-    assert skipped_lines == ["step 3: non-finite loss or gradient norm on some rank; its update was skipped on every "
+    assert skipped_lines == ["warning: step 3: non-finite loss or gradient norm on some rank; its update was skipped on every "
                              "rank (train.on_nonfinite=skip)"], proc.stdout[-3000:]
     assert all(math.isfinite(m["loss"]) for m in records), "NaN must not reach the logged mean"
     # step 3's loss is rank 0's alone: rank 1's NaN micro-batches are left out, not averaged in as 0
