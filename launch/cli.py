@@ -10,6 +10,7 @@ from typing import Optional
 
 from train.config.loading import RecipeError, load_fitted_recipe, recipe_yaml
 from train.engines.autofit import Fit
+from launch.gpus import local_gpu_bytes, local_gpus
 from launch.runlock import RunLock, RunLocked
 
 from train.config.recipe import Recipe
@@ -17,33 +18,9 @@ from train.console import show_on_console
 from train.rundir import EXIT_BAD_INPUT
 
 
-def _nvml(query, default):
-    """``query(pynvml)`` between NVML's init and shutdown; ``default`` without a driver or library
-    (a CPU machine) or when the query fails. NVML, not torch: importing torch costs seconds."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return query(pynvml)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:
-        return default
-
-
-def _local_gpus() -> int:
-    """GPUs this process may use, from NVML and CUDA_VISIBLE_DEVICES."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return 0
-    count = _nvml(lambda nvml: nvml.nvmlDeviceGetCount(), 0)
-    return min(count, len(visible.split(","))) if visible else count
-
-
 def cpu_oversubscribed(recipe, gpus: Optional[int] = None) -> Optional[str]:
     """The line refusing more one-node CPU processes than this machine has CPUs (without a GPU)."""
-    gpus = _local_gpus() if gpus is None else gpus
+    gpus = local_gpus() if gpus is None else gpus
     cpus = os.cpu_count() or 1
     if gpus == 0 and recipe.parallel.nodes == 1 and recipe.parallel.nproc > cpus:
         return (f"parallel.nproc: {recipe.parallel.nproc} processes, but this machine has no GPU and {cpus} CPUs; "
@@ -51,67 +28,23 @@ def cpu_oversubscribed(recipe, gpus: Optional[int] = None) -> Optional[str]:
     return None
 
 
-def visible_nvml_handles(nvml, visible: Optional[str]) -> list:
-    """NVML handles of the GPUs ``CUDA_VISIBLE_DEVICES`` (``visible``) leaves: entries by UUID
-    (``GPU-…``/``MIG-…``, or a unique prefix of a GPU's, as CUDA accepts) or by index, up to the
-    first CUDA would stop at. An index is taken as NVML's, which numbers by PCI bus: CUDA's
-    default order (fastest first) can differ on a node of mixed GPUs."""
-    count = nvml.nvmlDeviceGetCount()
-    gpus = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-    if visible is None:
-        return gpus
-    out = []
-    for entry in (e.strip() for e in visible.split(",")):
-        if entry.isdigit() and int(entry) < count:
-            out.append(gpus[int(entry)])
-            continue
-        if not entry.startswith(("GPU-", "MIG-")):
-            break
-        try:
-            out.append(nvml.nvmlDeviceGetHandleByUUID(entry))
-            continue
-        except Exception:  # noqa: BLE001 - not a whole UUID: a prefix of one
-            matches = [h for h in gpus if str(nvml.nvmlDeviceGetUUID(h)).startswith(entry)]
-        if len(matches) != 1:
-            break
-        out.append(matches[0])
-    return out
-
-
-def _local_gpu_bytes() -> Optional[float]:
-    """Memory of the smallest GPU this machine lets this process use, ``None`` without one."""
-    if _local_gpus() == 0:
-        return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return _nvml(lambda nvml: float(min(usable_bytes(nvml, h) for h in visible_nvml_handles(nvml, visible))), None)
-
-
-def usable_bytes(nvml, handle) -> int:
-    """A GPU's memory as CUDA (and the ranks' check, through torch) counts it: NVML's total less
-    what the driver reserves (NVML's v2 memory info; about 0.5 GB on an H100), else the total."""
-    try:
-        info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-        return int(info.total - info.reserved)
-    except Exception:  # noqa: BLE001 - an older driver or nvidia-ml-py without v2
-        return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
-
-
 def _load(args, check_model: bool = True) -> Recipe:
     return _load_fitted(args, check_model)[0]
 
 
 def _load_fitted(args, check_model: bool = True, on_fit=None) -> tuple[Recipe, Optional[Fit]]:
-    return load_fitted_recipe(args.recipe, args.overrides, local_gpus=_local_gpus(), check_model=check_model,
-                              gpu_bytes=_local_gpu_bytes, on_fit=on_fit)
+    return load_fitted_recipe(args.recipe, args.overrides, local_gpus=local_gpus(), check_model=check_model,
+                              gpu_bytes=local_gpu_bytes, on_fit=on_fit)
 
 
-def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path) -> None:
-    """The auto-fit choice, and what it changed against the run directory's last launch."""
+def _say_fit(recipe: Recipe, fit: Optional[Fit], run_dir: Path, file=None) -> None:
+    """The auto-fit choice, and what it changed against the run directory's last launch (on
+    ``file``, stdout by default)."""
     from train.config.autofit import fit_changes, fit_summary
 
     for line in [fit_summary(recipe, fit), *fit_changes(recipe, run_dir)]:
         if line:
-            print(f"shardforge: {line}", flush=True)
+            print(f"shardforge: {line}", file=file or sys.stdout, flush=True)
 
 
 def cmd_plan(args) -> int:
@@ -145,7 +78,7 @@ def cmd_plan(args) -> int:
     from train.engines.memory_plan import fit_problem, plan_table
     from train.config.model_checks import model_sizes, plan_gpu_bytes, planned_setup
 
-    sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), plan_gpu_bytes(recipe, _local_gpu_bytes)
+    sizes, setup, gpu_bytes = model_sizes(recipe), planned_setup(recipe), plan_gpu_bytes(recipe, local_gpu_bytes)
     print(plan_table(sizes, setup, gpu_bytes))
     problem = fit_problem(sizes, setup, gpu_bytes) if gpu_bytes else None
     print(f"# does not fit: {problem} (`shardforge run` and `submit` refuse it)" if problem else
@@ -170,7 +103,7 @@ def cmd_run(args) -> int:
 
     recipe, fit = _load_fitted(args, check_model=False)  # the ranks check the model: importing transformers costs seconds
     node = node_of(recipe.parallel.nodes, args.node_rank, args.master, args.recipe)
-    gpus = _local_gpus()
+    gpus = local_gpus()
     if (problem := cpu_oversubscribed(recipe, gpus)) is not None:
         raise RecipeError(args.recipe, [problem])
     assert recipe.run.dir is not None and recipe.parallel.nproc is not None  # load_recipe resolved them
@@ -239,7 +172,8 @@ def cmd_submit(args) -> int:
         return submit_prepare(recipe, run_dir, 4 if args.tasks is None else args.tasks, args.dry_run, args.recipe,
                               lambda: write_run_dir(recipe, engine_configs(recipe)))
     after = job_dependency(args.after)
-    if args.dry_run:
+    if args.dry_run:  # the choice on stderr: stdout is the job script alone
+        _say_fit(recipe, fit, run_dir, file=sys.stderr)
         return submit(recipe, run_dir, dry_run=True, after=after)
     render_sbatch(recipe, run_dir, sys.executable, ".", after)  # refuse bad values before writing anything
     _say_fit(recipe, fit, run_dir)

@@ -33,7 +33,8 @@ from train.config.loading import recipe_yaml
 from launch.runlock import RunLock, RunLocked
 from launch.slurm import batch_unit
 from train.checkpoint.files import committed_checkpoints
-from train.engines import ENGINE_CONFIG_FILES
+from launch.gpus import local_gpu_bytes
+from launch.local import write_engine_configs
 from train.engines.config import engine_configs
 from train.config.recipe import Recipe, grad_accum_steps, micro_batch, world_size
 from train.config.loading import read_recipe
@@ -104,17 +105,17 @@ def fit_run_dir(run_dir: Path, nodes: int, max_nodes: int) -> Optional[str]:
     recipe = read_recipe(run_dir)
     before = recipe.parallel.nodes
     if before == nodes:
-        _write_configs(run_dir, recipe, only_if_changed=True)  # a resize that died between its renames
+        # a resize that died between its renames
+        write_engine_configs(run_dir, engine_configs(recipe), only_if_changed=True)
         return None
     if not 1 <= nodes <= max_nodes:
         raise RecipeError(None, [f"Slurm gave {_nodes_text(nodes)}, outside 1..{max_nodes} (--nodes of the job)"])
     RunLock(run_dir).check()  # a live launch there reads this recipe.yaml: never rewrite it under one
     was = _shape(recipe)
-    from launch.cli import _local_gpu_bytes
-
-    changes = resize_recipe(recipe, nodes, run_dir, _local_gpu_bytes() if recipe.parallel.fitted else None)
+    changes = resize_recipe(recipe, nodes, run_dir, local_gpu_bytes() if recipe.parallel.fitted else None)
     now = _shape(recipe)
-    _write_configs(run_dir, recipe)  # the configs first, recipe.yaml last: it says which count they are for
+    # the configs first, recipe.yaml last: it says which count they are for
+    write_engine_configs(run_dir, engine_configs(recipe))
     atomic_write(run_dir / RECIPE_FILE, recipe_yaml(recipe), fsync=True)
     verb = "resuming" if committed_checkpoints(run_dir / "checkpoints") else "starting"
     line = f"{verb} on {_nodes_text(nodes)} of {max_nodes} ({', '.join(changes)})"
@@ -125,21 +126,6 @@ def fit_run_dir(run_dir: Path, nodes: int, max_nodes: int) -> Optional[str]:
          "to_accumulation": now[2], "global_batch_size": recipe.train.global_batch_size, "changes": changes,
          "line": line}), fsync=True)
     return line
-
-
-def _write_configs(run_dir: Path, recipe: Recipe, only_if_changed: bool = False) -> None:
-    """The engine configs of ``recipe`` into ``run_dir`` (each one rename); ``only_if_changed``: leave
-    the files that already say the same (the usual case: nothing was resized)."""
-    configs = engine_configs(recipe)
-    for name in ENGINE_CONFIG_FILES:
-        text = json.dumps(configs[name], indent=2) + "\n" if name in configs else None
-        path = run_dir / name
-        if only_if_changed and (path.read_text() if path.exists() else None) == text:
-            continue
-        if text is not None:
-            atomic_write(path, text)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def refuse(run_dir: Path, nodes: int, max_nodes: int, err: RecipeError) -> str:

@@ -42,6 +42,21 @@ class RunDirBackup:
             atomic_write(self.run_dir / name, data.decode())
 
 
+def write_engine_configs(run_dir: Path, configs: dict[str, dict], only_if_changed: bool = False) -> None:
+    """``configs`` (file name → config: ``deepspeed.json``, ``fsdp.json``) into ``run_dir``, each one
+    rename, and the other engine's file removed; ``only_if_changed``: leave a file that already says
+    the same (an elastic job start that resized nothing)."""
+    for name in ENGINE_CONFIG_FILES:
+        text = json.dumps(configs[name], indent=2) + "\n" if name in configs else None
+        path = run_dir / name
+        if only_if_changed and (path.read_text() if path.exists() else None) == text:
+            continue
+        if text is not None:
+            atomic_write(path, text)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
     """Create ``run.dir`` with the resolved recipe and engine configs; nothing half-written on error."""
     assert recipe.run.dir is not None  # resolve_defaults set it (load_recipe)
@@ -51,11 +66,7 @@ def write_run_dir(recipe: Recipe, configs: dict[str, dict]) -> Path:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         mark(run_dir)
         atomic_write(run_dir / "recipe.yaml", recipe_yaml(recipe))
-        for stale in ENGINE_CONFIG_FILES:
-            if stale not in configs:
-                (run_dir / stale).unlink(missing_ok=True)
-        for name, cfg in configs.items():
-            atomic_write(run_dir / name, json.dumps(cfg, indent=2) + "\n")
+        write_engine_configs(run_dir, configs)
     except OSError as err:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -190,6 +190,12 @@ def test_plan_prints_the_choice_and_submit_needs_the_gpu_memory(tmp_path):
                       f"run.dir={tmp_path / 'job'}", "--dry-run")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "a Slurm job's GPUs are not visible from where it is submitted; set parallel.gpu_mem_gb" in proc.stderr
+    proc = shardforge("submit", "llama-7b-fsdp", "parallel.engine=auto", "train.micro_batch_size=auto",
+                      f"run.dir={tmp_path / 'job'}", "--dry-run")  # the recipe states 80 GB
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!") and "auto-fit" not in proc.stdout  # stdout: the job script alone
+    assert "shardforge: auto-fit" in proc.stderr and "zero1" in proc.stderr, proc.stderr
+    assert not (tmp_path / "job").exists()
 
 
 def test_a_run_keeps_its_fit_and_fits_again_on_another_world_size(tmp_path):
@@ -274,7 +280,7 @@ def test_nvml_memory_is_what_cuda_reports():
     where an older driver has no v2."""
     from types import SimpleNamespace
 
-    from launch.cli import usable_bytes
+    from launch.gpus import usable_bytes
 
     v2 = SimpleNamespace(nvmlMemory_v2=2, nvmlDeviceGetMemoryInfo=lambda h, version=1: SimpleNamespace(
         total=85_520_809_984, reserved=531_628_032) if version == 2 else SimpleNamespace(total=85_520_809_984))

@@ -181,7 +181,7 @@ def test_the_launcher_reads_the_gpus_cuda_visible_devices_names():
     """Stands in for ``shardforge plan`` on a node where CUDA_VISIBLE_DEVICES names GPUs by UUID
     (or a unique prefix), by index, or stops at an entry CUDA would stop at: the plan is checked
     against the smallest of those GPUs, never blindly against NVML's device 0."""
-    from launch.cli import visible_nvml_handles
+    from launch.gpus import visible_nvml_handles
 
     nvml = FakeNVML()
     assert visible_nvml_handles(nvml, None) == [0, 1, 2, 3]
