@@ -4,6 +4,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,10 @@ from train.engines.base import Engine
 from train.engines.placement import InitialWeights, broadcast_buffers, copy_into_zero3, is_empty, materialize
 from train.optim import build_adamw, lr_factor, param_groups
 from train.config.recipe import Recipe
+
+CONVERSION_TIMEOUT_S = 6 * 3600.0
+"""How long the other ranks wait for rank 0 to convert a ZeRO checkpoint to DeepSpeed's universal
+format when a run resumes on another world size (the process group's own timeout is 30 min)."""
 
 
 class DeepSpeedEngine(Engine):
@@ -91,9 +96,13 @@ class DeepSpeedEngine(Engine):
         if saved_world_size != dist.get_world_size():
             # ZeRO shards are laid out per rank: go through DeepSpeed's universal checkpoint.
             tag = "state_universal"
+            # Rank 0 converts while the others wait: a 70B conversion can outlast the process
+            # group's timeout, so they wait in a gloo group of their own with a longer one.
+            waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONVERSION_TIMEOUT_S))
             if dist.get_rank() == 0:
                 to_universal(path / "deepspeed", "state", tag)
-            dist.barrier()
+            dist.barrier(group=waiting)
+            dist.destroy_process_group(waiting)
             self.engine._config.load_universal_checkpoint = True
         groups = self.engine.optimizer.param_groups
         weight_decay = [g.get("weight_decay") for g in groups]
