@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import re
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "comma-separated (replaces --kills and the random draws)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kills.json"))
     args = parser.parse_args(argv)
+    # its own lines only: the checkpoint searches it makes after each kill skip torn checkpoints by design
+    logging.getLogger("shardforge").setLevel(logging.ERROR)
     engines = args.engines.split(",")
     if set(engines) - set(ENGINES):
         parser.error(f"--engines: unknown {sorted(set(engines) - set(ENGINES))}; choose from {','.join(ENGINES)}")

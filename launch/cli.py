@@ -172,10 +172,10 @@ def cmd_submit(args) -> int:
         return submit_prepare(recipe, run_dir, 4 if args.tasks is None else args.tasks, args.dry_run, args.recipe,
                               lambda: write_run_dir(recipe, engine_configs(recipe)))
     after = job_dependency(args.after)
+    render_sbatch(recipe, run_dir, sys.executable, ".", after)  # refuse bad values before writing anything
     if args.dry_run:  # the choice on stderr: stdout is the job script alone
         _say_fit(recipe, fit, run_dir, file=sys.stderr)
         return submit(recipe, run_dir, dry_run=True, after=after)
-    render_sbatch(recipe, run_dir, sys.executable, ".", after)  # refuse bad values before writing anything
     _say_fit(recipe, fit, run_dir)
     write_run_dir(recipe, engine_configs(recipe))
     return submit(recipe, run_dir, dry_run=False, after=after)

@@ -14,6 +14,7 @@ sibling and renamed into place, so ``OUT_DIR`` is either complete or absent.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,8 @@ import torch
 
 from launch.ownership import export_dir_problems
 from train.checkpoint.files import MANIFEST, committed_checkpoints, links_note, newest_valid, step_dir_name, verify
+
+logger = logging.getLogger("shardforge")
 
 
 class ExportError(ValueError):
@@ -37,7 +40,7 @@ def pick_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
 
     root = run_dir / "checkpoints"
     if (note := links_note(root)) is not None:
-        print(f"shardforge: {note}")
+        logger.warning(note)
     if step is None and (root / BEST_FILE).exists():
         best = root / json.loads((root / BEST_FILE).read_text())["checkpoint"]
         if best in committed_checkpoints(root) and verify(best) is None:
@@ -211,5 +214,5 @@ def export(run_dir: Path, out_dir: Path, step: Optional[int] = None,
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"shardforge: exported {ckpt} → {out_dir}")
+    logger.info(f"shardforge: exported {ckpt} → {out_dir}")
     return out_dir

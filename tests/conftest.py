@@ -108,6 +108,18 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.fixture(autouse=True)
+def _shardforge_logger_restored() -> Iterator[None]:
+    """An in-process launch (``cli.main``) shows the ``shardforge`` logger on the console; the next
+    test starts from the logger as it was, so what it prints does not depend on the order."""
+    logger = logging.getLogger("shardforge")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
 @pytest.fixture
 def logged() -> Iterator[list[str]]:
     """The messages the ``shardforge`` logger gets during the test, INFO and above, in order

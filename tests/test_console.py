@@ -40,3 +40,17 @@ def test_other_ranks_print_nothing(restored, capsys):
     show_on_console(True)  # a later call may show it again (the CLI after an in-process launch)
     restored.info("shown")
     assert capsys.readouterr().out == "shown\n"
+
+
+def test_shown_lines_are_not_repeated_by_a_root_handler(restored, capsys):
+    """A program that configured logging itself (``basicConfig``) gets each line once."""
+    seen: list[str] = []
+    root_handler = logging.Handler()
+    root_handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger().addHandler(root_handler)
+    try:
+        show_on_console(True)
+        restored.warning("once")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert capsys.readouterr().out == "warning: once\n" and seen == []

@@ -18,12 +18,15 @@ _HIDDEN = logging.CRITICAL + 1
 
 class ConsoleHandler(logging.Handler):
     """Writes to the ``sys.stdout`` of the moment, not the one at start (tests and the agent's pipes
-    replace it), and flushes each line so a job log is current when a rank is killed."""
+    replace it), and flushes each line so a job log is current when a rank is killed. A closed
+    stdout (a broken pipe) drops the lines quietly: training goes on, its files say the rest."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             sys.stdout.write(self.format(record) + "\n")
             sys.stdout.flush()
+        except (OSError, ValueError):  # closed, or a pipe nobody reads any more
+            pass
         except Exception:  # noqa: BLE001 - logging never raises into the training loop
             self.handleError(record)
 
@@ -44,7 +47,8 @@ class PlainFormatter(logging.Formatter):
 
 def show_on_console(shown: bool) -> None:
     """Print the ``shardforge`` records of INFO and above on stdout, or (``shown`` false: a rank
-    other than 0, whose lines would repeat rank 0's) nothing at all. Idempotent."""
+    other than 0, whose lines would repeat rank 0's) nothing at all. Idempotent. Shown records do
+    not also go on to a handler of the root logger (a program's ``basicConfig``): one copy each."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in [h for h in logger.handlers if isinstance(h, (ConsoleHandler, logging.NullHandler))]:
         logger.removeHandler(handler)
@@ -53,6 +57,8 @@ def show_on_console(shown: bool) -> None:
         handler.setFormatter(PlainFormatter())
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False
     else:
         logger.addHandler(logging.NullHandler())
         logger.setLevel(_HIDDEN)
+        logger.propagate = True

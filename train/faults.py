@@ -25,6 +25,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 PAUSE_LIMIT_S = 120.0
 
@@ -100,24 +101,24 @@ def install(train_step, rank: int) -> None:
         return
     run, loss_fn = train_step.run, train_step.loss_fn
     next_batch, optimizer_step = train_step.next_batch, train_step.optimizer_step
-    current = {"step": 0}
+    current: dict[str, Optional[int]] = {"step": None}  # None until the first step runs
 
     def faulty_run(step: int):
         current["step"] = step
-        if armed:  # before the step's first batch
+        if armed:  # before the step's first batch (and its timer: a pause here is not step time)
             fault_point("forward", step, rank)
         return run(step)
 
     def faulty_loss(model, batch):
         loss = loss_fn(model, batch)
-        if current["step"] == nan_at:  # the non-finite tests' divergence
+        if nan_at and current["step"] == nan_at:  # the non-finite tests' divergence
             loss = loss * float("nan")
         if armed:  # the engine runs backward right after the loss
             fault_point("backward", current["step"], rank)
         return loss
 
     def faulty_next_batch():
-        if current["step"] == hang_at:
+        if hang_at and current["step"] == hang_at:
             time.sleep(10**6)  # a rank stuck in its data phase, for the watchdog
         return next_batch()
 
