@@ -220,3 +220,33 @@ def test_a_fitted_micro_batch_needs_only_the_ranks_to_divide_the_global_batch(tm
     (problem,) = problems([])
     assert "on 3 nodes, train.global_batch_size 96 is not divisible by micro_batch_size × nproc × nodes = " \
            "6 × 4 × 3 = 72" in problem
+
+
+def test_ranks_wait_for_rank0s_universal_conversion_past_the_process_group_timeout(tmp_path, monkeypatch):
+    """A ZeRO run resumed on another world size: rank 0 converts the checkpoint to DeepSpeed's
+    universal format while the others wait. The wait is a barrier of a gloo group made with
+    CONVERSION_TIMEOUT_S, not the default group's 30 minutes. torch.distributed and DeepSpeed's
+    engine are fakes at the narrowest seam (a real 70B conversion cannot run here); the 1↔2-rank
+    resumes of tests/test_training.py run the real path."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import train.engines.deepspeed_engine as ds_engine
+
+    calls = []
+    fake_dist = SimpleNamespace(
+        get_world_size=lambda: 2, get_rank=lambda: 0,
+        new_group=lambda backend, timeout: calls.append(("new_group", backend, timeout)) or "waiting",
+        barrier=lambda group=None: calls.append(("barrier", group)),
+        destroy_process_group=lambda group: calls.append(("destroy", group)))
+    monkeypatch.setattr(ds_engine, "dist", fake_dist)
+    monkeypatch.setattr(ds_engine, "to_universal", lambda d, tag, out: calls.append(("convert", tag, out)))
+    engine = object.__new__(ds_engine.DeepSpeedEngine)
+    engine.engine = SimpleNamespace(
+        optimizer=SimpleNamespace(param_groups=[{"weight_decay": 0.1}]), _config=SimpleNamespace(),
+        load_checkpoint=lambda path, tag, **_: calls.append(("load", tag)) or (path, None))
+    engine.load(tmp_path, saved_world_size=1)
+    assert calls == [("new_group", "gloo", timedelta(seconds=ds_engine.CONVERSION_TIMEOUT_S)),
+                     ("convert", "state", "state_universal"), ("barrier", "waiting"), ("destroy", "waiting"),
+                     ("load", "state_universal")]
+    assert ds_engine.CONVERSION_TIMEOUT_S > 1800  # longer than the process group's own
